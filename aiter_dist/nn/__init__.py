@@ -1,0 +1,3 @@
+"""Tensor-parallel modules: thin wrappers over the functional ops."""
+from .linear import ColumnParallelLinear, RowParallelLinear  # noqa: F401
+from .norm import RMSNorm  # noqa: F401

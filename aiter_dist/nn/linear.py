@@ -1,0 +1,142 @@
+"""Tensor-parallel linear layers (Megatron's conventions), in ``nn.Linear``'s weight layout.
+
+* ``ColumnParallelLinear``: ``weight`` is this rank's ``(out_features / world, in_features)`` rows,
+  ``bias`` the matching slice. The input is replicated; its gradient is all-reduced in backward so
+  every rank holds the complete input gradient. ``gather_output=True`` all-gathers the output.
+* ``RowParallelLinear``: ``weight`` is this rank's ``(out_features, in_features / world)`` columns;
+  the partial products are all-reduced (``aiter_dist.all_reduce``), then the full ``bias`` is added
+  once. ``input_is_parallel=False`` splits a replicated input first.
+
+Both load their shard from a full, unsharded weight: ``layer.load_full_weight(w, b)`` or
+``Layer.from_linear(nn_linear, group)``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..comm.all_reduce import all_reduce, copy_to_parallel_region
+from ..comm.tensor_parallel import gather_last_dim, split_last_dim
+from ..tgemm import mm
+
+
+def _group_info(group):
+    group = group if group is not None else (dist.group.WORLD if dist.is_initialized() else None)
+    if group is None:
+        return None, 0, 1
+    return group, dist.get_rank(group), dist.get_world_size(group)
+
+
+def _divide(n: int, world: int, what: str, layer: str) -> int:
+    if n % world:
+        raise ValueError(f"aiter_dist.nn.{layer}: {what}={n} is not divisible by the "
+                         f"tensor-parallel world size {world}")
+    return n // world
+
+
+class _ParallelLinear(nn.Module):
+    def _reset(self, in_full: int):
+        # nn.Linear's default init, scaled by the full fan-in so shards match an unsharded layer.
+        bound = 1.0 / math.sqrt(in_full)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group=None, **kwargs):
+        """A parallel layer holding this rank's shard of ``linear`` (same device and dtype)."""
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                    group=group, device=linear.weight.device, dtype=linear.weight.dtype, **kwargs)
+        layer.load_full_weight(linear.weight, linear.bias)
+        return layer
+
+
+class ColumnParallelLinear(_ParallelLinear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 gather_output: bool = False, group=None, device=None, dtype=None):
+        super().__init__()
+        self.group, self.rank, self.world_size = _group_info(group)
+        self.in_features, self.out_features = in_features, out_features
+        self.out_per_rank = _divide(out_features, self.world_size, "out_features",
+                                    "ColumnParallelLinear")
+        self.gather_output = gather_output
+        self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features, device=device,
+                                               dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(self.out_per_rank, device=device, dtype=dtype)) \
+            if bias else None
+        self._reset(in_features)
+
+    @torch.no_grad()
+    def load_full_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        """Copy this rank's rows of a full ``(out_features, in_features)`` weight (and bias)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"aiter_dist.nn.ColumnParallelLinear.load_full_weight: expected a "
+                             f"({self.out_features}, {self.in_features}) weight, got "
+                             f"{tuple(weight.shape)}")
+        rows = slice(self.rank * self.out_per_rank, (self.rank + 1) * self.out_per_rank)
+        self.weight.copy_(weight[rows])
+        if self.bias is not None and bias is not None:
+            self.bias.copy_(bias[rows])
+
+    def forward(self, x):
+        if self.world_size > 1:
+            x = copy_to_parallel_region(x, self.group)
+        y = mm(x, self.weight, self.bias)
+        if self.gather_output and self.world_size > 1:
+            y = gather_last_dim(y, self.group)
+        return y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features} "
+                f"({self.out_per_rank} on this rank), bias={self.bias is not None}, "
+                f"gather_output={self.gather_output}")
+
+
+class RowParallelLinear(_ParallelLinear):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 input_is_parallel: bool = True, group=None, device=None, dtype=None):
+        super().__init__()
+        self.group, self.rank, self.world_size = _group_info(group)
+        self.in_features, self.out_features = in_features, out_features
+        self.in_per_rank = _divide(in_features, self.world_size, "in_features",
+                                   "RowParallelLinear")
+        self.input_is_parallel = input_is_parallel
+        self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank, device=device,
+                                               dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) \
+            if bias else None
+        self._reset(in_features)
+
+    @torch.no_grad()
+    def load_full_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        """Copy this rank's columns of a full ``(out_features, in_features)`` weight; the bias
+        is kept whole (it is added once, after the reduce)."""
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(f"aiter_dist.nn.RowParallelLinear.load_full_weight: expected a "
+                             f"({self.out_features}, {self.in_features}) weight, got "
+                             f"{tuple(weight.shape)}")
+        cols = slice(self.rank * self.in_per_rank, (self.rank + 1) * self.in_per_rank)
+        self.weight.copy_(weight[:, cols])
+        if self.bias is not None and bias is not None:
+            self.bias.copy_(bias)
+
+    def forward(self, x):
+        if not self.input_is_parallel and self.world_size > 1:
+            x = split_last_dim(x, self.group)
+        if x.shape[-1] != self.in_per_rank:
+            raise ValueError(f"aiter_dist.nn.RowParallelLinear: input's last dimension "
+                             f"{x.shape[-1]} must be this rank's shard {self.in_per_rank} of "
+                             f"in_features={self.in_features} (input_is_parallel="
+                             f"{self.input_is_parallel})")
+        y = mm(x, self.weight)
+        if self.world_size > 1:
+            y = all_reduce(y.contiguous(), self.group)
+        return y + self.bias if self.bias is not None else y
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features} ({self.in_per_rank} on this rank), "
+                f"out_features={self.out_features}, bias={self.bias is not None}, "
+                f"input_is_parallel={self.input_is_parallel}")

@@ -1,0 +1,109 @@
+"""Test helpers: the tolerance policy and a launcher for multi-process CPU/GPU tests."""
+from __future__ import annotations
+
+import os
+import queue
+import tempfile
+import traceback
+
+import torch
+
+# ----------------------------------------------------------------------------- tolerance policy
+#
+# A kernel's output is compared with a float64 reference. Low-precision outputs may be off by
+# rounding, and how much depends on the op: the bound is "at most FACTOR times PyTorch's own error
+# in the same dtype" (flash-attention's rule), plus a floor for outputs PyTorch happens to round
+# exactly. fp32 outputs are held to an absolute-plus-relative bound instead.
+
+FACTOR = 2.0
+FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+
+def max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return (a.detach().to(torch.float64) - ref.detach().to(torch.float64)).abs().max().item() \
+        if a.numel() else 0.0
+
+
+def assert_close_to_ref(name: str, out: torch.Tensor, ref64: torch.Tensor,
+                        torch_out: torch.Tensor | None = None, factor: float = FACTOR,
+                        floor: float | None = None) -> None:
+    """Assert ``out`` is within the policy of the float64 reference ``ref64``.
+
+    ``torch_out`` is PyTorch's result for the same computation in ``out``'s dtype; when given, the
+    bound is ``factor * err(torch_out) + floor``, else ``floor * (1 + max|ref|)``.
+    """
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != {tuple(ref64.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values in output"
+    floor = FLOOR.get(out.dtype, 1e-5) if floor is None else floor
+    scale = ref64.abs().max().item() if ref64.numel() else 0.0
+    if torch_out is not None:
+        bound = factor * max_err(torch_out, ref64) + floor * (1 + scale)
+    else:
+        bound = floor * (1 + scale)
+    err = max_err(out, ref64)
+    assert err <= bound, f"{name}: max error {err:.3e} exceeds bound {bound:.3e} ({out.dtype})"
+
+
+# ----------------------------------------------------------------------------- multi-process runs
+
+def _worker(fn, rank, world, init_file, backend, args, results, env):
+    import torch.distributed as dist
+
+    os.environ.update(env)
+    try:
+        if torch.cuda.is_available() and backend != "gloo":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
+        dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
+                                world_size=world)
+        torch.set_num_threads(1)
+        results.put((rank, "ok", fn(rank, world, *args)))
+    except BaseException:  # report everything, including assertion failures, to the parent
+        results.put((rank, "error", traceback.format_exc()))
+    finally:
+        try:
+            from aiter_dist.comm import release_workspaces
+
+            release_workspaces()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        except Exception:
+            pass
+
+
+def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: float = 240,
+                    env: dict | None = None):
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes joined by a process
+    group; return the per-rank results in rank order, or raise with every failing rank's traceback.
+
+    ``fn`` must be importable by name (a module-level function). A run that outlives ``timeout``
+    seconds is killed and reported, so a hang fails the test instead of blocking it.
+    """
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    child_env = {"TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET", ""), **(env or {})}
+    child_env = {k: v for k, v in child_env.items() if v != ""}
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, "store")
+        procs = [ctx.Process(target=_worker, args=(fn, r, world_size, init_file, backend, args,
+                                                   results, child_env), daemon=True)
+                 for r in range(world_size)]
+        for p in procs:
+            p.start()
+        out, errors = {}, []
+        try:
+            for _ in range(world_size):
+                rank, status, value = results.get(timeout=timeout)
+                (out.__setitem__(rank, value) if status == "ok" else errors.append((rank, value)))
+        except queue.Empty:
+            errors.append((-1, f"timed out after {timeout} s; finished ranks: {sorted(out)}"))
+        finally:
+            for p in procs:
+                p.join(timeout=10)
+                if p.is_alive():
+                    p.kill()
+    if errors:
+        msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in errors)
+        raise AssertionError(f"{fn.__name__} failed on {len(errors)} rank(s):\n{msg}")
+    return [out[r] for r in range(world_size)]

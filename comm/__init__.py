@@ -1,0 +1,15 @@
+"""Collectives over the symmetric workspace (installed as ``aiter_dist.comm``)."""
+from .all_reduce import (AllReduceFunc, all_reduce, all_reduce_raw, check_comm_errors,  # noqa: F401
+                         copy_to_parallel_region, one_shot_all_reduce_raw)
+from .tensor_parallel import gather_last_dim, split_last_dim  # noqa: F401
+from .workspace import (SymmetricWorkspace, create_workspace, get_workspace,  # noqa: F401
+                        release_workspaces)
+
+
+def check_errors(group=None, device=None) -> None:
+    """Raise if a custom collective of ``group`` has reported a missing or mismatched rank.
+
+    On GPU, kernels report into host memory as they finish; call this after a synchronize to learn
+    of a failure before the next collective would raise it.
+    """
+    check_comm_errors(get_workspace(group, device))

@@ -1,0 +1,197 @@
+"""The symmetric workspace: one buffer of the same size on every rank of a group, every rank
+knowing every peer's address, plus signal slots for barriers.
+
+Kernels receive two int64 tables, ``buffer_ptrs[world]`` and ``signal_ptrs[world]``, valid in the
+calling process, and never learn which backend made them:
+
+* ``cuda`` / ``hip``: ``torch.distributed._symmetric_memory`` (multicast stays off).
+* ``cpu``: one file per rank in ``/dev/shm``, mapped by every rank of the group. Each rank removes
+  its own file as soon as every rank has mapped it, so a crash leaves nothing behind. Triton's
+  interpreter then runs the same kernels with real cross-process loads, stores and atomics.
+
+Signal pads hold int32 flags laid out as ``[channel][program][source rank]``
+(``SIGNAL_CHANNELS x max_programs x MAX_WORLD``). Flags are self-resetting: a sender waits for 0
+and writes 1 in the peer's pad, the receiver waits for 1 and writes 0 in its own.
+
+Each workspace also carries an error record (host-readable, pinned on GPU) where kernels report a
+peer that never arrived or a peer that launched a different message.
+"""
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import uuid
+
+import torch
+import torch.distributed as dist
+
+MAX_WORLD = 8
+SIGNAL_CHANNELS = 2
+HEADER_BYTES = 256  # per-rank launch header (numel, dtype) checked by peers; data starts after it
+DEFAULT_BYTES = {"cpu": 8 << 20, "cuda": 64 << 20}
+
+# Error record layout: [code, op id, missing or mismatched rank, program, expected, got]
+ERR_NONE, ERR_TIMEOUT, ERR_MISMATCH = 0, 1, 2
+ERR_FIELDS = 6
+
+
+def group_name(group) -> str:
+    return getattr(group, "group_name", None) or str(group)
+
+
+class SymmetricWorkspace:
+    """A per-(group, device) symmetric buffer. Create with :func:`get_workspace` (collective)."""
+
+    def __init__(self, group, device: torch.device, nbytes: int):
+        if nbytes < HEADER_BYTES + 4096:
+            raise ValueError(f"aiter_dist workspace: size {nbytes} B is too small; ask for at "
+                             f"least {HEADER_BYTES + 4096} B")
+        self.group = group
+        self.device = device
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        if self.world_size > MAX_WORLD:
+            raise ValueError(f"aiter_dist workspace: world size {self.world_size} exceeds "
+                             f"{MAX_WORLD}; custom collectives serve up to {MAX_WORLD} ranks")
+        self.nbytes = nbytes
+        self.broken: str | None = None  # set after a timeout: flags may be mid-handshake
+        self._keepalive = []
+        if device.type == "cpu":
+            self.backend = "cpu"
+            self._init_shm()
+        else:
+            self.backend = "hip" if torch.version.hip else "cuda"
+            self._init_symm_mem()
+        self.data_bytes = nbytes - HEADER_BYTES
+        # Error record: host memory the device can write (pinned) so the host reads it without a
+        # device sync; kernels get its address.
+        self.err = torch.zeros(ERR_FIELDS, dtype=torch.int32,
+                               pin_memory=device.type != "cpu")
+
+    # ------------------------------------------------------------------ backends
+    def _init_shm(self):
+        sig_bytes = self.signal_pad_bytes = SIGNAL_CHANNELS * self.max_programs_for("cpu") * MAX_WORLD * 4
+        token = [uuid.uuid4().hex[:16] if self.rank == 0 else None]
+        dist.broadcast_object_list(token, src=dist.get_global_rank(self.group, 0), group=self.group)
+        names = [f"/dev/shm/aiter_dist-{token[0]}-r{r}" for r in range(self.world_size)]
+        own = names[self.rank]
+        fd = os.open(own, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, self.nbytes + sig_bytes)
+        finally:
+            os.close(fd)
+        try:
+            dist.barrier(group=self.group)
+            maps = []
+            for name in names:
+                fd = os.open(name, os.O_RDWR)
+                try:
+                    maps.append(mmap.mmap(fd, self.nbytes + sig_bytes, mmap.MAP_SHARED,
+                                          mmap.PROT_READ | mmap.PROT_WRITE))
+                finally:
+                    os.close(fd)
+            dist.barrier(group=self.group)
+        finally:
+            os.unlink(own)  # every rank has mapped it (or failed): nothing outlives the processes
+        self._keepalive = maps
+        addrs = [ctypes.addressof(ctypes.c_char.from_buffer(m)) for m in maps]
+        self.buffer = torch.frombuffer(maps[self.rank], dtype=torch.uint8, count=self.nbytes)
+        self.buffer_ptrs = torch.tensor(addrs, dtype=torch.int64)
+        self.signal_ptrs = torch.tensor([a + self.nbytes for a in addrs], dtype=torch.int64)
+
+    def _init_symm_mem(self):
+        import torch.distributed._symmetric_memory as symm_mem
+
+        os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
+        enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
+        if enable is not None:  # required before torch 2.8, a no-op after
+            try:
+                enable(group_name(self.group))
+            except Exception:
+                pass
+        self.buffer = symm_mem.empty(self.nbytes, dtype=torch.uint8, device=self.device)
+        self._handle = symm_mem.rendezvous(self.buffer, self.group)
+        self.signal_pad_bytes = self._handle.signal_pad_size
+        need = SIGNAL_CHANNELS * self.max_programs_for("cuda") * MAX_WORLD * 4
+        if need > self.signal_pad_bytes:
+            raise RuntimeError(f"aiter_dist workspace: signal pad of {self.signal_pad_bytes} B "
+                               f"holds fewer than the {need} B the collectives need")
+        self.buffer_ptrs = torch.tensor(list(self._handle.buffer_ptrs), dtype=torch.int64,
+                                        device=self.device)
+        self.signal_ptrs = torch.tensor(list(self._handle.signal_pad_ptrs), dtype=torch.int64,
+                                        device=self.device)
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def max_programs_for(device_type: str) -> int:
+        # The interpreter runs programs one after another: two exercise the multi-program paths.
+        return 2 if device_type == "cpu" else 64
+
+    @property
+    def max_programs(self) -> int:
+        return self.max_programs_for(self.device.type)
+
+    def local_view(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """This rank's data region viewed as ``numel`` elements of ``dtype``."""
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if nbytes > self.data_bytes:
+            raise ValueError(f"aiter_dist workspace: {nbytes} B asked, {self.data_bytes} B "
+                             f"available; create a larger workspace")
+        return self.buffer[HEADER_BYTES:HEADER_BYTES + nbytes].view(dtype)
+
+    def signal_pads_clean(self) -> bool:
+        """Whether every flag in this rank's signal pad is back to 0 (tests, and after errors)."""
+        if self.backend == "cpu":
+            pad = torch.frombuffer(self._keepalive[self.rank], dtype=torch.int32,
+                                   offset=self.nbytes, count=self.signal_pad_bytes // 4)
+        else:
+            pad = self._handle.get_signal_pad(self.rank, (self.signal_pad_bytes // 4,),
+                                              dtype=torch.int32)
+        return bool((pad == 0).all())
+
+    def describe(self) -> str:
+        return (f"group '{group_name(self.group)}' (rank {self.rank} of {self.world_size}, "
+                f"{self.backend} workspace of {self.nbytes} B)")
+
+
+_workspaces: dict = {}
+
+
+def _default_bytes(device: torch.device) -> int:
+    env = os.environ.get("AITER_DIST_WORKSPACE_BYTES")
+    return int(env) if env else DEFAULT_BYTES["cpu" if device.type == "cpu" else "cuda"]
+
+
+def get_workspace(group=None, device: torch.device | str | None = None,
+                  nbytes: int | None = None) -> SymmetricWorkspace:
+    """The workspace of ``group`` on ``device``, created on first use (collectively: every rank of
+    the group must call this, or the first collective that needs it, together).
+
+    ``nbytes`` (or the ``AITER_DIST_WORKSPACE_BYTES`` environment variable) sets the size of a new
+    workspace; an existing one of a different size is replaced.
+    """
+    group = group if group is not None else dist.group.WORLD
+    if device is None:
+        device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+            else torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (group_name(group), device)
+    ws = _workspaces.get(key)
+    want = nbytes or (ws.nbytes if ws is not None else _default_bytes(device))
+    if ws is None or ws.nbytes != want or ws.broken:
+        ws = SymmetricWorkspace(group, device, want)
+        _workspaces[key] = ws
+    return ws
+
+
+def create_workspace(group=None, device=None, nbytes: int | None = None) -> SymmetricWorkspace:
+    """Create (or re-create at a new size) the workspace of ``group`` explicitly. Collective."""
+    return get_workspace(group, device, nbytes)
+
+
+def release_workspaces() -> None:
+    """Drop every workspace of this process (call before destroying process groups)."""
+    _workspaces.clear()

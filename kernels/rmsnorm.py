@@ -1,0 +1,323 @@
+"""RMSNorm and fused residual-add + RMSNorm, forward and backward.
+
+    rms_norm(x, w)         = x * rsqrt(mean(x^2) + eps) * w
+    add_rms_norm(x, r, w)  = (rms_norm(x + r, w), x + r)
+
+Statistics are fp32 whatever the input dtype; the output takes ``x``'s dtype and ``weight`` may be
+stored in another dtype (fp32 master weights under autocast). ``residual_out`` is rounded to
+``x``'s dtype before it is normalized, so ``out == rms_norm(residual_out)`` holds exactly.
+
+Rows up to ``FUSED_MAX_N`` columns are held in registers (one read of x, one write of y); wider
+rows take a two-pass loop over column chunks. The backward writes one fp32 partial of dweight per
+program and sums them on the host side in a fixed order, so it is deterministic.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._runtime import (INTERPRETED, check_last_dim_contiguous, check_same_device, check_tensor,
+                       launch, record_path)
+
+FUSED_MAX_N = 65536
+
+
+# ----------------------------------------------------------------------------- reference
+
+def rms_norm_ref(x, weight, eps=1e-6):
+    """Plain PyTorch RMSNorm with statistics in fp32 (or fp64 for fp64 input)."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    xf = x.to(acc)
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (xf * rstd * weight.to(acc)).to(x.dtype)
+
+
+def add_rms_norm_ref(x, residual, weight, eps=1e-6):
+    residual_out = x + residual
+    return rms_norm_ref(residual_out, weight, eps), residual_out
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _rms_norm_fwd_kernel(
+    X, R, W, Y, RES_OUT, RSTD,
+    M, N, stride_x, stride_r, stride_y, stride_res, eps,
+    HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    rows64 = rows.to(tl.int64)[:, None]
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    if NUM_CHUNKS == 1:
+        mask = row_mask[:, None] & (cols < N)
+        x = tl.load(X + rows64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            r = tl.load(R + rows64 * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+            s = (x + r).to(RES_OUT.dtype.element_ty)
+            tl.store(RES_OUT + rows64 * stride_res + cols, s, mask=mask)
+            x = s.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
+        w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+        y = x * rstd[:, None] * w
+        tl.store(Y + rows64 * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+    else:
+        # Wide rows: pass 1 accumulates the sum of squares (writing residual_out on the way),
+        # pass 2 re-reads the (now final) input and normalizes.
+        sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for c in range(NUM_CHUNKS):
+            ccols = c * BLOCK_N + cols
+            mask = row_mask[:, None] & (ccols < N)
+            x = tl.load(X + rows64 * stride_x + ccols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                r = tl.load(R + rows64 * stride_r + ccols, mask=mask, other=0.0).to(tl.float32)
+                s = (x + r).to(RES_OUT.dtype.element_ty)
+                tl.store(RES_OUT + rows64 * stride_res + ccols, s, mask=mask)
+                x = s.to(tl.float32)
+            sq += tl.sum(x * x, axis=1)
+        rstd = 1.0 / tl.sqrt(sq / N + eps)
+        for c in range(NUM_CHUNKS):
+            ccols = c * BLOCK_N + cols
+            mask = row_mask[:, None] & (ccols < N)
+            if HAS_RESIDUAL:
+                x = tl.load(RES_OUT + rows64 * stride_res + ccols, mask=mask, other=0.0).to(tl.float32)
+            else:
+                x = tl.load(X + rows64 * stride_x + ccols, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(W + ccols, mask=ccols < N, other=0.0).to(tl.float32)
+            y = x * rstd[:, None] * w
+            tl.store(Y + rows64 * stride_y + ccols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _rms_norm_bwd_kernel(
+    X, W, DY, DRES, DX, DW_PARTIAL, RSTD,
+    M, N, stride_x, stride_dy, stride_dres, stride_dx, rows_per_program,
+    HAS_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr,
+):
+    # dx = rstd * (dy*w - xhat * mean(dy*w*xhat)),  dw = sum_rows dy * xhat
+    pid = tl.program_id(0)
+    row_start = pid * rows_per_program
+    row_end = tl.minimum(row_start + rows_per_program, M)
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    dw_row = DW_PARTIAL + pid.to(tl.int64) * N
+    if NUM_CHUNKS == 1:
+        col_mask = cols < N
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
+        dw = tl.zeros([1, BLOCK_N], dtype=tl.float32)
+        for m0 in range(row_start, row_end, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_mask = rows < row_end
+            rows64 = rows.to(tl.int64)[:, None]
+            mask = row_mask[:, None] & col_mask
+            x = tl.load(X + rows64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + rows64 * stride_dy + cols, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
+            xhat = x * rstd
+            wdy = dy * w
+            c = tl.sum(xhat * wdy, axis=1)[:, None] / N
+            dx = (wdy - xhat * c) * rstd
+            if HAS_DRES:
+                dx += tl.load(DRES + rows64 * stride_dres + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + rows64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
+            dw += tl.sum(dy * xhat, axis=0)[None, :]
+        tl.store(dw_row + cols, dw, mask=col_mask)
+    else:
+        # Wide rows: per row block, pass 1 reduces mean(dy*w*xhat) over column chunks, pass 2
+        # writes dx and accumulates dw into this program's own partial row (no atomics).
+        for c in range(NUM_CHUNKS):
+            ccols = c * BLOCK_N + cols
+            tl.store(dw_row + ccols, tl.zeros([1, BLOCK_N], dtype=tl.float32), mask=ccols < N)
+        for m0 in range(row_start, row_end, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_mask = rows < row_end
+            rows64 = rows.to(tl.int64)[:, None]
+            rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
+            acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for c in range(NUM_CHUNKS):
+                ccols = c * BLOCK_N + cols
+                mask = row_mask[:, None] & (ccols < N)
+                x = tl.load(X + rows64 * stride_x + ccols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + rows64 * stride_dy + ccols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + ccols, mask=ccols < N, other=0.0).to(tl.float32)
+                acc += tl.sum(x * rstd * dy * w, axis=1)
+            cmean = acc[:, None] / N
+            for c in range(NUM_CHUNKS):
+                ccols = c * BLOCK_N + cols
+                mask = row_mask[:, None] & (ccols < N)
+                x = tl.load(X + rows64 * stride_x + ccols, mask=mask, other=0.0).to(tl.float32)
+                dy = tl.load(DY + rows64 * stride_dy + ccols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + ccols, mask=ccols < N, other=0.0).to(tl.float32)
+                xhat = x * rstd
+                dx = (dy * w - xhat * cmean) * rstd
+                if HAS_DRES:
+                    dx += tl.load(DRES + rows64 * stride_dres + ccols, mask=mask,
+                                  other=0.0).to(tl.float32)
+                tl.store(DX + rows64 * stride_dx + ccols, dx.to(DX.dtype.element_ty), mask=mask)
+                dw_prev = tl.load(dw_row + ccols, mask=ccols < N, other=0.0)
+                tl.store(dw_row + ccols, dw_prev + tl.sum(dy * xhat, axis=0)[None, :],
+                         mask=ccols < N)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _block_n(N: int, max_n: int) -> tuple[int, int]:
+    if N <= max_n:
+        return triton.next_power_of_2(N), 1
+    return 4096, triton.cdiv(N, 4096)
+
+
+def _fwd_config(M: int, N: int, device: torch.device, max_n: int = FUSED_MAX_N):
+    """(BLOCK_M, BLOCK_N, NUM_CHUNKS, num_warps) for the forward."""
+    block_n, chunks = _block_n(N, max_n)
+    if device.type == "cpu":
+        # The interpreter pays per program and per op, not per element: few, large programs.
+        block_m = min(triton.next_power_of_2(triton.cdiv(M, 4)), max(1, 16384 // block_n))
+        return max(block_m, 1), block_n, chunks, 1
+    # GPU: about 4K elements per program; rows narrower than that are packed together.
+    block_m = max(1, min(4096 // block_n, 64)) if chunks == 1 else 1
+    num_warps = min(max(block_m * block_n // 512, 4), 16)
+    return block_m, block_n, chunks, num_warps
+
+
+def _num_programs_bwd(M: int, device: torch.device) -> int:
+    if device.type == "cpu":
+        return max(1, min(M, 2))
+    return max(1, min(M, torch.cuda.get_device_properties(device).multi_processor_count * 4))
+
+
+def _check_norm_inputs(op: str, x, weight, residual=None):
+    check_tensor(op, "x", x)
+    check_tensor(op, "weight", weight)
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"aiter_dist.{op}: weight must have shape ({x.shape[-1]},) to match the "
+                         f"last dimension of x {tuple(x.shape)}, got {tuple(weight.shape)}")
+    check_same_device(op, x=x, weight=weight, residual=residual)
+    check_last_dim_contiguous(op, "x", x)
+    check_last_dim_contiguous(op, "weight", weight)
+    if residual is not None:
+        check_tensor(op, "residual", residual)
+        if residual.shape != x.shape:
+            raise ValueError(f"aiter_dist.{op}: residual shape {tuple(residual.shape)} differs "
+                             f"from x shape {tuple(x.shape)}")
+        if residual.dtype != x.dtype:
+            raise TypeError(f"aiter_dist.{op}: residual dtype {residual.dtype} differs from x "
+                            f"dtype {x.dtype}; cast one of them")
+        check_last_dim_contiguous(op, "residual", residual)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D (rows, N) view; copies only when the leading dims cannot be flattened."""
+    return t.reshape(-1, t.shape[-1])
+
+
+def rms_norm_fwd(x, weight, eps=1e-6, residual=None, *, config=None):
+    """Forward launcher. Returns (y, residual_out or None, rstd)."""
+    op = "add_rms_norm" if residual is not None else "rms_norm"
+    _check_norm_inputs(op, x, weight, residual)
+    x2 = _rows(x)
+    M, N = x2.shape
+    y = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    if residual is not None:
+        r2 = _rows(residual)
+        res_out = torch.empty_like(y)
+    else:
+        r2 = res_out = y  # unused placeholders, never dereferenced (HAS_RESIDUAL=False)
+    block_m, block_n, chunks, num_warps = config or _fwd_config(M, N, x.device)
+    if M > 0:
+        grid = (triton.cdiv(M, block_m),)
+        launch(_rms_norm_fwd_kernel, grid, x.device,
+               x2, r2, weight, y, res_out, rstd,
+               M, N, x2.stride(0), r2.stride(0), y.stride(0), res_out.stride(0), eps,
+               HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+               NUM_CHUNKS=chunks, num_warps=num_warps)
+    record_path(op, "triton-interpreter" if (x.device.type == "cpu") else "triton")
+    y = y.view(x.shape)
+    return y, (res_out.view(x.shape) if residual is not None else None), rstd
+
+
+def rms_norm_bwd(dy, x_normed, weight, rstd, dresidual=None, *, max_n=FUSED_MAX_N):
+    """Backward launcher: (dx, dweight). ``x_normed`` is the tensor that was normalized
+    (``residual_out`` for the fused op); ``dresidual`` is the incoming grad of residual_out."""
+    x2 = _rows(x_normed)
+    M, N = x2.shape
+    dy2 = _rows(dy.contiguous())
+    dres2 = _rows(dresidual.contiguous()) if dresidual is not None else dy2
+    dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
+    programs = _num_programs_bwd(M, x2.device)
+    rows_per_program = triton.cdiv(M, programs) if M else 0
+    block_n, chunks = _block_n(N, max_n)
+    if x2.device.type == "cpu":
+        block_m, num_warps = max(1, min(triton.next_power_of_2(max(rows_per_program, 1)),
+                                        16384 // block_n)), 1
+    else:
+        block_m = max(1, min(2048 // block_n, 16)) if chunks == 1 else 1
+        num_warps = min(max(block_m * block_n // 512, 4), 16)
+    dw_partial = torch.empty(programs, N, dtype=torch.float32, device=x2.device)
+    if M > 0:
+        launch(_rms_norm_bwd_kernel, (programs,), x2.device,
+               x2, weight, dy2, dres2, dx, dw_partial, rstd,
+               M, N, x2.stride(0), dy2.stride(0), dres2.stride(0), dx.stride(0), rows_per_program,
+               HAS_DRES=dresidual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+               NUM_CHUNKS=chunks, num_warps=num_warps)
+    else:
+        dw_partial.zero_()
+    dw = dw_partial.sum(0).to(weight.dtype)
+    return dx.view(x_normed.shape), dw
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        y, _, rstd = rms_norm_fwd(x, weight, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = rms_norm_bwd(dy, x, weight, rstd)
+        return dx, dw, None
+
+
+class AddRMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps):
+        y, residual_out, rstd = rms_norm_fwd(x, weight, eps, residual=residual)
+        ctx.save_for_backward(residual_out, weight, rstd)
+        return y, residual_out
+
+    @staticmethod
+    def backward(ctx, dy, dresidual_out):
+        residual_out, weight, rstd = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(residual_out)
+        dx, dw = rms_norm_bwd(dy, residual_out, weight, rstd, dresidual=dresidual_out)
+        # d(x + residual)/dx = d/dresidual = 1: both inputs receive the same gradient.
+        return dx, dx, dw, None
+
+
+# ----------------------------------------------------------------------------- functional API
+
+def rms_norm(x, weight, eps=1e-6):
+    """RMSNorm over the last dimension: ``x * rsqrt(mean(x**2) + eps) * weight``."""
+    return RMSNormFunction.apply(x, weight, eps)
+
+
+def add_rms_norm(x, residual, weight, eps=1e-6):
+    """Fused ``residual_out = x + residual; out = rms_norm(residual_out, weight)``.
+
+    Returns ``(out, residual_out)``.
+    """
+    return AddRMSNormFunction.apply(x, residual, weight, eps)
+
+
+__all__ = ["rms_norm", "add_rms_norm", "rms_norm_ref", "add_rms_norm_ref", "rms_norm_fwd",
+           "rms_norm_bwd", "RMSNormFunction", "AddRMSNormFunction", "FUSED_MAX_N", "INTERPRETED"]

@@ -1,0 +1,142 @@
+"""RMSNorm and add+RMSNorm: forward and all gradients against a float64 reference."""
+import pytest
+import torch
+
+import aiter_dist
+from aiter_dist.kernels import rmsnorm as K
+from aiter_dist.testing import assert_close_to_ref
+
+CPU_SHAPES = [(1, 1), (7, 33), (3, 5, 64), (130, 100), (2, 257)]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def _run(x, residual, w, g, g_res, eps, device):
+    """Ours, float64 reference and PyTorch-in-dtype for the same inputs: outputs and grads."""
+    def go(fn_norm, fn_add, cast):
+        xs = cast(x).requires_grad_()
+        ws = cast(w).requires_grad_()
+        if residual is None:
+            out = fn_norm(xs, ws, eps)
+            out.backward(cast(g))
+            return [out, xs.grad, ws.grad]
+        rs = cast(residual).requires_grad_()
+        out, res_out = fn_add(xs, rs, ws, eps)
+        (out * cast(g)).sum().backward(retain_graph=True)
+        (res_out * cast(g_res)).sum().backward()
+        return [out, res_out, xs.grad, rs.grad, ws.grad]
+
+    ours = go(aiter_dist.rms_norm, aiter_dist.add_rms_norm, lambda t: t.detach().to(device))
+    ref = go(K.rms_norm_ref, K.add_rms_norm_ref, lambda t: t.detach().to(device, torch.float64))
+    low = go(K.rms_norm_ref, K.add_rms_norm_ref, lambda t: t.detach().to(device))
+    return ours, ref, low
+
+
+def _check(shape, dtype, fused, device, eps=1e-6):
+    g = torch.Generator().manual_seed(hash((shape, str(dtype), fused)) % 2**31)
+    x = torch.randn(shape, generator=g).to(dtype)
+    w = (1 + 0.3 * torch.randn(shape[-1], generator=g)).to(dtype)
+    residual = torch.randn(shape, generator=g).to(dtype) if fused else None
+    go = torch.randn(shape, generator=g).to(dtype)
+    gr = torch.randn(shape, generator=g).to(dtype)
+    ours, ref, low = _run(x, residual, w, go, gr, eps, device)
+    names = ["out", "residual_out", "dx", "dresidual", "dweight"] if fused else ["out", "dx", "dweight"]
+    for name, o, r, t in zip(names, ours, ref, low):
+        assert o.dtype == t.dtype
+        assert_close_to_ref(f"{name} {shape} {dtype}", o, r, t)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["rms_norm", "add_rms_norm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", CPU_SHAPES, ids=str)
+def test_rmsnorm_cpu(shape, dtype, fused):
+    _check(shape, dtype, fused, "cpu")
+    assert aiter_dist.last_path("add_rms_norm" if fused else "rms_norm").startswith("triton")
+
+
+def test_residual_out_is_exact_sum_and_out_normalizes_it():
+    x, r = torch.randn(9, 40), torch.randn(9, 40)
+    w = torch.randn(40)
+    out, res = aiter_dist.add_rms_norm(x, r, w)
+    assert torch.equal(res, x + r)
+    torch.testing.assert_close(out, aiter_dist.rms_norm(res, w), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_wide_row_path(fused):
+    """Rows wider than the fused limit take the chunked two-pass kernels (forced small here)."""
+    M, N = 5, 300
+    x = torch.randn(M, N, dtype=torch.float64).float().requires_grad_()
+    w = torch.randn(N).requires_grad_()
+    r = torch.randn(M, N) if fused else None
+    y, res_out, rstd = K.rms_norm_fwd(x.detach(), w.detach(), 1e-6, residual=r,
+                                      config=(2, 64, 5, 1))
+    src = x.detach() + r if fused else x.detach()
+    torch.testing.assert_close(y, K.rms_norm_ref(src, w.detach()), rtol=1e-5, atol=1e-5)
+    dy = torch.randn(M, N)
+    dx, dw = K.rms_norm_bwd(dy, src, w.detach(), rstd, max_n=64)
+    src64 = src.double().requires_grad_()
+    w64 = w.detach().double().requires_grad_()
+    K.rms_norm_ref(src64, w64).backward(dy.double())
+    torch.testing.assert_close(dx.double(), src64.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw.double(), w64.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_row_strided_input_and_fp32_weight_with_half_input():
+    base = torch.randn(6, 80)
+    x = base[:, :48]  # rows strided, last dim contiguous
+    w = torch.randn(48)
+    torch.testing.assert_close(aiter_dist.rms_norm(x, w), K.rms_norm_ref(x, w))
+    xh = torch.randn(4, 24).half()
+    y = aiter_dist.rms_norm(xh, torch.randn(24))
+    assert y.dtype == torch.float16
+
+
+def test_empty_rows():
+    x = torch.randn(0, 16, requires_grad=True)
+    w = torch.ones(16, requires_grad=True)
+    y = aiter_dist.rms_norm(x, w)
+    y.sum().backward()
+    assert y.shape == (0, 16) and torch.equal(w.grad, torch.zeros(16))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="rms_norm: weight must have shape"):
+        aiter_dist.rms_norm(torch.randn(4, 8), torch.randn(7))
+    with pytest.raises(TypeError, match="rms_norm: x has dtype torch.int64"):
+        aiter_dist.rms_norm(torch.ones(4, 8, dtype=torch.long), torch.randn(8))
+    with pytest.raises(ValueError, match="contiguous in its last dimension"):
+        aiter_dist.rms_norm(torch.randn(8, 4).t(), torch.randn(8))
+    with pytest.raises(TypeError, match="add_rms_norm: residual dtype"):
+        aiter_dist.add_rms_norm(torch.randn(4, 8), torch.randn(4, 8).half(), torch.randn(8))
+    with pytest.raises(ValueError, match="add_rms_norm: residual shape"):
+        aiter_dist.add_rms_norm(torch.randn(4, 8), torch.randn(3, 8), torch.randn(8))
+    with pytest.raises(TypeError, match="must be a torch.Tensor"):
+        aiter_dist.rms_norm([1.0], torch.randn(1))
+
+
+def test_module():
+    norm = aiter_dist.nn.RMSNorm(24, eps=1e-5)
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(norm(x), K.rms_norm_ref(x, norm.weight.detach(), 1e-5))
+    out, res = norm(x, x)
+    torch.testing.assert_close(res, 2 * x)
+
+
+# ----------------------------------------------------------------------------- GPU tier
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True], ids=["rms_norm", "add_rms_norm"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(16384, 4096), (4099, 8192), (1000, 5120), (17, 100000)],
+                         ids=str)
+def test_rmsnorm_gpu(shape, dtype, fused):
+    _check(shape, dtype, fused, "cuda")
+    assert aiter_dist.last_path("add_rms_norm" if fused else "rms_norm") == "triton"
+
+
+@pytest.mark.gpu
+def test_cpu_tensor_on_gpu_host_runs_interpreted_kernel():
+    x, w = torch.randn(5, 33), torch.randn(33)
+    torch.testing.assert_close(aiter_dist.rms_norm(x, w), K.rms_norm_ref(x, w))
+    torch.testing.assert_close(aiter_dist.rms_norm(x.cuda(), w.cuda()).cpu(),
+                               K.rms_norm_ref(x, w), rtol=1e-5, atol=1e-5)
