@@ -15,7 +15,7 @@ from .kernels._runtime import FLOAT_DTYPES, check_same_device, check_tensor, rec
 def _check(input, weight, bias, otype):
     op = "tgemm.mm"
     check_tensor(op, "input", input)
-    check_tensor(op, "weight", weight, ndim_min=2)
+    check_tensor(op, "weight", weight)
     if weight.dim() != 2:
         raise ValueError(f"aiter_dist.{op}: weight must be 2-D (out_features, in_features), "
                          f"got shape {tuple(weight.shape)}")

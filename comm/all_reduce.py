@@ -24,7 +24,7 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ..kernels._runtime import FLOAT_DTYPES, check_tensor, launch, record_path
+from ..kernels._runtime import FLOAT_DTYPES, check_tensor, launch, record_path, runs_triton
 from .workspace import (ERR_MISMATCH, ERR_NONE, ERR_TIMEOUT, HEADER_BYTES, MAX_WORLD,
                         get_workspace)
 
@@ -65,7 +65,9 @@ def all_reduce_ref(tensors):
 
 # ----------------------------------------------------------------------------- kernels
 
-@triton.jit
+# Runtime ints are not specialized: a value of 1 (rank 1, dtype code 1, a 1-element message) would
+# otherwise become a compile-time constant and a different kernel per rank.
+@triton.jit(do_not_specialize=["numel", "rank", "world", "max_spins", "dtype_code", "op_id"])
 def _one_shot_all_reduce_kernel(
     IN, OUT, BUF_PTRS, SIG_PTRS, ERR,
     numel, rank, world, max_spins, dtype_code, op_id,
@@ -82,8 +84,8 @@ def _one_shot_all_reduce_kernel(
 
     # 1. copy in; program 0 also writes this launch's header for the peers to check.
     if pid == 0:
-        tl.store(my_hdr, numel.to(tl.int64))
-        tl.store(my_hdr + 1, dtype_code.to(tl.int64))
+        tl.store(my_hdr, numel)
+        tl.store(my_hdr + 1, dtype_code)
     for start in range(pid * BLOCK, numel, nprog * BLOCK):
         offs = start + offs0
         mask = offs < numel
@@ -124,7 +126,7 @@ def _one_shot_all_reduce_kernel(
                 tl.store(ERR + 1, op_id)
                 tl.store(ERR + 2, r)
                 tl.store(ERR + 3, peer_dtype.to(tl.int32))
-                tl.store(ERR + 4, numel.to(tl.int32))
+                tl.store(ERR + 4, numel)
                 tl.store(ERR + 5, peer_numel.to(tl.int32))
                 tl.atomic_xchg(ERR, 2, sem="release", scope="sys")
 
@@ -164,7 +166,7 @@ def _one_shot_all_reduce_kernel(
 
 def check_comm_errors(ws) -> None:
     """Raise if a kernel on ``ws`` reported a missing or mismatched peer (reads host memory)."""
-    code = int(ws.err[0])
+    code = int(ws.err_host[0])  # numpy view of the record: no tensor op on the hot path
     if code == ERR_NONE:
         return
     fields = ws.err.tolist()
@@ -200,13 +202,12 @@ def one_shot_all_reduce_raw(x: torch.Tensor, group=None, out: torch.Tensor | Non
     cap = (ws.data_bytes // x.element_size()) // 64 * 64
     block = 1024 if x.device.type == "cpu" else 2048
     max_spins = int(_timeout_s() * _POLLS_PER_S["cpu" if x.device.type == "cpu" else "cuda"])
-    for start in range(0, max(xf.numel(), 1), cap):
+    for start in range(0, xf.numel(), cap):
         n = min(cap, xf.numel() - start)
-        if n <= 0:
-            break
+        src, dst = (xf, of) if n == xf.numel() else (xf[start:start + n], of[start:start + n])
         programs = min(triton.cdiv(n, block), ws.max_programs)
         launch(_one_shot_all_reduce_kernel, (programs,), x.device,
-               xf[start:start + n], of[start:start + n], ws.buffer_ptrs, ws.signal_ptrs, ws.err,
+               src, dst, ws.buffer_ptrs, ws.signal_ptrs, ws.err,
                n, ws.rank, ws.world_size, max_spins, _DTYPE_CODE[x.dtype], OP_ALL_REDUCE,
                MAX_PROGRAMS=ws.max_programs, MAX_WORLD_=MAX_WORLD, HEADER=HEADER_BYTES, BLOCK=block,
                num_warps=1 if x.device.type == "cpu" else 8)
@@ -230,6 +231,8 @@ def _pick_algo(x: torch.Tensor, group, algo: str) -> tuple[str, str | None]:
         return "fallback", None
     if world > MAX_WORLD:
         return "fallback", f"world size {world} > {MAX_WORLD}"
+    if not runs_triton("all_reduce", x.device):
+        return "fallback", "CPU tensor on a GPU machine"
     if algo == "one_shot":
         return "one_shot", None
     limit = AUTO_ONE_SHOT_MAX_BYTES["cpu" if x.device.type == "cpu" else "cuda"].get(world, 0)

@@ -68,6 +68,7 @@ class SymmetricWorkspace:
         # device sync; kernels get its address.
         self.err = torch.zeros(ERR_FIELDS, dtype=torch.int32,
                                pin_memory=device.type != "cpu")
+        self.err_host = self.err.numpy()
 
     # ------------------------------------------------------------------ backends
     def _init_shm(self):

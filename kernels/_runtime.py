@@ -6,8 +6,7 @@ reference / kernels / launchers / Function / functional order:
 * **Interpreter selection.** On a machine with no GPU, Triton kernels run through Triton's
   interpreter. ``configure_interpreter()`` sets ``TRITON_INTERPRET=1`` before any kernel module
   is imported (Triton reads it when ``@triton.jit`` decorates). A user's own setting wins.
-  On a GPU machine, CPU tensors still work: ``launch()`` runs the same kernel source through an
-  interpreted copy of the kernel.
+  On a GPU machine, CPU tensors take each op's PyTorch path, visibly (``runs_triton``).
 * **Path records.** Every op notes which implementation served the last call
   (``last_path(op)``); a fallback away from the fast path is logged once per (op, reason).
 * **Checks.** Bad input raises ``ValueError``/``TypeError`` that names the op and the fix.
@@ -16,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 
 import torch
 
@@ -41,35 +39,27 @@ def configure_interpreter() -> bool:
 
 INTERPRETED = configure_interpreter()
 
-import triton  # noqa: E402  (must follow configure_interpreter)
-
-_interpreted_copies: dict = {}
-_interp_lock = threading.Lock()
 
 
-def _interpreted(kernel):
-    """An interpreter-run copy of a compiled ``@triton.jit`` kernel, for CPU tensors on GPU hosts.
+def runs_triton(op: str, device: torch.device) -> bool:
+    """Whether ``op`` can run its Triton kernel on ``device`` in this process.
 
-    Kernels that go through this must not call other ``@triton.jit`` functions: the interpreter
-    would find the compiled helper in the module globals.
+    Triton runs either compiled (GPU) or interpreted (no GPU) for the whole process: its standard
+    library (``tl.sum`` and friends) is itself compiled or interpreted at import. So a CPU tensor
+    on a GPU machine cannot reach a kernel; the op then takes its PyTorch path, recorded and
+    logged once. (On a machine without a GPU, CPU tensors run the kernels through the interpreter.)
     """
-    from triton.runtime.interpreter import InterpretedFunction
-
-    with _interp_lock:
-        copy = _interpreted_copies.get(kernel)
-        if copy is None:
-            copy = InterpretedFunction(kernel.fn)
-            _interpreted_copies[kernel] = copy
-        return copy
+    if device.type == "cpu" and not INTERPRETED:
+        record_path(op, "torch", "CPU tensor on a GPU machine: Triton runs compiled here")
+        return False
+    return True
 
 
 def launch(kernel, grid, device: torch.device, *args, **kwargs):
-    """Launch ``kernel[grid](*args, **kwargs)`` on the right engine for ``device``."""
-    if device.type == "cpu" and not INTERPRETED:
-        kernel = _interpreted(kernel)
-    elif device.type != "cpu" and INTERPRETED:
-        # The interpreter would copy GPU tensors to the host and back on every launch: correct for
-        # plain kernels, wrong for kernels that follow raw peer pointers. Say so rather than guess.
+    """Launch ``kernel[grid](*args, **kwargs)``; callers check :func:`runs_triton` first."""
+    if device.type != "cpu" and INTERPRETED:
+        # The interpreter copies GPU tensors to the host and back on every launch: correct for
+        # plain kernels, wrong for kernels that follow raw peer pointers.
         record_path(kernel.__name__, "interpreter-on-gpu-tensors",
                     "TRITON_INTERPRET=1 is set on a GPU machine; unset it for compiled kernels")
     return kernel[grid](*args, **kwargs)

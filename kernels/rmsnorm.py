@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._runtime import (INTERPRETED, check_last_dim_contiguous, check_same_device, check_tensor,
-                       launch, record_path)
+                       launch, record_path, runs_triton)
 
 FUSED_MAX_N = 65536
 
@@ -38,6 +38,23 @@ def add_rms_norm_ref(x, residual, weight, eps=1e-6):
     return rms_norm_ref(residual_out, weight, eps), residual_out
 
 
+def _rms_norm_fwd_torch(x2, weight, eps, r2):
+    """The same contract as the kernels (fp32 statistics), for CPU tensors on GPU machines."""
+    res_out = (x2.float() + r2.float()).to(x2.dtype) if r2 is not None else None
+    src = (res_out if res_out is not None else x2).float()
+    rstd = torch.rsqrt(src.pow(2).mean(-1) + eps)
+    return (src * rstd[:, None] * weight.float()).to(x2.dtype), res_out, rstd
+
+
+def _rms_norm_bwd_torch(dy2, x2, weight, rstd, dres2):
+    xhat = x2.float() * rstd[:, None]
+    wdy = dy2.float() * weight.float()
+    dx = (wdy - xhat * (xhat * wdy).mean(-1, keepdim=True)) * rstd[:, None]
+    if dres2 is not None:
+        dx = dx + dres2.float()
+    return dx.to(x2.dtype), (dy2.float() * xhat).sum(0).to(weight.dtype)
+
+
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
@@ -47,6 +64,7 @@ def _rms_norm_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,
 ):
+    # Rows are streamed once (evict first); the weight is shared by every program (evict last).
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
@@ -54,14 +72,16 @@ def _rms_norm_fwd_kernel(
     cols = tl.arange(0, BLOCK_N)[None, :]
     if NUM_CHUNKS == 1:
         mask = row_mask[:, None] & (cols < N)
-        x = tl.load(X + rows64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + rows64 * stride_x + cols, mask=mask, other=0.0,
+                    eviction_policy="evict_first").to(tl.float32)
         if HAS_RESIDUAL:
-            r = tl.load(R + rows64 * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+            r = tl.load(R + rows64 * stride_r + cols, mask=mask, other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
             s = (x + r).to(RES_OUT.dtype.element_ty)
             tl.store(RES_OUT + rows64 * stride_res + cols, s, mask=mask)
             x = s.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
-        w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=cols < N, other=0.0, eviction_policy="evict_last").to(tl.float32)
         y = x * rstd[:, None] * w
         tl.store(Y + rows64 * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
     else:
@@ -228,6 +248,9 @@ def rms_norm_fwd(x, weight, eps=1e-6, residual=None, *, config=None):
         res_out = torch.empty_like(y)
     else:
         r2 = res_out = y  # unused placeholders, never dereferenced (HAS_RESIDUAL=False)
+    if not runs_triton(op, x.device):
+        y, res_out, rstd = _rms_norm_fwd_torch(x2, weight, eps, _rows(residual) if residual is not None else None)
+        return y.view(x.shape), (res_out.view(x.shape) if res_out is not None else None), rstd
     block_m, block_n, chunks, num_warps = config or _fwd_config(M, N, x.device)
     if M > 0:
         grid = (triton.cdiv(M, block_m),)
@@ -236,28 +259,38 @@ def rms_norm_fwd(x, weight, eps=1e-6, residual=None, *, config=None):
                M, N, x2.stride(0), r2.stride(0), y.stride(0), res_out.stride(0), eps,
                HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
                NUM_CHUNKS=chunks, num_warps=num_warps)
-    record_path(op, "triton-interpreter" if (x.device.type == "cpu") else "triton")
+    record_path(op, "triton-interpreter" if INTERPRETED else "triton")
     y = y.view(x.shape)
     return y, (res_out.view(x.shape) if residual is not None else None), rstd
 
 
-def rms_norm_bwd(dy, x_normed, weight, rstd, dresidual=None, *, max_n=FUSED_MAX_N):
+def _bwd_config(M: int, N: int, device: torch.device, max_n: int):
+    """(programs, BLOCK_M, BLOCK_N, NUM_CHUNKS, num_warps) for the backward."""
+    block_n, chunks = _block_n(N, max_n)
+    programs = _num_programs_bwd(M, device)
+    if device.type == "cpu":
+        rows_per_program = triton.cdiv(M, programs) if M else 1
+        block_m = max(1, min(triton.next_power_of_2(rows_per_program), 16384 // block_n))
+        return programs, block_m, block_n, chunks, 1
+    block_m = max(1, min(2048 // block_n, 16)) if chunks == 1 else 1
+    return programs, block_m, block_n, chunks, min(max(block_m * block_n // 512, 4), 16)
+
+
+def rms_norm_bwd(dy, x_normed, weight, rstd, dresidual=None, *, max_n=FUSED_MAX_N, config=None):
     """Backward launcher: (dx, dweight). ``x_normed`` is the tensor that was normalized
     (``residual_out`` for the fused op); ``dresidual`` is the incoming grad of residual_out."""
     x2 = _rows(x_normed)
     M, N = x2.shape
     dy2 = _rows(dy.contiguous())
     dres2 = _rows(dresidual.contiguous()) if dresidual is not None else dy2
+    if not runs_triton("rms_norm_bwd", x2.device):
+        dx, dw = _rms_norm_bwd_torch(dy2, x2, weight, rstd,
+                                     dres2 if dresidual is not None else None)
+        return dx.view(x_normed.shape), dw
     dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
-    programs = _num_programs_bwd(M, x2.device)
+    programs, block_m, block_n, chunks, num_warps = config or _bwd_config(M, N, x2.device, max_n)
+    programs = max(1, min(programs, M))
     rows_per_program = triton.cdiv(M, programs) if M else 0
-    block_n, chunks = _block_n(N, max_n)
-    if x2.device.type == "cpu":
-        block_m, num_warps = max(1, min(triton.next_power_of_2(max(rows_per_program, 1)),
-                                        16384 // block_n)), 1
-    else:
-        block_m = max(1, min(2048 // block_n, 16)) if chunks == 1 else 1
-        num_warps = min(max(block_m * block_n // 512, 4), 16)
     dw_partial = torch.empty(programs, N, dtype=torch.float32, device=x2.device)
     if M > 0:
         launch(_rms_norm_bwd_kernel, (programs,), x2.device,

@@ -127,7 +127,8 @@ def test_module():
 @pytest.mark.gpu
 @pytest.mark.parametrize("fused", [False, True], ids=["rms_norm", "add_rms_norm"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", [(16384, 4096), (4099, 8192), (1000, 5120), (17, 100000)],
+@pytest.mark.parametrize("shape", [(1, 1), (1, 4096), (16384, 4096), (4099, 8192), (1000, 5120),
+                                   (17, 100000)],
                          ids=str)
 def test_rmsnorm_gpu(shape, dtype, fused):
     _check(shape, dtype, fused, "cuda")
@@ -135,8 +136,14 @@ def test_rmsnorm_gpu(shape, dtype, fused):
 
 
 @pytest.mark.gpu
-def test_cpu_tensor_on_gpu_host_runs_interpreted_kernel():
-    x, w = torch.randn(5, 33), torch.randn(33)
-    torch.testing.assert_close(aiter_dist.rms_norm(x, w), K.rms_norm_ref(x, w))
-    torch.testing.assert_close(aiter_dist.rms_norm(x.cuda(), w.cuda()).cpu(),
-                               K.rms_norm_ref(x, w), rtol=1e-5, atol=1e-5)
+def test_cpu_tensor_on_gpu_host_takes_recorded_torch_path():
+    x = torch.randn(5, 33, requires_grad=True)
+    w = torch.randn(33, requires_grad=True)
+    _check((5, 33), torch.float32, True, "cpu")
+    assert aiter_dist.last_path("add_rms_norm") == "torch"
+    y = aiter_dist.rms_norm(x, w)
+    assert aiter_dist.last_path("rms_norm") == "torch"
+    torch.testing.assert_close(y, K.rms_norm_ref(x, w))
+    torch.testing.assert_close(aiter_dist.rms_norm(x.cuda(), w.cuda()).cpu(), y, rtol=1e-5,
+                               atol=1e-5)
+    assert aiter_dist.last_path("rms_norm") == "triton"

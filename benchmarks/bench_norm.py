@@ -1,0 +1,128 @@
+"""RMSNorm and add+RMSNorm: aiter_dist vs F.rms_norm (eager) vs torch.compile, one process.
+
+Memory-bound ops, so the figure of merit is bytes moved over time against the measured copy
+bandwidth. Bytes counted (bf16 = 2 B/element, weight and statistics ignored):
+  rms_norm fwd: read x, write y                          = 2 passes of M*N
+  add_rms_norm fwd: read x, r, write y, residual_out     = 4 passes
+  fwd+bwd adds: read x (or residual_out), dy, write dx   = +3 passes (+1 for the fused op's
+  incoming residual gradient).
+
+    python benchmarks/bench_norm.py [--shapes 16384x4096,32768x8192] [--sweep]
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+import triton
+
+import aiter_dist
+from aiter_dist.kernels import rmsnorm as K
+from common import copy_bandwidth_tbps, emit
+
+
+def eager_rms(x, w, eps=1e-6):
+    return F.rms_norm(x, (x.shape[-1],), w, eps)
+
+
+def eager_add_rms(x, r, w, eps=1e-6):
+    s = x + r
+    return F.rms_norm(s, (s.shape[-1],), w, eps), s
+
+
+def ref_rms(x, w, eps=1e-6):  # what torch.compile fuses: fp32 statistics, like ours
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * w.float()).to(x.dtype)
+
+
+def ref_add_rms(x, r, w, eps=1e-6):
+    s = x + r
+    return ref_rms(s, w, eps), s
+
+
+def bench(fn, grad_outputs=None, inputs=()):
+    if grad_outputs is None:
+        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+    def step():
+        outs = fn()
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.backward(outs, grad_outputs[:len(outs)])
+    return triton.testing.do_bench(step, warmup=25, rep=100, grad_to_none=list(inputs),
+                                   return_mode="median")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shapes", default="16384x4096,32768x8192")
+    ap.add_argument("--sweep", action="store_true", help="also time forward block configs")
+    args = ap.parse_args()
+    ceiling = copy_bandwidth_tbps()
+    dtype = torch.bfloat16
+    comp_rms = torch.compile(ref_rms, dynamic=False)
+    comp_add = torch.compile(ref_add_rms, dynamic=False)
+    rows, summary = [], {"copy_TBps": ceiling, "results": {}}
+    for shape in args.shapes.split(","):
+        M, N = map(int, shape.split("x"))
+        x = torch.randn(M, N, device="cuda", dtype=dtype)
+        r = torch.randn_like(x)
+        w = torch.randn(N, device="cuda", dtype=dtype)
+        dy = torch.randn_like(x)
+        dres = torch.randn_like(x)
+        pass_bytes = M * N * 2
+        variants = {
+            ("rms_norm", "fwd", 2): {
+                "ours": lambda: aiter_dist.rms_norm(x, w),
+                "F.rms_norm": lambda: eager_rms(x, w),
+                "torch.compile": lambda: comp_rms(x, w)},
+            ("add_rms_norm", "fwd", 4): {
+                "ours": lambda: aiter_dist.add_rms_norm(x, r, w),
+                "eager": lambda: eager_add_rms(x, r, w),
+                "torch.compile": lambda: comp_add(x, r, w)},
+        }
+        xg, rg, wg = (t.clone().requires_grad_() for t in (x, r, w))
+        variants[("rms_norm", "fwd+bwd", 5)] = {
+            "ours": lambda: aiter_dist.rms_norm(xg, wg),
+            "F.rms_norm": lambda: eager_rms(xg, wg),
+            "torch.compile": lambda: comp_rms(xg, wg)}
+        variants[("add_rms_norm", "fwd+bwd", 8)] = {
+            "ours": lambda: aiter_dist.add_rms_norm(xg, rg, wg),
+            "eager": lambda: eager_add_rms(xg, rg, wg),
+            "torch.compile": lambda: comp_add(xg, rg, wg)}
+        for (op, kind, passes), fns in variants.items():
+            grads = (dy, dres) if kind == "fwd+bwd" else None
+            times = {name: bench(fn, grads, (xg, rg, wg)) for name, fn in fns.items()}
+            base = times["torch.compile"]
+            tbps = passes * pass_bytes / (times["ours"] * 1e-3) / 1e12
+            other = [k for k in times if k not in ("ours", "torch.compile")][0]
+            rows.append((f"{op} {kind}", f"{M}x{N}", times["ours"] * 1e3, times[other] * 1e3,
+                         base * 1e3, base / times["ours"], tbps, 100 * tbps / ceiling))
+            summary["results"][f"{op} {kind} {M}x{N}"] = {k: v * 1e3 for k, v in times.items()}
+        if args.sweep:
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            rstd = K.rms_norm_fwd(x, w)[2]
+            for mult in (4, 8, 16):
+                for block_m in (1, 2, 4):
+                    for warps in (4, 8, 16):
+                        cfg = (sms * mult, block_m, triton.next_power_of_2(N), 1, warps)
+                        ms = triton.testing.do_bench(
+                            lambda: K.rms_norm_bwd(dy, x, w, rstd, config=cfg), warmup=25,
+                            rep=100, return_mode="median")
+                        print(f"sweep bwd {M}x{N} programs={sms}*{mult} BLOCK_M={block_m} "
+                              f"warps={warps}: {ms * 1e3:.1f} us, "
+                              f"{3 * pass_bytes / (ms * 1e-3) / 1e12:.2f} TB/s")
+            for block_m in (1, 2, 4):
+                for warps in (4, 8, 16):
+                    cfg = (block_m, triton.next_power_of_2(N), 1, warps)
+                    ms = triton.testing.do_bench(lambda: K.rms_norm_fwd(x, w, 1e-6, config=cfg),
+                                                 warmup=25, rep=100, return_mode="median")
+                    print(f"sweep fwd {M}x{N} BLOCK_M={block_m} warps={warps}: {ms * 1e3:.1f} us, "
+                          f"{2 * pass_bytes / (ms * 1e-3) / 1e12:.2f} TB/s")
+    emit("RMSNorm (bf16)", ["op", "shape", "ours us", "eager us", "compile us",
+                            "ours / compile speed", "ours TB/s", "% of copy"],
+         rows, summary, "bench_norm.md")
+
+
+if __name__ == "__main__":
+    main()
