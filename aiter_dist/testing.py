@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import queue
 import tempfile
 import traceback
@@ -56,7 +57,9 @@ def _worker(fn, rank, world, init_file, backend, args, results, env):
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                                 world_size=world)
         torch.set_num_threads(1)
-        results.put((rank, "ok", fn(rank, world, *args)))
+        # Pickled by value here: torch's queue would pass tensors as shared-memory handles that
+        # die with this process.
+        results.put((rank, "ok", pickle.dumps(fn(rank, world, *args))))
     except BaseException:  # report everything, including assertion failures, to the parent
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -95,7 +98,10 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
         try:
             for _ in range(world_size):
                 rank, status, value = results.get(timeout=timeout)
-                (out.__setitem__(rank, value) if status == "ok" else errors.append((rank, value)))
+                if status == "ok":
+                    out[rank] = pickle.loads(value)
+                else:
+                    errors.append((rank, value))
         except queue.Empty:
             errors.append((-1, f"timed out after {timeout} s; finished ranks: {sorted(out)}"))
         finally:

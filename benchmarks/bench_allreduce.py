@@ -74,6 +74,8 @@ def time_graph(fn, iters: int, repeats: int = 5) -> float:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default=SIZES)
+    ap.add_argument("--profile", action="store_true",
+                    help="cProfile 300 eager 4 KB calls (host overhead) on rank 0 first")
     args = ap.parse_args()
     group = aiter_dist.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -81,6 +83,22 @@ def main():
     import torch.distributed._symmetric_memory as symm_mem
 
     gname = group.group_name
+    if args.profile:
+        import cProfile
+        import pstats
+
+        x = torch.randn(2048, device=dev, dtype=torch.bfloat16)
+        for _ in range(20):
+            aiter_dist.all_reduce(x, algo="one_shot")
+        torch.cuda.synchronize()
+        prof = cProfile.Profile()
+        prof.enable()
+        for _ in range(300):
+            aiter_dist.all_reduce(x, algo="one_shot")
+        prof.disable()
+        torch.cuda.synchronize()
+        if rank == 0:
+            pstats.Stats(prof).sort_stats("tottime").print_stats(14)
     rows, summary = [], {"world": world, "results": {}}
     for size in args.sizes.split(","):
         nbytes = parse_size(size)

@@ -48,6 +48,11 @@ def _timeout_s() -> float:
     return float(os.environ.get("AITER_DIST_COMM_TIMEOUT_S", "60"))
 
 
+# AITER_DIST_SYNC_CHECK=1: synchronize after every GPU collective and raise at once on a missing
+# peer (debugging); by default the error surfaces at the next collective or check_errors().
+_SYNC_CHECK = os.environ.get("AITER_DIST_SYNC_CHECK") == "1"
+
+
 # Polls per second of a waiting program, used to turn the timeout into a spin bound. The GPU figure
 # is about one system-scope atomic round trip; the interpreter's is measured on a 2-core CPU.
 _POLLS_PER_S = {"cpu": 2e4, "cuda": 2e6}
@@ -199,9 +204,10 @@ def one_shot_all_reduce_raw(x: torch.Tensor, group=None, out: torch.Tensor | Non
     check_comm_errors(ws)
     out = torch.empty_like(x) if out is None else out
     xf, of = x.view(-1), out.view(-1)
+    cpu = x.device.type == "cpu"
     cap = (ws.data_bytes // x.element_size()) // 64 * 64
-    block = 1024 if x.device.type == "cpu" else 2048
-    max_spins = int(_timeout_s() * _POLLS_PER_S["cpu" if x.device.type == "cpu" else "cuda"])
+    block = 1024 if cpu else 2048
+    max_spins = int(_timeout_s() * _POLLS_PER_S["cpu" if cpu else "cuda"])
     for start in range(0, xf.numel(), cap):
         n = min(cap, xf.numel() - start)
         src, dst = (xf, of) if n == xf.numel() else (xf[start:start + n], of[start:start + n])
@@ -210,9 +216,9 @@ def one_shot_all_reduce_raw(x: torch.Tensor, group=None, out: torch.Tensor | Non
                src, dst, ws.buffer_ptrs, ws.signal_ptrs, ws.err,
                n, ws.rank, ws.world_size, max_spins, _DTYPE_CODE[x.dtype], OP_ALL_REDUCE,
                MAX_PROGRAMS=ws.max_programs, MAX_WORLD_=MAX_WORLD, HEADER=HEADER_BYTES, BLOCK=block,
-               num_warps=1 if x.device.type == "cpu" else 8)
-        if x.device.type == "cpu" or os.environ.get("AITER_DIST_SYNC_CHECK") == "1":
-            if x.device.type != "cpu":
+               num_warps=1 if cpu else 8)
+        if cpu or _SYNC_CHECK:
+            if not cpu:
                 torch.cuda.current_stream(x.device).synchronize()
             check_comm_errors(ws)
     return out
@@ -297,7 +303,9 @@ def all_reduce(x: torch.Tensor, group=None, algo: str = "auto") -> torch.Tensor:
     Every rank gets bitwise the same result. ``algo`` is ``"auto"``, ``"one_shot"`` or
     ``"fallback"`` (torch.distributed); ``aiter_dist.last_path("all_reduce")`` tells which served.
     """
-    return AllReduceFunc.apply(x, group, algo)
+    if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+        return AllReduceFunc.apply(x, group, algo)
+    return all_reduce_raw(x, group, algo)  # no graph to record: skip autograd's overhead
 
 
 def copy_to_parallel_region(x: torch.Tensor, group=None) -> torch.Tensor:

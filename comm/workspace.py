@@ -22,6 +22,7 @@ import ctypes
 import mmap
 import os
 import uuid
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -106,11 +107,10 @@ class SymmetricWorkspace:
 
         os.environ.setdefault("TORCH_SYMM_MEM_DISABLE_MULTICAST", "1")
         enable = getattr(symm_mem, "enable_symm_mem_for_group", None)
-        if enable is not None:  # required before torch 2.8, a no-op after
-            try:
+        if enable is not None:  # required before torch 2.8, deprecated (a no-op) after
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
                 enable(group_name(self.group))
-            except Exception:
-                pass
         self.buffer = symm_mem.empty(self.nbytes, dtype=torch.uint8, device=self.device)
         self._handle = symm_mem.rendezvous(self.buffer, self.group)
         self.signal_pad_bytes = self._handle.signal_pad_size

@@ -13,6 +13,8 @@ program and sums them on the host side in a fixed order, so it is deterministic.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -64,52 +66,54 @@ def _rms_norm_fwd_kernel(
     HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_CHUNKS: tl.constexpr,
 ):
-    # Rows are streamed once (evict first); the weight is shared by every program (evict last).
+    # Programs walk row blocks with a stride of the grid: one block each when the grid covers M,
+    # several when the launcher picks a persistent grid.
     pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
-    rows64 = rows.to(tl.int64)[:, None]
+    nprog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)[None, :]
     if NUM_CHUNKS == 1:
-        mask = row_mask[:, None] & (cols < N)
-        x = tl.load(X + rows64 * stride_x + cols, mask=mask, other=0.0,
-                    eviction_policy="evict_first").to(tl.float32)
-        if HAS_RESIDUAL:
-            r = tl.load(R + rows64 * stride_r + cols, mask=mask, other=0.0,
-                        eviction_policy="evict_first").to(tl.float32)
-            s = (x + r).to(RES_OUT.dtype.element_ty)
-            tl.store(RES_OUT + rows64 * stride_res + cols, s, mask=mask)
-            x = s.to(tl.float32)
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
-        w = tl.load(W + cols, mask=cols < N, other=0.0, eviction_policy="evict_last").to(tl.float32)
-        y = x * rstd[:, None] * w
-        tl.store(Y + rows64 * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
-    else:
-        # Wide rows: pass 1 accumulates the sum of squares (writing residual_out on the way),
-        # pass 2 re-reads the (now final) input and normalizes.
-        sq = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for c in range(NUM_CHUNKS):
-            ccols = c * BLOCK_N + cols
-            mask = row_mask[:, None] & (ccols < N)
-            x = tl.load(X + rows64 * stride_x + ccols, mask=mask, other=0.0).to(tl.float32)
+        w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+    for blk in range(pid, tl.cdiv(M, BLOCK_M), nprog):
+        rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        rows64 = rows.to(tl.int64)[:, None]
+        if NUM_CHUNKS == 1:
+            mask = row_mask[:, None] & (cols < N)
+            x = tl.load(X + rows64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
             if HAS_RESIDUAL:
-                r = tl.load(R + rows64 * stride_r + ccols, mask=mask, other=0.0).to(tl.float32)
+                r = tl.load(R + rows64 * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
                 s = (x + r).to(RES_OUT.dtype.element_ty)
-                tl.store(RES_OUT + rows64 * stride_res + ccols, s, mask=mask)
+                tl.store(RES_OUT + rows64 * stride_res + cols, s, mask=mask)
                 x = s.to(tl.float32)
-            sq += tl.sum(x * x, axis=1)
-        rstd = 1.0 / tl.sqrt(sq / N + eps)
-        for c in range(NUM_CHUNKS):
-            ccols = c * BLOCK_N + cols
-            mask = row_mask[:, None] & (ccols < N)
-            if HAS_RESIDUAL:
-                x = tl.load(RES_OUT + rows64 * stride_res + ccols, mask=mask, other=0.0).to(tl.float32)
-            else:
-                x = tl.load(X + rows64 * stride_x + ccols, mask=mask, other=0.0).to(tl.float32)
-            w = tl.load(W + ccols, mask=ccols < N, other=0.0).to(tl.float32)
+            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
             y = x * rstd[:, None] * w
-            tl.store(Y + rows64 * stride_y + ccols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + rows, rstd, mask=row_mask)
+            tl.store(Y + rows64 * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+        else:
+            # Wide rows: pass 1 accumulates the sum of squares (writing residual_out on the way),
+            # pass 2 re-reads the (now final) input and normalizes.
+            sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for c in range(NUM_CHUNKS):
+                ccols = c * BLOCK_N + cols
+                mask = row_mask[:, None] & (ccols < N)
+                x = tl.load(X + rows64 * stride_x + ccols, mask=mask, other=0.0).to(tl.float32)
+                if HAS_RESIDUAL:
+                    r = tl.load(R + rows64 * stride_r + ccols, mask=mask, other=0.0).to(tl.float32)
+                    s = (x + r).to(RES_OUT.dtype.element_ty)
+                    tl.store(RES_OUT + rows64 * stride_res + ccols, s, mask=mask)
+                    x = s.to(tl.float32)
+                sq += tl.sum(x * x, axis=1)
+            rstd = 1.0 / tl.sqrt(sq / N + eps)
+            for c in range(NUM_CHUNKS):
+                ccols = c * BLOCK_N + cols
+                mask = row_mask[:, None] & (ccols < N)
+                if HAS_RESIDUAL:
+                    x = tl.load(RES_OUT + rows64 * stride_res + ccols, mask=mask, other=0.0).to(tl.float32)
+                else:
+                    x = tl.load(X + rows64 * stride_x + ccols, mask=mask, other=0.0).to(tl.float32)
+                w = tl.load(W + ccols, mask=ccols < N, other=0.0).to(tl.float32)
+                y = x * rstd[:, None] * w
+                tl.store(Y + rows64 * stride_y + ccols, y.to(Y.dtype.element_ty), mask=mask)
+        tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
 @triton.jit
@@ -192,22 +196,22 @@ def _block_n(N: int, max_n: int) -> tuple[int, int]:
 
 
 def _fwd_config(M: int, N: int, device: torch.device, max_n: int = FUSED_MAX_N):
-    """(BLOCK_M, BLOCK_N, NUM_CHUNKS, num_warps) for the forward."""
+    """(BLOCK_M, BLOCK_N, NUM_CHUNKS, num_warps, programs or None for one block each)."""
     block_n, chunks = _block_n(N, max_n)
     if device.type == "cpu":
         # The interpreter pays per program and per op, not per element: few, large programs.
         block_m = min(triton.next_power_of_2(triton.cdiv(M, 4)), max(1, 16384 // block_n))
-        return max(block_m, 1), block_n, chunks, 1
-    # GPU: about 4K elements per program; rows narrower than that are packed together.
+        return max(block_m, 1), block_n, chunks, 1, None
+    # GPU: about 4K elements per program; rows narrower than that are packed together
+    # (H200 sweep, bench_norm.py --sweep: 4096 -> 1 row and 8 warps, 8192 -> 1 row and 16 warps).
     block_m = max(1, min(4096 // block_n, 64)) if chunks == 1 else 1
     num_warps = min(max(block_m * block_n // 512, 4), 16)
-    return block_m, block_n, chunks, num_warps
+    return block_m, block_n, chunks, num_warps, None
 
 
-def _num_programs_bwd(M: int, device: torch.device) -> int:
-    if device.type == "cpu":
-        return max(1, min(M, 2))
-    return max(1, min(M, torch.cuda.get_device_properties(device).multi_processor_count * 4))
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def _check_norm_inputs(op: str, x, weight, residual=None):
@@ -251,9 +255,9 @@ def rms_norm_fwd(x, weight, eps=1e-6, residual=None, *, config=None):
     if not runs_triton(op, x.device):
         y, res_out, rstd = _rms_norm_fwd_torch(x2, weight, eps, _rows(residual) if residual is not None else None)
         return y.view(x.shape), (res_out.view(x.shape) if res_out is not None else None), rstd
-    block_m, block_n, chunks, num_warps = config or _fwd_config(M, N, x.device)
+    block_m, block_n, chunks, num_warps, programs = config or _fwd_config(M, N, x.device)
     if M > 0:
-        grid = (triton.cdiv(M, block_m),)
+        grid = (min(triton.cdiv(M, block_m), programs or M),)
         launch(_rms_norm_fwd_kernel, grid, x.device,
                x2, r2, weight, y, res_out, rstd,
                M, N, x2.stride(0), r2.stride(0), y.stride(0), res_out.stride(0), eps,
@@ -267,13 +271,20 @@ def rms_norm_fwd(x, weight, eps=1e-6, residual=None, *, config=None):
 def _bwd_config(M: int, N: int, device: torch.device, max_n: int):
     """(programs, BLOCK_M, BLOCK_N, NUM_CHUNKS, num_warps) for the backward."""
     block_n, chunks = _block_n(N, max_n)
-    programs = _num_programs_bwd(M, device)
     if device.type == "cpu":
-        rows_per_program = triton.cdiv(M, programs) if M else 1
-        block_m = max(1, min(triton.next_power_of_2(rows_per_program), 16384 // block_n))
+        programs = 2
+        block_m = max(1, min(triton.next_power_of_2(triton.cdiv(max(M, 1), programs)),
+                             16384 // block_n))
         return programs, block_m, block_n, chunks, 1
-    block_m = max(1, min(2048 // block_n, 16)) if chunks == 1 else 1
-    return programs, block_m, block_n, chunks, min(max(block_m * block_n // 512, 4), 16)
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if chunks > 1:
+        return sms * 4, 1, block_n, chunks, 16
+    # H200 sweep (bench_norm.py --sweep): 16K elements per step, 8 warps up to 4096 columns and
+    # 16 beyond, 8 programs per SM up to 4096 columns and 4 beyond. Fewer warps for the same block
+    # spill registers (BLOCK_M=4 with 4 warps at 4096 columns ran 15x slower).
+    narrow = block_n <= 4096
+    return (sms * (8 if narrow else 4), max(1, min(16384 // block_n, 16)), block_n, chunks,
+            8 if narrow else 16)
 
 
 def rms_norm_bwd(dy, x_normed, weight, rstd, dresidual=None, *, max_n=FUSED_MAX_N, config=None):
