@@ -206,7 +206,8 @@ def one_shot_all_reduce_raw(x: torch.Tensor, group=None, out: torch.Tensor | Non
     xf, of = x.view(-1), out.view(-1)
     cpu = x.device.type == "cpu"
     cap = (ws.data_bytes // x.element_size()) // 64 * 64
-    block = 1024 if cpu else 2048
+    # The interpreter runs each block op as one numpy call: large blocks, few iterations.
+    block = 16384 if cpu else 2048
     max_spins = int(_timeout_s() * _POLLS_PER_S["cpu" if cpu else "cuda"])
     for start in range(0, xf.numel(), cap):
         n = min(cap, xf.numel() - start)

@@ -59,8 +59,11 @@ def _run(cmd: list[str]) -> dict:
 
 
 def torchrun(nproc: int, *args) -> dict:
+    # torchrun reads its port from --master-port (or PET_MASTER_PORT), not MASTER_PORT; its default
+    # monitor interval (5 s on some versions) would add seconds to every run's exit.
     return _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                 str(SCRIPT), "--config", "tiny", "--log-every", "1000", *map(str, args)])
+                 "--master-port", str(_free_port()), "--monitor-interval", "0.1", str(SCRIPT),
+                 "--config", "tiny", "--log-every", "1000", *map(str, args)])
 
 
 _cache: dict = {}
@@ -81,10 +84,10 @@ def _check_summary(r: dict, world: int, aiter: bool, steps: int):
 
 
 def test_tp2_loss_falls():
-    r = torchrun(2, "--steps", 12)
-    _check_summary(r, 2, True, 12)
+    r = torchrun(2, "--steps", 10)
+    _check_summary(r, 2, True, 10)
     assert r["first_loss"] > 5.0  # ~ln(256) = 5.55 at init
-    assert r["last_loss"] < r["first_loss"] - 1.0, r
+    assert r["last_loss"] < r["first_loss"] - 1.0, r  # measured: 5.57 -> 3.43 at step 10
     assert r["tokens_per_s"] > 0
 
 
@@ -97,7 +100,7 @@ def test_tp2_matches_tp1():
 
 
 def test_torch_tp2_baseline_matches_aiter():
-    """--no-aiter TP=2 (PyTorch's DTensor tensor parallel) trains the same model to the same loss."""
+    """--no-aiter TP=2 (PyTorch's DTensor tensor parallel) reaches the same loss as aiter_dist."""
     base = cached(2, "--steps", STEPS, "--no-aiter")
     _check_summary(base, 2, False, STEPS)
     ours = cached(2, "--steps", STEPS)

@@ -1,0 +1,344 @@
+"""Train the example Llama (examples/llama.py) tensor-parallel with aiter_dist.
+
+    torchrun --nproc-per-node 2 examples/train_llama.py                 # aiter_dist TP=2
+    torchrun --nproc-per-node 2 examples/train_llama.py --no-aiter      # PyTorch's own TP=2
+    mpiexec -n 2 python examples/train_llama.py --config tiny --steps 3 # MPI launch
+    python examples/train_llama.py                                      # one plain process
+
+Every rank builds the full model from the same seed, then ``aiter_dist.parallelize`` keeps each
+rank's shard; every rank draws the same batches (tensor-parallel ranks share the data), so the
+loss is replicated and identical on all ranks. Data is byte-level: any text file (``--data``), or
+by default the Python standard library's own sources, which exist on every machine.
+
+Checkpoints (``--checkpoint-dir``) are one file per rank holding the local shards, optimizer
+state, step and data-sampler state, so ``--resume`` continues the loss trajectory exactly.
+The last line printed (rank 0) is a JSON summary.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import aiter_dist
+from llama import CONFIGS, Llama, flops_per_token
+
+PEAK_BF16_FLOPS = 989e12  # H100/H200 dense bf16, per GPU
+# tiny: 1e-2 drops the loss fastest in the first ~20 steps (the CPU smoke runs are that short);
+# 3e-3 ends ~equal at 40 steps and a little lower by 200. Larger models want smaller rates.
+DEFAULT_LR = {"tiny": 1e-2, "small": 1e-3, "1b": 3e-4, "8b": 1.5e-4}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", choices=sorted(CONFIGS), default=None,
+                   help="model size (default: tiny without CUDA, small with)")
+    p.add_argument("--steps", type=int, default=40, help="total optimizer steps (a resumed run "
+                   "continues up to this step)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=None, help="default: the config's max_seq_len")
+    p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default per "
+                   f"config: {DEFAULT_LR})")
+    p.add_argument("--warmup", type=int, default=5, help="linear warmup steps, then constant lr "
+                   "(no dependence on --steps, so a resumed run sees the same schedule)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="global grad-norm clip; 0: off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None, help="a text file (bytes are the tokens); default: "
+                   "the Python standard library's .py sources")
+    p.add_argument("--data-limit-mb", type=float, default=8.0)
+    p.add_argument("--checkpoint-dir", default=None)
+    p.add_argument("--save-every", type=int, default=100)
+    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept per rank")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in --checkpoint-dir")
+    p.add_argument("--no-aiter", action="store_true", help="plain PyTorch (torch TP when world>1)")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
+                   help="bf16: autocast with fp32 master weights (default on CUDA); fp32 on CPU")
+    p.add_argument("--log-every", type=int, default=5)
+    p.add_argument("--peak-flops", type=float, default=PEAK_BF16_FLOPS,
+                   help="per-GPU peak used for MFU")
+    args = p.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    args.config = args.config or ("small" if cuda else "tiny")
+    args.seq_len = args.seq_len or CONFIGS[args.config].max_seq_len
+    args.lr = args.lr if args.lr is not None else DEFAULT_LR[args.config]
+    args.dtype = args.dtype or ("bf16" if cuda else "fp32")
+    if args.resume and not args.checkpoint_dir:
+        p.error("--resume needs --checkpoint-dir")
+    if args.seq_len > CONFIGS[args.config].max_seq_len:
+        p.error(f"--seq-len {args.seq_len} exceeds the config's max_seq_len "
+                f"{CONFIGS[args.config].max_seq_len}")
+    return args
+
+
+# ----------------------------------------------------------------------------------------- data
+
+def load_bytes(path: str | None, limit: int) -> torch.Tensor:
+    """The token stream as uint8. Default: stdlib .py files, walked in sorted order."""
+    if path:
+        with open(path, "rb") as f:
+            data = f.read(limit)
+    else:
+        chunks, n = [], 0
+        root = os.path.dirname(os.__file__)
+        for dirpath, dirnames, filenames in os.walk(root):
+            # Installed third-party packages differ between machines; the stdlib does not.
+            dirnames[:] = sorted(d for d in dirnames
+                                 if d not in ("site-packages", "dist-packages", "__pycache__"))
+            for name in sorted(filenames):
+                if n >= limit:
+                    break
+                if name.endswith(".py"):
+                    try:
+                        with open(os.path.join(dirpath, name), "rb") as f:
+                            chunk = f.read()
+                    except OSError:
+                        continue
+                    chunks.append(chunk)
+                    n += len(chunk)
+            if n >= limit:
+                break
+        data = b"".join(chunks)[:limit]
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def get_batch(data, gen, batch, seq, device):
+    """Random windows; ``gen`` is seeded identically on every rank, so all ranks agree."""
+    starts = torch.randint(0, data.numel() - seq - 1, (batch,), generator=gen)
+    chunk = data[starts[:, None] + torch.arange(seq + 1)].long()
+    return chunk[:, :-1].to(device, non_blocking=True), chunk[:, 1:].to(device, non_blocking=True)
+
+
+# ------------------------------------------------------------------------ tensor-parallel helpers
+
+def _local(t):
+    """A DTensor's local shard (PyTorch TP); any other tensor as is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def torch_tensor_parallel(model, world, device):
+    """The --no-aiter baseline: PyTorch's own TP over a 1-D mesh, same sharding as aiter_dist."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
+                                                   parallelize_module)
+    mesh = init_device_mesh(device.type, (world,))
+    plan = {"attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(),
+            "attn.v_proj": ColwiseParallel(), "attn.o_proj": RowwiseParallel(),
+            "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
+            "mlp.down_proj": RowwiseParallel()}
+    for block in model.layers:
+        parallelize_module(block, mesh, plan)
+    return model
+
+
+@torch.no_grad()
+def clip_grad_norm(named_params, full_shapes, max_norm, group, world):
+    """Global grad norm over the full (unsharded) model, then clip. A parameter whose local shape
+    differs from its full shape is sharded: its squared norm is summed over ranks; replicated
+    parameters are counted once. Works for aiter_dist shards and DTensors alike."""
+    sharded, replicated, grads = [], [], []
+    for name, p in named_params:
+        if p.grad is None:
+            continue
+        g = _local(p.grad)
+        grads.append(g)
+        (sharded if tuple(_local(p).shape) != full_shapes[name] else replicated).append(
+            g.float().pow(2).sum())
+    dev = grads[0].device
+    sq_sharded = torch.stack(sharded).sum() if sharded else torch.zeros((), device=dev)
+    if world > 1 and sharded:
+        dist.all_reduce(sq_sharded, group=group)
+    sq = sq_sharded + (torch.stack(replicated).sum() if replicated else 0.0)
+    norm = sq.sqrt()
+    if max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for g in grads:
+            g.mul_(scale.to(g.dtype))
+    return norm
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+
+_CKPT_RE = re.compile(r"^step(\d{8})-rank(\d{5})-of-(\d{5})\.pt$")
+
+
+def _ckpt_path(d, step, rank, world):
+    return os.path.join(d, f"step{step:08d}-rank{rank:05d}-of-{world:05d}.pt")
+
+
+def _ckpt_steps(d, rank, world):
+    steps = set()
+    for name in os.listdir(d) if os.path.isdir(d) else ():
+        m = _CKPT_RE.match(name)
+        if m and int(m.group(2)) == rank and int(m.group(3)) == world:
+            steps.add(int(m.group(1)))
+    return steps
+
+
+def save_checkpoint(d, step, model, opt, gen, args, rank, world):
+    os.makedirs(d, exist_ok=True)
+    osd = opt.state_dict()
+    osd["state"] = {i: {k: _local(v).detach().cpu() if torch.is_tensor(v) else v
+                        for k, v in st.items()} for i, st in osd["state"].items()}
+    state = {"step": step, "config": args.config, "world_size": world, "seed": args.seed,
+             "model": {n: _local(p).detach().cpu() for n, p in model.named_parameters()},
+             "optim": osd, "data_rng": gen.get_state()}
+    path = _ckpt_path(d, step, rank, world)
+    # Atomic: a crash mid-write leaves a stray temp file, never a truncated checkpoint.
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+    for old in sorted(_ckpt_steps(d, rank, world))[:-args.keep_last or None]:
+        os.remove(_ckpt_path(d, old, rank, world))
+
+
+def latest_common_step(d, rank, world):
+    """The newest step every rank has a file for (a crash may have cut some ranks' saves)."""
+    mine = _ckpt_steps(d, rank, world)
+    if world == 1:
+        return max(mine, default=None)
+    every = [None] * world
+    dist.all_gather_object(every, sorted(mine))
+    common = set.intersection(*(set(s) for s in every))
+    return max(common, default=None)
+
+
+@torch.no_grad()
+def load_checkpoint(d, step, model, opt, gen, args, rank, world):
+    ck = torch.load(_ckpt_path(d, step, rank, world), map_location="cpu", weights_only=True)
+    if ck["config"] != args.config or ck["world_size"] != world:
+        raise SystemExit(f"checkpoint {d} is for config={ck['config']} world={ck['world_size']}, "
+                         f"this run is config={args.config} world={world}")
+    params = dict(model.named_parameters())
+    missing = set(params) ^ set(ck["model"])
+    if missing:
+        raise SystemExit(f"checkpoint parameters do not match the model: {sorted(missing)[:5]}")
+    for n, p in params.items():
+        _local(p).copy_(ck["model"][n])
+    # Optimizer state was saved as local tensors; DTensor parameters need DTensor state back.
+    plist = [p for g in opt.param_groups for p in g["params"]]
+    osd = ck["optim"]
+    for i, st in osd["state"].items():
+        p = plist[i]
+        if hasattr(p, "device_mesh"):
+            from torch.distributed.tensor import DTensor
+            for k, v in st.items():
+                if torch.is_tensor(v) and tuple(v.shape) == tuple(_local(p).shape):
+                    st[k] = DTensor.from_local(v.to(_local(p).device), p.device_mesh,
+                                               p.placements, run_check=False)
+    opt.load_state_dict(osd)
+    gen.set_state(ck["data_rng"])
+    return ck["step"]
+
+
+# ------------------------------------------------------------------------------------------ main
+
+def main(argv=None):
+    args = parse_args(argv)
+    group = aiter_dist.init_distributed()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = aiter_dist.local_device()
+    if device.type == "cpu" and world > 1:
+        torch.set_num_threads(1)  # ranks share the cores; more threads only oversubscribe
+    cfg = CONFIGS[args.config]
+    say = print if rank == 0 else (lambda *a, **k: None)
+
+    # Same seed on every rank -> the same full model everywhere; parallelize keeps the shards.
+    torch.manual_seed(args.seed)
+    with torch.device(device):
+        model = Llama(cfg)
+    n_params = model.num_params()
+    n_matmul = model.num_params(exclude_embedding=True)
+    full_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    if not args.no_aiter:
+        model = aiter_dist.parallelize(model, group=group)
+    elif world > 1:
+        model = torch_tensor_parallel(model, world, device)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
+                            weight_decay=0.0)
+    data = load_bytes(args.data, int(args.data_limit_mb * (1 << 20)))
+    gen = torch.Generator().manual_seed(args.seed)
+
+    start = 0
+    if args.resume:
+        found = latest_common_step(args.checkpoint_dir, rank, world)
+        if found is None:
+            say(f"no checkpoint in {args.checkpoint_dir}; starting from step 0")
+        else:
+            start = load_checkpoint(args.checkpoint_dir, found, model, opt, gen, args, rank,
+                                    world)
+            say(f"resumed from step {start} ({args.checkpoint_dir})")
+
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
+                else contextlib.nullcontext())
+    tokens_per_step = args.batch_size * args.seq_len
+    flops_tok = flops_per_token(cfg, args.seq_len, n_matmul)
+    say(f"config={args.config} params={n_params / 1e6:.2f}M world={world} device={device} "
+        f"dtype={args.dtype} aiter={not args.no_aiter} steps={start}->{args.steps} "
+        f"batch={args.batch_size}x{args.seq_len} lr={args.lr} data={data.numel()} bytes")
+
+    model.train()
+    named = list(model.named_parameters())
+    first_loss = last_loss = None
+    timed_s, timed_steps = 0.0, 0
+    for step in range(start, args.steps):
+        t0 = time.perf_counter()
+        x, y = get_batch(data, gen, args.batch_size, args.seq_len, device)
+        with autocast:
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().view(-1, cfg.vocab_size), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = clip_grad_norm(named, full_shapes, args.grad_clip, group, world)
+        for g in opt.param_groups:  # warmup, then constant: a function of the step alone
+            g["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+        opt.step()
+        last_loss = loss.item()  # also the sync point for timing
+        dt = time.perf_counter() - t0
+        if first_loss is None:
+            first_loss = last_loss
+        elif step > start:  # the first step (allocator warm-up, autotuning) is not timed
+            timed_s += dt
+            timed_steps += 1
+        if not math.isfinite(last_loss):
+            raise SystemExit(f"rank {rank}: loss is {last_loss} at step {step + 1}")
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps or step == start:
+            tps = tokens_per_step / dt
+            msg = (f"step {step + 1:5d}/{args.steps} | loss {last_loss:.4f} | "
+                   f"gnorm {gnorm.item():.3f} | {tps:,.0f} tok/s | {dt * 1e3:.0f} ms")
+            if device.type == "cuda":
+                msg += f" | mfu {flops_tok * tps / (args.peak_flops * world):.1%}"
+            say(msg, flush=True)
+        if args.checkpoint_dir and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
+            save_checkpoint(args.checkpoint_dir, step + 1, model, opt, gen, args, rank, world)
+
+    # Tensor parallel replicates the loss: check that every rank really computed the same one.
+    spread = 0.0
+    if world > 1 and last_loss is not None:
+        t = torch.tensor([last_loss, -last_loss], dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        spread = float(t[0] + t[1])
+    tps = tokens_per_step * timed_steps / timed_s if timed_steps else None
+    summary = {"first_loss": first_loss, "last_loss": last_loss, "tokens_per_s": tps,
+               "world_size": world, "steps": args.steps, "start_step": start,
+               "config": args.config, "aiter": not args.no_aiter, "device": device.type,
+               "dtype": args.dtype, "params": n_params, "batch_size": args.batch_size,
+               "seq_len": args.seq_len, "loss_rank_spread": spread,
+               "mfu": (flops_tok * tps / (args.peak_flops * world)
+                       if device.type == "cuda" and tps else None)}
+    say(json.dumps(summary), flush=True)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
