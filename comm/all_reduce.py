@@ -70,9 +70,10 @@ def all_reduce_ref(tensors):
 
 # ----------------------------------------------------------------------------- kernels
 
-# Runtime ints are not specialized: a value of 1 (rank 1, dtype code 1, a 1-element message) would
-# otherwise become a compile-time constant and a different kernel per rank.
-@triton.jit(do_not_specialize=["numel", "rank", "world", "max_spins", "dtype_code", "op_id"])
+# Rank-like ints are not specialized: a value of 1 (rank 1, dtype code 1) would otherwise become a
+# compile-time constant and a different kernel per rank. numel stays specialized: knowing it is a
+# multiple of 16 is what lets the masked loads be 16 bytes wide (3x at 4 MB on H200).
+@triton.jit(do_not_specialize=["rank", "world", "max_spins", "dtype_code", "op_id"])
 def _one_shot_all_reduce_kernel(
     IN, OUT, BUF_PTRS, SIG_PTRS, ERR,
     numel, rank, world, max_spins, dtype_code, op_id,
@@ -231,9 +232,8 @@ def fallback_all_reduce_raw(x: torch.Tensor, group=None):
     return out
 
 
-def _pick_algo(x: torch.Tensor, group, algo: str) -> tuple[str, str | None]:
+def _pick_algo(x: torch.Tensor, world: int, algo: str) -> tuple[str, str | None]:
     """(algorithm, reason it is not the custom kernel or None)."""
-    world = dist.get_world_size(group)
     if algo == "fallback":
         return "fallback", None
     if world > MAX_WORLD:
@@ -256,10 +256,11 @@ def all_reduce_raw(x: torch.Tensor, group=None, algo: str = "auto") -> torch.Ten
                          f"got {algo!r}")
     _check_all_reduce_input(x)
     group = group if group is not None else dist.group.WORLD
-    if dist.get_world_size(group) == 1:
+    world = dist.get_world_size(group)
+    if world == 1:
         record_path("all_reduce", "identity")
         return x.clone()
-    chosen, reason = _pick_algo(x, group, algo)
+    chosen, reason = _pick_algo(x, world, algo)
     if chosen == "one_shot":
         record_path("all_reduce", "one_shot")
         return one_shot_all_reduce_raw(x, group)

@@ -263,8 +263,13 @@ def main(argv=None):
     elif world > 1:
         model = torch_tensor_parallel(model, world, device)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), eps=1e-8,
-                            weight_decay=0.0)
+    # PyTorch's TP leaves sharded parameters as DTensors and replicated ones as plain tensors;
+    # AdamW's multi-tensor (foreach) step needs one kind per parameter group.
+    params = list(model.parameters())
+    kinds = [[p for p in params if not hasattr(p, "to_local")],
+             [p for p in params if hasattr(p, "to_local")]]
+    opt = torch.optim.AdamW([{"params": ps} for ps in kinds if ps], lr=args.lr,
+                            betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     data = load_bytes(args.data, int(args.data_limit_mb * (1 << 20)))
     gen = torch.Generator().manual_seed(args.seed)
 

@@ -64,56 +64,67 @@ def _rms_norm_fwd_kernel(
     X, R, W, Y, RES_OUT, RSTD,
     M, N, stride_x, stride_r, stride_y, stride_res, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_CHUNKS: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr, EVEN: tl.constexpr,
 ):
-    # Programs walk row blocks with a stride of the grid: one block each when the grid covers M,
-    # several when the launcher picks a persistent grid.
+    # One block of rows per program. EVEN: the block tiles the tensor exactly, so no masks.
+    # (A persistent grid walking row blocks was never faster on H200: bench_norm.py --sweep.)
     pid = tl.program_id(0)
-    nprog = tl.num_programs(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    rows64 = rows.to(tl.int64)[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
     if NUM_CHUNKS == 1:
-        w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
-    for blk in range(pid, tl.cdiv(M, BLOCK_M), nprog):
-        rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-        row_mask = rows < M
-        rows64 = rows.to(tl.int64)[:, None]
-        if NUM_CHUNKS == 1:
-            mask = row_mask[:, None] & (cols < N)
-            x = tl.load(X + rows64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-            if HAS_RESIDUAL:
-                r = tl.load(R + rows64 * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-                s = (x + r).to(RES_OUT.dtype.element_ty)
-                tl.store(RES_OUT + rows64 * stride_res + cols, s, mask=mask)
-                x = s.to(tl.float32)
-            rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
-            y = x * rstd[:, None] * w
-            tl.store(Y + rows64 * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
+        mask = row_mask[:, None] & (cols < N)
+        if EVEN:
+            x = tl.load(X + rows64 * stride_x + cols).to(tl.float32)
+            w = tl.load(W + cols).to(tl.float32)
         else:
-            # Wide rows: pass 1 accumulates the sum of squares (writing residual_out on the way),
-            # pass 2 re-reads the (now final) input and normalizes.
-            sq = tl.zeros([BLOCK_M], dtype=tl.float32)
-            for c in range(NUM_CHUNKS):
-                ccols = c * BLOCK_N + cols
-                mask = row_mask[:, None] & (ccols < N)
+            x = tl.load(X + rows64 * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)
+        if HAS_RESIDUAL:
+            if EVEN:
+                r = tl.load(R + rows64 * stride_r + cols).to(tl.float32)
+            else:
+                r = tl.load(R + rows64 * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+            s = (x + r).to(RES_OUT.dtype.element_ty)
+            if EVEN:
+                tl.store(RES_OUT + rows64 * stride_res + cols, s)
+            else:
+                tl.store(RES_OUT + rows64 * stride_res + cols, s, mask=mask)
+            x = s.to(tl.float32)
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=1) / N + eps)
+        y = (x * rstd[:, None] * w).to(Y.dtype.element_ty)
+        if EVEN:
+            tl.store(Y + rows64 * stride_y + cols, y)
+        else:
+            tl.store(Y + rows64 * stride_y + cols, y, mask=mask)
+    else:
+        # Wide rows: pass 1 accumulates the sum of squares (writing residual_out on the way),
+        # pass 2 re-reads the (now final) input and normalizes.
+        sq = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for c in range(NUM_CHUNKS):
+            ccols = c * BLOCK_N + cols
+            mask = row_mask[:, None] & (ccols < N)
+            x = tl.load(X + rows64 * stride_x + ccols, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                r = tl.load(R + rows64 * stride_r + ccols, mask=mask, other=0.0).to(tl.float32)
+                s = (x + r).to(RES_OUT.dtype.element_ty)
+                tl.store(RES_OUT + rows64 * stride_res + ccols, s, mask=mask)
+                x = s.to(tl.float32)
+            sq += tl.sum(x * x, axis=1)
+        rstd = 1.0 / tl.sqrt(sq / N + eps)
+        for c in range(NUM_CHUNKS):
+            ccols = c * BLOCK_N + cols
+            mask = row_mask[:, None] & (ccols < N)
+            if HAS_RESIDUAL:
+                x = tl.load(RES_OUT + rows64 * stride_res + ccols, mask=mask,
+                            other=0.0).to(tl.float32)
+            else:
                 x = tl.load(X + rows64 * stride_x + ccols, mask=mask, other=0.0).to(tl.float32)
-                if HAS_RESIDUAL:
-                    r = tl.load(R + rows64 * stride_r + ccols, mask=mask, other=0.0).to(tl.float32)
-                    s = (x + r).to(RES_OUT.dtype.element_ty)
-                    tl.store(RES_OUT + rows64 * stride_res + ccols, s, mask=mask)
-                    x = s.to(tl.float32)
-                sq += tl.sum(x * x, axis=1)
-            rstd = 1.0 / tl.sqrt(sq / N + eps)
-            for c in range(NUM_CHUNKS):
-                ccols = c * BLOCK_N + cols
-                mask = row_mask[:, None] & (ccols < N)
-                if HAS_RESIDUAL:
-                    x = tl.load(RES_OUT + rows64 * stride_res + ccols, mask=mask, other=0.0).to(tl.float32)
-                else:
-                    x = tl.load(X + rows64 * stride_x + ccols, mask=mask, other=0.0).to(tl.float32)
-                w = tl.load(W + ccols, mask=ccols < N, other=0.0).to(tl.float32)
-                y = x * rstd[:, None] * w
-                tl.store(Y + rows64 * stride_y + ccols, y.to(Y.dtype.element_ty), mask=mask)
-        tl.store(RSTD + rows, rstd, mask=row_mask)
+            w = tl.load(W + ccols, mask=ccols < N, other=0.0).to(tl.float32)
+            y = x * rstd[:, None] * w
+            tl.store(Y + rows64 * stride_y + ccols, y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
 @triton.jit
@@ -196,17 +207,19 @@ def _block_n(N: int, max_n: int) -> tuple[int, int]:
 
 
 def _fwd_config(M: int, N: int, device: torch.device, max_n: int = FUSED_MAX_N):
-    """(BLOCK_M, BLOCK_N, NUM_CHUNKS, num_warps, programs or None for one block each)."""
+    """(BLOCK_M, BLOCK_N, NUM_CHUNKS, num_warps) for the forward."""
     block_n, chunks = _block_n(N, max_n)
     if device.type == "cpu":
         # The interpreter pays per program and per op, not per element: few, large programs.
         block_m = min(triton.next_power_of_2(triton.cdiv(M, 4)), max(1, 16384 // block_n))
-        return max(block_m, 1), block_n, chunks, 1, None
-    # GPU: about 4K elements per program; rows narrower than that are packed together
-    # (H200 sweep, bench_norm.py --sweep: 4096 -> 1 row and 8 warps, 8192 -> 1 row and 16 warps).
-    block_m = max(1, min(4096 // block_n, 64)) if chunks == 1 else 1
-    num_warps = min(max(block_m * block_n // 512, 4), 16)
-    return block_m, block_n, chunks, num_warps, None
+        return max(block_m, 1), block_n, chunks, 1
+    if chunks > 1:
+        return 1, block_n, chunks, 16
+    # H200 sweeps (bench_norm.py --sweep, bf16): 2 rows of 4096 or 8192 columns with 4 warps were
+    # best or within 1% of best; 16 warps on one 8192-column row ran 20% slower. Narrower rows are
+    # packed to about 8K elements per program.
+    block_m = max(1, min(8192 // block_n, 64))
+    return block_m, block_n, chunks, min(max(block_m * block_n // 2048, 4), 16)
 
 
 @functools.lru_cache(maxsize=None)
@@ -255,14 +268,15 @@ def rms_norm_fwd(x, weight, eps=1e-6, residual=None, *, config=None):
     if not runs_triton(op, x.device):
         y, res_out, rstd = _rms_norm_fwd_torch(x2, weight, eps, _rows(residual) if residual is not None else None)
         return y.view(x.shape), (res_out.view(x.shape) if res_out is not None else None), rstd
-    block_m, block_n, chunks, num_warps, programs = config or _fwd_config(M, N, x.device)
+    block_m, block_n, chunks, num_warps = config or _fwd_config(M, N, x.device)
     if M > 0:
-        grid = (min(triton.cdiv(M, block_m), programs or M),)
+        grid = (triton.cdiv(M, block_m),)
         launch(_rms_norm_fwd_kernel, grid, x.device,
                x2, r2, weight, y, res_out, rstd,
                M, N, x2.stride(0), r2.stride(0), y.stride(0), res_out.stride(0), eps,
                HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-               NUM_CHUNKS=chunks, num_warps=num_warps)
+               NUM_CHUNKS=chunks, EVEN=(chunks == 1 and block_n == N and M % block_m == 0),
+               num_warps=num_warps)
     record_path(op, "triton-interpreter" if INTERPRETED else "triton")
     y = y.view(x.shape)
     return y, (res_out.view(x.shape) if residual is not None else None), rstd
