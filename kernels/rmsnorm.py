@@ -64,14 +64,18 @@ def _rms_norm_fwd_kernel(
     X, R, W, Y, RES_OUT, RSTD,
     M, N, stride_x, stride_r, stride_y, stride_res, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_CHUNKS: tl.constexpr, EVEN: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr, EVEN: tl.constexpr, OFFSETS_64: tl.constexpr,
 ):
     # One block of rows per program. EVEN: the block tiles the tensor exactly, so no masks.
+    # OFFSETS_64: element offsets exceed int32 (else 32-bit address arithmetic, cheaper).
     # (A persistent grid walking row blocks was never faster on H200: bench_norm.py --sweep.)
     pid = tl.program_id(0)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < M
-    rows64 = rows.to(tl.int64)[:, None]
+    if OFFSETS_64:
+        rows64 = rows.to(tl.int64)[:, None]
+    else:
+        rows64 = rows[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
     if NUM_CHUNKS == 1:
         mask = row_mask[:, None] & (cols < N)
@@ -215,10 +219,10 @@ def _fwd_config(M: int, N: int, device: torch.device, max_n: int = FUSED_MAX_N):
         return max(block_m, 1), block_n, chunks, 1
     if chunks > 1:
         return 1, block_n, chunks, 16
-    # H200 sweeps (bench_norm.py --sweep, bf16): 2 rows of 4096 or 8192 columns with 4 warps were
-    # best or within 1% of best; 16 warps on one 8192-column row ran 20% slower. Narrower rows are
-    # packed to about 8K elements per program.
-    block_m = max(1, min(8192 // block_n, 64))
+    # H200 sweeps (bench_norm.py --sweep, bf16): 16K elements per program (4 rows of 4096, 2 of
+    # 8192) with 8 warps were within 1% of the best config at both sizes; 4 rows of 8192 with 4
+    # warps ran 20% slower. Narrower rows are packed the same way.
+    block_m = max(1, min(16384 // block_n, 64))
     return block_m, block_n, chunks, min(max(block_m * block_n // 2048, 4), 16)
 
 
@@ -245,6 +249,10 @@ def _check_norm_inputs(op: str, x, weight, residual=None):
             raise TypeError(f"aiter_dist.{op}: residual dtype {residual.dtype} differs from x "
                             f"dtype {x.dtype}; cast one of them")
         check_last_dim_contiguous(op, "residual", residual)
+
+
+def _needs_64bit_offsets(rows: int, *tensors) -> bool:
+    return any(rows * t.stride(0) + t.shape[-1] >= 2**31 for t in tensors)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -276,6 +284,7 @@ def rms_norm_fwd(x, weight, eps=1e-6, residual=None, *, config=None):
                M, N, x2.stride(0), r2.stride(0), y.stride(0), res_out.stride(0), eps,
                HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
                NUM_CHUNKS=chunks, EVEN=(chunks == 1 and block_n == N and M % block_m == 0),
+               OFFSETS_64=_needs_64bit_offsets(M + block_m, x2, r2, y, res_out),
                num_warps=num_warps)
     record_path(op, "triton-interpreter" if INTERPRETED else "triton")
     y = y.view(x.shape)
