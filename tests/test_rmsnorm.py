@@ -156,3 +156,15 @@ def test_cpu_tensor_on_gpu_host_takes_recorded_torch_path():
     torch.testing.assert_close(aiter_dist.rms_norm(x.cuda(), w.cuda()).cpu(), y, rtol=1e-5,
                                atol=1e-5)
     assert aiter_dist.last_path("rms_norm") == "triton"
+
+
+def test_64bit_offset_branch_and_predicate():
+    """Huge tensors switch to int64 offsets; run that branch on a small tensor to check it."""
+    assert K._needs_64bit_offsets(2**20, torch.empty(1, 2**12))  # 2**20 rows of 4096
+    assert not K._needs_64bit_offsets(1024, torch.empty(4, 4096))
+    x, w = torch.randn(6, 40), torch.randn(40)
+    y, rstd = torch.empty_like(x), torch.empty(6)
+    K.launch(K._rms_norm_fwd_kernel, (3,), x.device, x, x, w, y, y, rstd, 6, 40, 40, 40, 40, 40,
+             1e-6, HAS_RESIDUAL=False, BLOCK_M=2, BLOCK_N=64, NUM_CHUNKS=1, EVEN=False,
+             OFFSETS_64=True, num_warps=1)
+    torch.testing.assert_close(y, K.rms_norm_ref(x, w))
