@@ -88,6 +88,11 @@ def test_unmasked_even_tiling():
     masked, _, _ = K.rms_norm_fwd(x, w, 1e-6, config=(4, 64, 1, 1))
     torch.testing.assert_close(even, K.rms_norm_ref(x, w))
     torch.testing.assert_close(even, masked, rtol=0, atol=0)
+    r = torch.randn(8, 32)
+    even_out, even_res, _ = K.rms_norm_fwd(x, w, 1e-6, residual=r, config=(4, 32, 1, 1))
+    masked_out, masked_res, _ = K.rms_norm_fwd(x, w, 1e-6, residual=r, config=(4, 64, 1, 1))
+    assert torch.equal(even_res, x + r) and torch.equal(even_res, masked_res)
+    torch.testing.assert_close(even_out, masked_out, rtol=0, atol=0)
 
 
 def test_row_strided_input_and_fp32_weight_with_half_input():
