@@ -9,8 +9,6 @@ import socket
 import torch
 import torch.distributed as dist
 
-_MPI_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS",
-                  "MV2_COMM_WORLD_SIZE", "SLURM_NTASKS_MPI")
 _MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 
 

@@ -4,7 +4,8 @@ Found by attribute names (the example Llama's, which are also Hugging Face Llama
 * attention blocks with ``q_proj, k_proj, v_proj, o_proj``: q/k/v become column-parallel (whole
   heads per rank), ``o_proj`` row-parallel;
 * MLP blocks with ``gate_proj, up_proj, down_proj``: gate/up column-parallel, down row-parallel;
-* RMSNorm modules (``torch.nn.RMSNorm`` or any class named ``*RMSNorm`` with ``weight`` and ``eps``)
+* RMSNorm modules (``torch.nn.RMSNorm`` or any class named ``*RMSNorm`` with ``weight`` and ``eps``
+  or ``variance_epsilon``)
   become ``aiter_dist.nn.RMSNorm``.
 Each rank must hold the same full weights first (same seed, or loaded from one checkpoint): every
 parallel layer copies its shard from them. Embeddings and the output head stay replicated.
@@ -27,11 +28,21 @@ def _is_rmsnorm(m: nn.Module) -> bool:
     if isinstance(m, getattr(nn, "RMSNorm", ())):
         return m.weight is not None
     return type(m).__name__.endswith("RMSNorm") and isinstance(
-        getattr(m, "weight", None), torch.Tensor) and hasattr(m, "eps")
+        getattr(m, "weight", None), torch.Tensor) and _norm_eps(m, required=False) is not None
+
+
+def _norm_eps(m: nn.Module, required: bool = True):
+    # torch.nn.RMSNorm and the example call it eps (None: the dtype's epsilon); Hugging Face's
+    # LlamaRMSNorm calls it variance_epsilon.
+    for name in ("eps", "variance_epsilon"):
+        if hasattr(m, name):
+            eps = getattr(m, name)
+            return eps if eps is not None else torch.finfo(m.weight.dtype).eps
+    return None
 
 
 def _to_aiter_norm(m: nn.Module) -> RMSNorm:
-    eps = m.eps if m.eps is not None else torch.finfo(m.weight.dtype).eps
+    eps = _norm_eps(m)
     norm = RMSNorm(m.weight.shape[-1], eps=eps, device=m.weight.device, dtype=m.weight.dtype)
     with torch.no_grad():
         norm.weight.copy_(m.weight)

@@ -2,8 +2,8 @@
 from .all_reduce import (AllReduceFunc, all_reduce, all_reduce_raw, check_comm_errors,  # noqa: F401
                          copy_to_parallel_region, one_shot_all_reduce_raw)
 from .tensor_parallel import gather_last_dim, split_last_dim  # noqa: F401
-from .workspace import (SymmetricWorkspace, create_workspace, get_workspace,  # noqa: F401
-                        release_workspaces)
+from .workspace import (SymmetricWorkspace, create_workspace, find_workspace,  # noqa: F401
+                        get_workspace, release_workspaces)
 
 
 def check_errors(group=None, device=None) -> None:
@@ -12,4 +12,6 @@ def check_errors(group=None, device=None) -> None:
     On GPU, kernels report into host memory as they finish; call this after a synchronize to learn
     of a failure before the next collective would raise it.
     """
-    check_comm_errors(get_workspace(group, device))
+    ws = find_workspace(group, device)
+    if ws is not None:
+        check_comm_errors(ws)

@@ -2,7 +2,7 @@
 
 ``gather_last_dim``: forward all-gathers shards along the last dimension; backward keeps this rank's
 slice (the incoming gradient is the same on every rank). ``split_last_dim`` is its dual. The gather
-goes through torch.distributed; the custom all-gather kernels serve ``aiter_dist.all_gather``.
+goes through torch.distributed (recorded as ``last_path("gather_last_dim")``).
 """
 from __future__ import annotations
 

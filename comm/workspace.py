@@ -32,9 +32,10 @@ SIGNAL_CHANNELS = 2
 HEADER_BYTES = 256  # per-rank launch header (numel, dtype) checked by peers; data starts after it
 DEFAULT_BYTES = {"cpu": 8 << 20, "cuda": 64 << 20}
 
-# Error record layout: [code, op id, missing or mismatched rank, program, expected, got]
+# Error record: [code, op id, missing or mismatched rank, program, peer's elements, peer's dtype
+# code, this rank's elements, this rank's dtype code]; the first error of a launch wins.
 ERR_NONE, ERR_TIMEOUT, ERR_MISMATCH = 0, 1, 2
-ERR_FIELDS = 6
+ERR_FIELDS = 8
 
 
 def group_name(group) -> str:
@@ -56,7 +57,7 @@ class SymmetricWorkspace:
             raise ValueError(f"aiter_dist workspace: world size {self.world_size} exceeds "
                              f"{MAX_WORLD}; custom collectives serve up to {MAX_WORLD} ranks")
         self.nbytes = nbytes
-        self.broken: str | None = None  # set after a timeout: flags may be mid-handshake
+        self.broken: str | None = None  # set after an error: flags may be mid-handshake
         self._keepalive = []
         if device.type == "cpu":
             self.backend = "cpu"
@@ -133,14 +134,6 @@ class SymmetricWorkspace:
     def max_programs(self) -> int:
         return self.max_programs_for(self.device.type)
 
-    def local_view(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """This rank's data region viewed as ``numel`` elements of ``dtype``."""
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        if nbytes > self.data_bytes:
-            raise ValueError(f"aiter_dist workspace: {nbytes} B asked, {self.data_bytes} B "
-                             f"available; create a larger workspace")
-        return self.buffer[HEADER_BYTES:HEADER_BYTES + nbytes].view(dtype)
-
     def signal_pads_clean(self) -> bool:
         """Whether every flag in this rank's signal pad is back to 0 (tests, and after errors)."""
         if self.backend == "cpu":
@@ -182,10 +175,19 @@ def get_workspace(group=None, device: torch.device | str | None = None,
     key = (group_name(group), device)
     ws = _workspaces.get(key)
     want = nbytes or (ws.nbytes if ws is not None else _default_bytes(device))
-    if ws is None or ws.nbytes != want or ws.broken:
+    if ws is None or ws.nbytes != want:
         ws = SymmetricWorkspace(group, device, want)
         _workspaces[key] = ws
     return ws
+
+
+def find_workspace(group=None, device=None) -> SymmetricWorkspace | None:
+    """The existing workspace of ``group`` on ``device`` (or on any device), never creating one."""
+    group = group if group is not None else dist.group.WORLD
+    for (name, dev), ws in _workspaces.items():
+        if name == group_name(group) and (device is None or dev == torch.device(device)):
+            return ws
+    return None
 
 
 def create_workspace(group=None, device=None, nbytes: int | None = None) -> SymmetricWorkspace:
@@ -194,5 +196,6 @@ def create_workspace(group=None, device=None, nbytes: int | None = None) -> Symm
 
 
 def release_workspaces() -> None:
-    """Drop every workspace of this process (call before destroying process groups)."""
+    """Drop every workspace of this process: call before destroying process groups, and on every
+    rank after a collective reported an error (the next collective then creates a fresh one)."""
     _workspaces.clear()

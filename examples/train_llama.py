@@ -342,6 +342,7 @@ def main(argv=None):
                        if device.type == "cuda" and tps else None)}
     say(json.dumps(summary), flush=True)
     dist.barrier()
+    aiter_dist.comm.release_workspaces()  # symmetric buffers go before their process group
     dist.destroy_process_group()
 
 

@@ -9,7 +9,7 @@ stored in another dtype (fp32 master weights under autocast). ``residual_out`` i
 
 Rows up to ``FUSED_MAX_N`` columns are held in registers (one read of x, one write of y); wider
 rows take a two-pass loop over column chunks. The backward writes one fp32 partial of dweight per
-program and sums them on the host side in a fixed order, so it is deterministic.
+program and sums them afterwards in a fixed order, so it is deterministic.
 """
 from __future__ import annotations
 
@@ -292,16 +292,16 @@ def rms_norm_fwd(x, weight, eps=1e-6, residual=None, *, config=None):
     _check_norm_inputs(op, x, weight, residual)
     x2 = _rows(x)
     M, N = x2.shape
+    r2 = _rows(residual) if residual is not None else None
+    if not runs_triton(op, x.device):
+        y, res_out, rstd = _rms_norm_fwd_torch(x2, weight, eps, r2)
+        return y.view(x.shape), (res_out.view(x.shape) if res_out is not None else None), rstd
     y = torch.empty_like(x2, memory_format=torch.contiguous_format)
     rstd = torch.empty(M, dtype=torch.float32, device=x.device)
     if residual is not None:
-        r2 = _rows(residual)
         res_out = torch.empty_like(y)
     else:
         r2 = res_out = y  # unused placeholders, never dereferenced (HAS_RESIDUAL=False)
-    if not runs_triton(op, x.device):
-        y, res_out, rstd = _rms_norm_fwd_torch(x2, weight, eps, _rows(residual) if residual is not None else None)
-        return y.view(x.shape), (res_out.view(x.shape) if res_out is not None else None), rstd
     block_m, block_n, chunks, num_warps = config or _fwd_config(M, N, x.device,
                                                                 residual=residual is not None)
     if M > 0:
@@ -414,4 +414,4 @@ def add_rms_norm(x, residual, weight, eps=1e-6):
 
 
 __all__ = ["rms_norm", "add_rms_norm", "rms_norm_ref", "add_rms_norm_ref", "rms_norm_fwd",
-           "rms_norm_bwd", "RMSNormFunction", "AddRMSNormFunction", "FUSED_MAX_N", "INTERPRETED"]
+           "rms_norm_bwd", "RMSNormFunction", "AddRMSNormFunction", "FUSED_MAX_N"]

@@ -1,5 +1,6 @@
-"""Test tiers: the CPU tier runs everywhere; `-m gpu` and `-m multigpu` need GPUs and skip
-themselves (with the reason) where there are none."""
+"""Test tiers. The CPU tier runs the Triton kernels through the interpreter: on a machine without a
+GPU (or with `CUDA_VISIBLE_DEVICES=`, which hides them). `-m gpu` and `-m multigpu` need GPUs.
+Each tier skips itself, with the reason, where it cannot run."""
 import pytest
 import torch
 
@@ -11,6 +12,10 @@ def gpu_count() -> int:
 def pytest_collection_modifyitems(config, items):
     n = gpu_count()
     for item in items:
+        if "gpu" not in item.keywords and "multigpu" not in item.keywords and n > 0:
+            item.add_marker(pytest.mark.skip(
+                reason="CPU tier: Triton runs compiled on a GPU machine; run it with "
+                       "CUDA_VISIBLE_DEVICES= (the interpreter then runs the kernels)"))
         if "gpu" in item.keywords and n < 1:
             item.add_marker(pytest.mark.skip(reason="needs a GPU (run -m gpu on a GPU machine)"))
         if "multigpu" in item.keywords and n < 2:

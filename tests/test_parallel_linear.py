@@ -17,6 +17,7 @@ def _device():
 def _layers_vs_unsharded(rank, world, batch, in_f, out_f, dtype_name):
     dtype = getattr(torch, dtype_name)
     dev = _device()
+    floor = None if dtype == torch.float32 else 3e-2  # 16-bit grads: sums of rounded products
     torch.manual_seed(0)  # same full layer and data on every rank
     full = nn.Linear(in_f, out_f, bias=True).to(dev, torch.float64)
     x = torch.randn(batch, 3, in_f, device=dev, dtype=torch.float64)
@@ -26,31 +27,61 @@ def _layers_vs_unsharded(rank, world, batch, in_f, out_f, dtype_name):
     ref_out = full(x).detach()
     lin_lp = nn.Linear(in_f, out_f).to(dev, dtype)  # PyTorch in the same dtype: the error budget
     lin_lp.load_state_dict(full.state_dict())
-    torch_out = lin_lp(x.to(dtype))
+    torch_out = lin_lp(x.to(dtype)).detach()
+    in_shard = slice(rank * in_f // world, (rank + 1) * in_f // world)
+    out_shard = slice(rank * out_f // world, (rank + 1) * out_f // world)
     checked = []
     for cls, kwargs in ((ColumnParallelLinear, {}), (ColumnParallelLinear, {"gather_output": True}),
                         (RowParallelLinear, {}), (RowParallelLinear, {"input_is_parallel": False})):
         layer = cls.from_linear(full.to(dtype), **kwargs)
         full.to(torch.float64)
+        name = f"{cls.__name__} {kwargs}"
         xin = x.to(dtype)
-        shard = slice(rank * in_f // world, (rank + 1) * in_f // world)
         if cls is RowParallelLinear and kwargs.get("input_is_parallel", True):
-            xin = xin[..., shard].contiguous()
+            xin = xin[..., in_shard].contiguous()
         xin.requires_grad_()
         out = layer(xin)
-        if cls is ColumnParallelLinear and not kwargs:
-            rows = slice(rank * out_f // world, (rank + 1) * out_f // world)
-            assert_close_to_ref("column out", out, ref_out[..., rows], torch_out[..., rows])
-            out.backward(gy[..., rows].to(dtype))
-            assert_close_to_ref("column dW", layer.weight.grad, full.weight.grad[rows], floor=3e-2)
+        sharded_out = cls is ColumnParallelLinear and not kwargs
+        rows = out_shard if sharded_out else slice(None)
+        assert_close_to_ref(f"{name} out", out, ref_out[..., rows], torch_out[..., rows])
+        out.backward(gy[..., rows].to(dtype))
+        # Input gradient: complete on every rank (this rank's shard for a parallel input).
+        gx = xr.grad if xin.shape[-1] == in_f else xr.grad[..., in_shard]
+        assert_close_to_ref(f"{name} dx", xin.grad, gx, floor=floor)
+        # Weight and bias gradients: this rank's shard of the full layer's.
+        if cls is ColumnParallelLinear:
+            assert_close_to_ref(f"{name} dW", layer.weight.grad, full.weight.grad[out_shard],
+                                floor=floor)
+            assert_close_to_ref(f"{name} db", layer.bias.grad, full.bias.grad[out_shard],
+                                floor=floor)
         else:
-            assert_close_to_ref(f"{cls.__name__} {kwargs} out", out, ref_out, torch_out)
-            out.backward(gy.to(dtype))
-        # The input gradient is complete on every rank (its shard for a parallel input).
-        gx = xr.grad[..., shard] if xin.shape[-1] != in_f else xr.grad
-        assert_close_to_ref(f"{cls.__name__} {kwargs} dx", xin.grad, gx, floor=3e-2)
-        checked.append(cls.__name__)
+            assert_close_to_ref(f"{name} dW", layer.weight.grad, full.weight.grad[:, in_shard],
+                                floor=floor)
+            assert_close_to_ref(f"{name} db", layer.bias.grad, full.bias.grad, floor=floor)
+        checked.append(name)
     return checked
+
+
+def _fresh_layers_are_shards_of_one_layer(rank, world):
+    """Constructed directly (same seed on every rank), the shards form one nn.Linear-like layer."""
+    torch.manual_seed(7)
+    col = ColumnParallelLinear(6, 4 * world)
+    torch.manual_seed(7)
+    row = RowParallelLinear(4 * world, 6)
+    parts = [torch.empty_like(col.weight) for _ in range(world)]
+    dist.all_gather(parts, col.weight.detach())
+    assert all(not torch.equal(parts[0], p) for p in parts[1:]), "shards repeat each other"
+    biases = [torch.empty_like(row.bias) for _ in range(world)]
+    dist.all_gather(biases, row.bias.detach())
+    assert all(torch.equal(biases[0], b) for b in biases), "replicated bias differs across ranks"
+    torch.manual_seed(7)
+    ref = nn.Linear(6, 4 * world)  # the same RNG draws as the full layer behind the shards
+    assert torch.equal(torch.cat(parts), ref.weight.detach())
+    return True
+
+
+def test_fresh_layers_are_shards_of_one_layer():
+    run_distributed(_fresh_layers_are_shards_of_one_layer, 2)
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -73,11 +73,13 @@ def test_wide_row_path(fused):
     src = x.detach() + r if fused else x.detach()
     torch.testing.assert_close(y, K.rms_norm_ref(src, w.detach()), rtol=1e-5, atol=1e-5)
     dy = torch.randn(M, N)
-    dx, dw = K.rms_norm_bwd(dy, src, w.detach(), rstd, max_n=64)
+    dres = torch.randn(M, N) if fused else None  # the incoming gradient of residual_out
+    dx, dw = K.rms_norm_bwd(dy, src, w.detach(), rstd, dresidual=dres, max_n=64)
     src64 = src.double().requires_grad_()
     w64 = w.detach().double().requires_grad_()
     K.rms_norm_ref(src64, w64).backward(dy.double())
-    torch.testing.assert_close(dx.double(), src64.grad, rtol=1e-5, atol=1e-5)
+    expected_dx = src64.grad + (dres.double() if fused else 0)
+    torch.testing.assert_close(dx.double(), expected_dx, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(dw.double(), w64.grad, rtol=1e-5, atol=1e-5)
 
 

@@ -8,7 +8,8 @@
   once. ``input_is_parallel=False`` splits a replicated input first.
 
 Both load their shard from a full, unsharded weight: ``layer.load_full_weight(w, b)`` or
-``Layer.from_linear(nn_linear, group)``.
+``Layer.from_linear(nn_linear, group)``. A freshly constructed layer is the shard of a full layer
+initialized like ``nn.Linear`` from the current RNG state: seed every rank the same.
 """
 from __future__ import annotations
 
@@ -38,12 +39,20 @@ def _divide(n: int, world: int, what: str, layer: str) -> int:
 
 
 class _ParallelLinear(nn.Module):
-    def _reset(self, in_full: int):
-        # nn.Linear's default init, scaled by the full fan-in so shards match an unsharded layer.
-        bound = 1.0 / math.sqrt(in_full)
-        nn.init.uniform_(self.weight, -bound, bound)
+    @torch.no_grad()
+    def _reset(self):
+        """nn.Linear's default init of the *full* layer, then this rank's shard of it: with the
+        same seed on every rank (as tensor parallelism needs anyway) the shards form one layer
+        and the replicated parts agree."""
+        weight = torch.empty(self.out_features, self.in_features, device=self.weight.device,
+                             dtype=self.weight.dtype)
+        bound = 1.0 / math.sqrt(self.in_features)
+        nn.init.uniform_(weight, -bound, bound)
+        bias = None
         if self.bias is not None:
-            nn.init.uniform_(self.bias, -bound, bound)
+            bias = torch.empty(self.out_features, device=weight.device, dtype=weight.dtype)
+            nn.init.uniform_(bias, -bound, bound)
+        self.load_full_weight(weight, bias)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, group=None, **kwargs):
@@ -67,7 +76,7 @@ class ColumnParallelLinear(_ParallelLinear):
                                                dtype=dtype))
         self.bias = nn.Parameter(torch.empty(self.out_per_rank, device=device, dtype=dtype)) \
             if bias else None
-        self._reset(in_features)
+        self._reset()
 
     @torch.no_grad()
     def load_full_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
@@ -108,7 +117,7 @@ class RowParallelLinear(_ParallelLinear):
                                                dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) \
             if bias else None
-        self._reset(in_features)
+        self._reset()
 
     @torch.no_grad()
     def load_full_weight(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
