@@ -1,0 +1,551 @@
+"""Flash attention, forward and backward: causal, sliding window, GQA/MQA, variable length.
+
+Layouts follow flash-attention: q (batch, seqlen_q, nheads, headdim), k/v (batch, seqlen_k,
+nheads_k, headdim); varlen q (total_q, nheads, headdim) with int32 ``cu_seqlens``. A query row i
+may see key j when ``i + (sk - sq) - left <= j <= i + (sk - sq) + right`` (``window_size=(left,
+right)``, -1 unbounded; causal is right = 0), so masks align to the bottom-right. Rows that see no
+key output 0 and carry lse = +inf (their gradient is 0).
+
+Forward: one program per (query block, batch x head), online softmax in base 2, fp32 statistics.
+Backward (deterministic, no atomics): ``delta = rowsum(dO * O)``, then one kernel per key block and
+KV head that loops over the query blocks of every query head in its GQA group (dK, dV), and one
+kernel per query block (dQ). Memory stays linear in sequence length.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._runtime import INTERPRETED, check_same_device, record_path, runs_triton
+
+LOG2E = 1.4426950408889634
+
+
+# ----------------------------------------------------------------------------- reference
+
+def attention_ref(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1)):
+    """Dense attention in the inputs' dtype (pass float64 for a reference): (out, lse)."""
+    b, sq, h, d = q.shape
+    sk, hk = k.shape[1], k.shape[2]
+    scale = softmax_scale if softmax_scale is not None else d ** -0.5
+    k = k.repeat_interleave(h // hk, dim=2)
+    v = v.repeat_interleave(h // hk, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    left, right = window_size
+    right = 0 if causal else right
+    i = torch.arange(sq, device=q.device)[:, None] + (sk - sq)
+    j = torch.arange(sk, device=q.device)[None, :]
+    allowed = torch.ones(sq, sk, dtype=torch.bool, device=q.device)
+    if right >= 0:
+        allowed &= j <= i + right
+    if left >= 0:
+        allowed &= j >= i - left
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(0.0)
+    out = torch.einsum("bhqk,bkhd->bqhd", p, v)
+    return out, lse.masked_fill(lse == float("-inf"), float("inf"))
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _attn_fwd_kernel(
+    Q, K, V, O, LSE, CU_Q, CU_K,
+    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh,
+    seqlen_q, seqlen_k, n_heads, group, qk_scale, left, right,
+    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    hk = h // group
+    if IS_VARLEN:
+        q0 = tl.load(CU_Q + b)
+        sq = tl.load(CU_Q + b + 1) - q0
+        k0 = tl.load(CU_K + b)
+        sk = tl.load(CU_K + b + 1) - k0
+    else:  # varlen launches pass batch strides of 0: token offsets carry the sequence
+        q0 = 0
+        sq = seqlen_q
+        k0 = 0
+        sk = seqlen_k
+    if pid_m * BLOCK_M < sq:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        q_ptrs = Q + b.to(tl.int64) * sqb + (q0 + offs_m).to(tl.int64)[:, None] * sqs + h * sqh \
+            + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=(offs_m < sq)[:, None] & d_mask[None, :], other=0.0)
+        shift = sk - sq  # bottom-right alignment
+        lo = 0
+        hi = sk
+        if HAS_RIGHT:
+            hi = tl.minimum(sk, (pid_m + 1) * BLOCK_M + shift + right)
+        if HAS_LEFT:
+            lo = tl.maximum(0, pid_m * BLOCK_M + shift - left) // BLOCK_N * BLOCK_N
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        k_base = K + b.to(tl.int64) * skb + hk * skh
+        v_base = V + b.to(tl.int64) * svb + hk * svh
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + offs_n
+            kv_mask = (cols < sk)[:, None] & d_mask[None, :]
+            kt = tl.load(k_base + (k0 + cols).to(tl.int64)[None, :] * sks + offs_d[:, None],
+                         mask=(cols < sk)[None, :] & d_mask[:, None], other=0.0)
+            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+            valid = (cols < sk)[None, :]
+            if HAS_RIGHT:
+                valid = valid & (cols[None, :] <= offs_m[:, None] + shift + right)
+            if HAS_LEFT:
+                valid = valid & (cols[None, :] >= offs_m[:, None] + shift - left)
+            s = tl.where(valid, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+            p = tl.exp2(s - m_safe[:, None])
+            alpha = tl.exp2(m_i - m_safe)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            v = tl.load(v_base + (k0 + cols).to(tl.int64)[:, None] * svs + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        empty = l_i == 0.0
+        out = acc / tl.where(empty, 1.0, l_i)[:, None]
+        o_ptrs = O + b.to(tl.int64) * sob + (q0 + offs_m).to(tl.int64)[:, None] * sos + h * soh \
+            + offs_d[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty),
+                 mask=(offs_m < sq)[:, None] & d_mask[None, :])
+        lse = tl.where(empty, float("inf"),
+                       (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
+        tl.store(LSE + b.to(tl.int64) * slb + h * slh + q0 + offs_m, lse, mask=offs_m < sq)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh,
+    sdkb, sdks, sdkh, sdvb, sdvs, sdvh, slb, slh,
+    seqlen_q, seqlen_k, n_heads_k, group, qk_scale, sm_scale, left, right,
+    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    # One key block of one KV head; loops over the query heads of its group and their blocks.
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads_k
+    hk = pid_bh % n_heads_k
+    if IS_VARLEN:
+        q0 = tl.load(CU_Q + b)
+        sq = tl.load(CU_Q + b + 1) - q0
+        k0 = tl.load(CU_K + b)
+        sk = tl.load(CU_K + b + 1) - k0
+    else:  # varlen launches pass batch strides of 0: token offsets carry the sequence
+        q0 = 0
+        sq = seqlen_q
+        k0 = 0
+        sk = seqlen_k
+    if pid_n * BLOCK_N < sk:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m0 = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        kv_mask = (offs_n < sk)[:, None] & d_mask[None, :]
+        k = tl.load(K + b.to(tl.int64) * skb + (k0 + offs_n).to(tl.int64)[:, None] * sks
+                    + hk * skh + offs_d[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(V + b.to(tl.int64) * svb + (k0 + offs_n).to(tl.int64)[:, None] * svs
+                    + hk * svh + offs_d[None, :], mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+        shift = sk - sq
+        lo = 0
+        hi = sq
+        if HAS_RIGHT:  # rows i with i + shift + right >= first key of the block
+            lo = tl.maximum(0, pid_n * BLOCK_N - shift - right) // BLOCK_M * BLOCK_M
+        if HAS_LEFT:  # rows i with i + shift - left <= last key of the block
+            hi = tl.minimum(sq, (pid_n + 1) * BLOCK_N - shift + left)
+        for g in range(group):
+            h = hk * group + g
+            for start_m in range(lo, hi, BLOCK_M):
+                offs_m = start_m + offs_m0
+                m_mask = offs_m < sq
+                row_off = b.to(tl.int64) * sqb + (q0 + offs_m).to(tl.int64)[:, None] * sqs \
+                    + h * sqh + offs_d[None, :]
+                q = tl.load(Q + row_off, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+                do = tl.load(DO + b.to(tl.int64) * sdob + (q0 + offs_m).to(tl.int64)[:, None]
+                             * sdos + h * sdoh + offs_d[None, :],
+                             mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+                lse = tl.load(LSE + b.to(tl.int64) * slb + h * slh + q0 + offs_m, mask=m_mask,
+                              other=float("inf"))
+                delta = tl.load(DELTA + b.to(tl.int64) * slb + h * slh + q0 + offs_m,
+                                mask=m_mask, other=0.0)
+                # Transposed scores: rows are keys, columns are queries.
+                st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+                valid = (offs_n < sk)[:, None] & m_mask[None, :]
+                if HAS_RIGHT:
+                    valid = valid & (offs_n[:, None] <= offs_m[None, :] + shift + right)
+                if HAS_LEFT:
+                    valid = valid & (offs_n[:, None] >= offs_m[None, :] + shift - left)
+                pt = tl.where(valid, tl.exp2(st - lse[None, :] * 1.4426950408889634), 0.0)
+                dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+                dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+                dst = pt * (dpt - delta[None, :])
+                dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+        tl.store(DK + b.to(tl.int64) * sdkb + (k0 + offs_n).to(tl.int64)[:, None] * sdks
+                 + hk * sdkh + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
+                 mask=kv_mask)
+        tl.store(DV + b.to(tl.int64) * sdvb + (k0 + offs_n).to(tl.int64)[:, None] * sdvs
+                 + hk * sdvh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K,
+    sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh, sdqb, sdqs, sdqh, slb, slh,
+    seqlen_q, seqlen_k, n_heads, group, qk_scale, sm_scale, left, right,
+    IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    hk = h // group
+    if IS_VARLEN:
+        q0 = tl.load(CU_Q + b)
+        sq = tl.load(CU_Q + b + 1) - q0
+        k0 = tl.load(CU_K + b)
+        sk = tl.load(CU_K + b + 1) - k0
+    else:  # varlen launches pass batch strides of 0: token offsets carry the sequence
+        q0 = 0
+        sq = seqlen_q
+        k0 = 0
+        sk = seqlen_k
+    if pid_m * BLOCK_M < sq:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        d_mask = offs_d < HEAD_DIM
+        m_mask = offs_m < sq
+        q = tl.load(Q + b.to(tl.int64) * sqb + (q0 + offs_m).to(tl.int64)[:, None] * sqs
+                    + h * sqh + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        do = tl.load(DO + b.to(tl.int64) * sdob + (q0 + offs_m).to(tl.int64)[:, None] * sdos
+                     + h * sdoh + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
+                     other=0.0)
+        lse = tl.load(LSE + b.to(tl.int64) * slb + h * slh + q0 + offs_m, mask=m_mask,
+                      other=float("inf"))
+        delta = tl.load(DELTA + b.to(tl.int64) * slb + h * slh + q0 + offs_m, mask=m_mask,
+                        other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        shift = sk - sq
+        lo = 0
+        hi = sk
+        if HAS_RIGHT:
+            hi = tl.minimum(sk, (pid_m + 1) * BLOCK_M + shift + right)
+        if HAS_LEFT:
+            lo = tl.maximum(0, pid_m * BLOCK_M + shift - left) // BLOCK_N * BLOCK_N
+        k_base = K + b.to(tl.int64) * skb + hk * skh
+        v_base = V + b.to(tl.int64) * svb + hk * svh
+        for start_n in range(lo, hi, BLOCK_N):
+            cols = start_n + offs_n
+            kv_mask = (cols < sk)[:, None] & d_mask[None, :]
+            k = tl.load(k_base + (k0 + cols).to(tl.int64)[:, None] * sks + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            v = tl.load(v_base + (k0 + cols).to(tl.int64)[:, None] * svs + offs_d[None, :],
+                        mask=kv_mask, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+            valid = (cols < sk)[None, :] & m_mask[:, None]
+            if HAS_RIGHT:
+                valid = valid & (cols[None, :] <= offs_m[:, None] + shift + right)
+            if HAS_LEFT:
+                valid = valid & (cols[None, :] >= offs_m[:, None] + shift - left)
+            p = tl.where(valid, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        tl.store(DQ + b.to(tl.int64) * sdqb + (q0 + offs_m).to(tl.int64)[:, None] * sdqs
+                 + h * sdqh + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
+                 mask=m_mask[:, None] & d_mask[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _fwd_blocks(d: int, device: torch.device):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward."""
+    if device.type == "cpu":
+        return 32, 32, 1, 1
+    if d <= 64:
+        return 128, 64, 4, 3
+    if d <= 128:
+        return 128, 64, 8, 3
+    return 64, 32, 4, 2
+
+
+def _bwd_blocks(d: int, device: torch.device):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for both backward kernels."""
+    if device.type == "cpu":
+        return 32, 32, 1, 1
+    if d <= 128:
+        return 64, 64, 4, 2
+    return 32, 32, 4, 1
+
+
+def _check(op, q, k, v, varlen, cu_seqlens_q=None, cu_seqlens_k=None):
+    names = (("q", q), ("k", k), ("v", v))
+    for name, t in names:
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"aiter_dist.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+        want = 3 if varlen else 4
+        if t.dim() != want:
+            layout = "(total, nheads, headdim)" if varlen else "(batch, seqlen, nheads, headdim)"
+            raise ValueError(f"aiter_dist.{op}: {name} must be {want}-D {layout}, got shape "
+                             f"{tuple(t.shape)}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise TypeError(f"aiter_dist.{op}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
+    check_same_device(op, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    allowed = (torch.float16, torch.bfloat16, torch.float32)
+    if q.dtype not in allowed:
+        raise TypeError(f"aiter_dist.{op}: dtype {q.dtype} is not supported; use float16 or "
+                        f"bfloat16 (or float32)")
+    if q.device.type == "cpu" and INTERPRETED and q.dtype == torch.bfloat16:
+        raise TypeError(f"aiter_dist.{op}: bfloat16 is not supported on CPU (Triton's interpreter "
+                        f"cannot multiply bf16 matrices); use float32 or float16 on CPU")
+    d = q.shape[-1]
+    if k.shape[-1] != d or v.shape[-1] != d:
+        raise ValueError(f"aiter_dist.{op}: head dims differ: q {d}, k {k.shape[-1]}, "
+                         f"v {v.shape[-1]}")
+    if d > 256 or d % 8:
+        raise ValueError(f"aiter_dist.{op}: head dim {d} is not supported; use a multiple of 8 "
+                         f"up to 256")
+    h, hk = q.shape[-2], k.shape[-2]
+    if v.shape[-2] != hk:
+        raise ValueError(f"aiter_dist.{op}: k has {hk} heads but v has {v.shape[-2]}")
+    if hk == 0 or h % hk:
+        raise ValueError(f"aiter_dist.{op}: nheads={h} must be a multiple of nheads_k={hk}")
+    if k.shape[:-2] != v.shape[:-2]:
+        raise ValueError(f"aiter_dist.{op}: k {tuple(k.shape)} and v {tuple(v.shape)} disagree")
+    if not varlen and k.shape[0] != q.shape[0]:
+        raise ValueError(f"aiter_dist.{op}: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}")
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if varlen:
+            if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1:
+                got = cu.dtype if isinstance(cu, torch.Tensor) else type(cu).__name__
+                raise TypeError(f"aiter_dist.{op}: {name} must be a 1-D int32 tensor "
+                                f"(got {got}); use .to(torch.int32)")
+    if varlen and cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"aiter_dist.{op}: cu_seqlens_q and cu_seqlens_k hold different "
+                         f"numbers of sequences")
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t, varlen):
+    """(batch, seq, head) strides in elements; a varlen tensor has batch stride 0."""
+    return (0,) + tuple(t.stride()[:2]) if varlen else tuple(t.stride()[:3])
+
+
+def _window(causal, window_size):
+    left, right = window_size
+    if causal:
+        right = 0
+    return left, right
+
+
+def _precision(dtype):
+    # fp32 inputs are multiplied in full fp32 (a reference-grade path); 16-bit ones in tensor cores.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def flash_attn_fwd(q, k, v, softmax_scale, causal, window_size, cu_seqlens_q=None,
+                   cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+    """Forward launcher: (out, lse). Dense lse is (batch, nheads, seqlen_q); varlen (nheads,
+    total_q)."""
+    varlen = cu_seqlens_q is not None
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    d = q.shape[-1]
+    h, hk = q.shape[-2], k.shape[-2]
+    left, right = _window(causal, window_size)
+    out = torch.empty_like(q)
+    if varlen:
+        batch = cu_seqlens_q.numel() - 1
+        sq, sk = max_seqlen_q, max_seqlen_k
+        lse = torch.empty(h, q.shape[0], dtype=torch.float32, device=q.device)
+        lse_strides = (0, lse.stride(0))
+    else:
+        batch, sq = q.shape[:2]
+        sk = k.shape[1]
+        lse = torch.empty(batch, h, sq, dtype=torch.float32, device=q.device)
+        lse_strides = lse.stride()[:2]
+    if not runs_triton("flash_attn", q.device):
+        return _torch_fwd(q, k, v, softmax_scale, left, right, cu_seqlens_q, cu_seqlens_k,
+                          out, lse)
+    block_m, block_n, warps, stages = _fwd_blocks(d, q.device)
+    grid = (triton.cdiv(max(sq, 1), block_m), batch * h)
+    cu_q = cu_seqlens_q if varlen else lse  # unused placeholders when dense
+    cu_k = cu_seqlens_k if varlen else lse
+    if batch * h > 0 and sq > 0:
+        _attn_fwd_kernel[grid](
+            q, k, v, out, lse, cu_q, cu_k,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+            *_strides(out, varlen), *lse_strides,
+            sq, sk, h, h // hk, softmax_scale * LOG2E, max(left, 0), max(right, 0),
+            IS_VARLEN=varlen, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HEAD_DIM=d,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(d),
+            PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
+    record_path("flash_attn", "triton-interpreter" if INTERPRETED else "triton")
+    return out, lse
+
+
+def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu_seqlens_q=None,
+                   cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+    """Backward launcher: (dq, dk, dv). Deterministic: no atomics, fixed reduction order."""
+    varlen = cu_seqlens_q is not None
+    do = _last_dim_contiguous(do)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    d = q.shape[-1]
+    h, hk = q.shape[-2], k.shape[-2]
+    left, right = _window(causal, window_size)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # delta_i = sum_d dO_id * O_id, laid out like lse.
+    delta = (do.float() * out.float()).sum(-1)
+    delta = delta.permute(1, 0).contiguous() if varlen else delta.permute(0, 2, 1).contiguous()
+    if not runs_triton("flash_attn_bwd", q.device):
+        return _torch_bwd(do, q, k, v, softmax_scale, left, right, cu_seqlens_q, cu_seqlens_k)
+    if varlen:
+        batch = cu_seqlens_q.numel() - 1
+        sq, sk = max_seqlen_q, max_seqlen_k
+        lse_strides = (0, lse.stride(0))
+    else:
+        batch, sq = q.shape[:2]
+        sk = k.shape[1]
+        lse_strides = lse.stride()[:2]
+    block_m, block_n, warps, stages = _bwd_blocks(d, q.device)
+    cu_q = cu_seqlens_q if varlen else lse
+    cu_k = cu_seqlens_k if varlen else lse
+    common = dict(IS_VARLEN=varlen, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HEAD_DIM=d,
+                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(d),
+                  PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
+    scales = (softmax_scale * LOG2E, softmax_scale, max(left, 0), max(right, 0))
+    if batch * hk > 0 and sk > 0:
+        _attn_bwd_dkdv_kernel[(triton.cdiv(sk, block_n), batch * hk)](
+            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+            *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides,
+            sq, sk, hk, h // hk, *scales, **common)
+    if batch * h > 0 and sq > 0:
+        _attn_bwd_dq_kernel[(triton.cdiv(sq, block_m), batch * h)](
+            q, k, v, do, lse, delta, dq, cu_q, cu_k,
+            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+            *_strides(do, varlen), *_strides(dq, varlen), *lse_strides,
+            sq, sk, h, h // hk, *scales, **common)
+    return dq, dk, dv
+
+
+def _split_varlen(t, cu):
+    bounds = cu.tolist()
+    return [t[bounds[i]:bounds[i + 1]].unsqueeze(0) for i in range(len(bounds) - 1)]
+
+
+def _torch_fwd(q, k, v, scale, left, right, cu_q, cu_k, out, lse):
+    """PyTorch path for CPU tensors on GPU machines (quadratic memory; recorded as a fallback)."""
+    if cu_q is None:
+        o, l = attention_ref(q.float(), k.float(), v.float(), scale, False, (left, right))
+        out.copy_(o)
+        lse.copy_(l)
+        return out, lse
+    for i, (qs, ks, vs) in enumerate(zip(_split_varlen(q, cu_q), _split_varlen(k, cu_k),
+                                         _split_varlen(v, cu_k))):
+        a, b = int(cu_q[i]), int(cu_q[i + 1])
+        o, l = attention_ref(qs.float(), ks.float(), vs.float(), scale, False, (left, right))
+        out[a:b] = o[0]
+        lse[:, a:b] = l[0]
+    return out, lse
+
+
+def _torch_bwd(do, q, k, v, scale, left, right, cu_q, cu_k):
+    with torch.enable_grad():
+        qs, ks, vs = (t.detach().float().requires_grad_() for t in (q, k, v))
+        if cu_q is None:
+            o, _ = attention_ref(qs, ks, vs, scale, False, (left, right))
+        else:
+            parts = [attention_ref(a, b, c, scale, False, (left, right))[0][0]
+                     for a, b, c in zip(_split_varlen(qs, cu_q), _split_varlen(ks, cu_k),
+                                        _split_varlen(vs, cu_k))]
+            o = torch.cat(parts)
+        dq, dk, dv = torch.autograd.grad(o, (qs, ks, vs), do.float())
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class FlashAttnFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, softmax_scale, causal, window_size, cu_seqlens_q, cu_seqlens_k,
+                max_seqlen_q, max_seqlen_k):
+        out, lse = flash_attn_fwd(q, k, v, softmax_scale, causal, window_size, cu_seqlens_q,
+                                  cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
+        ctx.args = (softmax_scale, causal, window_size, max_seqlen_q, max_seqlen_k)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+        scale, causal, window, max_q, max_k = ctx.args
+        dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, window, cu_q, cu_k,
+                                    max_q, max_k)
+        return dq, dk, dv, None, None, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- functional API
+
+def _common_args(op, dropout_p, softmax_scale, window_size, d):
+    if dropout_p:
+        raise NotImplementedError(f"aiter_dist.{op}: dropout_p > 0 is not implemented; "
+                                  f"pass dropout_p=0.0")
+    if len(window_size) != 2 or any(w < -1 for w in window_size):
+        raise ValueError(f"aiter_dist.{op}: window_size must be (left, right) with -1 for "
+                         f"unbounded, got {window_size}")
+    return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+
+
+def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
+                    window_size=(-1, -1), deterministic=False, return_lse=False):
+    """Attention over (batch, seqlen, nheads, headdim) tensors; GQA when k/v have fewer heads.
+
+    The backward is always deterministic (``deterministic`` is accepted for compatibility).
+    Returns ``out``, or ``(out, lse)`` with ``return_lse=True`` (lse fp32, (batch, nheads,
+    seqlen_q)).
+    """
+    _check("flash_attn_func", q, k, v, varlen=False)
+    scale = _common_args("flash_attn_func", dropout_p, softmax_scale, window_size, q.shape[-1])
+    out, lse = FlashAttnFunction.apply(q, k, v, scale, causal, tuple(window_size), None, None,
+                                       None, None)
+    return (out, lse) if return_lse else out
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                           dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
+                           deterministic=False, return_lse=False):
+    """Attention over packed sequences: q (total_q, nheads, headdim), k/v (total_k, nheads_k,
+    headdim), sequence b at rows ``cu_seqlens[b]:cu_seqlens[b+1]`` (int32). lse is (nheads,
+    total_q)."""
+    _check("flash_attn_varlen_func", q, k, v, varlen=True, cu_seqlens_q=cu_seqlens_q,
+           cu_seqlens_k=cu_seqlens_k)
+    scale = _common_args("flash_attn_varlen_func", dropout_p, softmax_scale, window_size,
+                         q.shape[-1])
+    out, lse = FlashAttnFunction.apply(q, k, v, scale, causal, tuple(window_size), cu_seqlens_q,
+                                       cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
+    return (out, lse) if return_lse else out

@@ -1,0 +1,163 @@
+"""Flash attention forward and gradients against a float64 reference (the tolerance rule: at most
+a small multiple of PyTorch's own error in the same dtype)."""
+import pytest
+import torch
+
+import aiter_dist
+from aiter_dist.kernels.flash_attn import attention_ref
+from aiter_dist.testing import assert_close_to_ref
+
+
+def _inputs(b, sq, sk, h, hk, d, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mk = lambda *shape: torch.randn(*shape, generator=g).to(device, dtype)  # noqa: E731
+    return mk(b, sq, h, d), mk(b, sk, hk, d), mk(b, sk, hk, d), mk(b, sq, h, d)
+
+
+def _grads(fn, q, k, v, do):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(do)
+    return out.detach(), q.grad, k.grad, v.grad
+
+
+def _check_against_ref(b, sq, sk, h, hk, d, causal, window, dtype, device, factor=2.0):
+    q, k, v, do = _inputs(b, sq, sk, h, hk, d, dtype, device)
+    ours = _grads(lambda q, k, v: aiter_dist.flash_attn_func(q, k, v, causal=causal,
+                                                             window_size=window), q, k, v, do)
+    ref = _grads(lambda q, k, v: attention_ref(q, k, v, None, causal, window)[0],
+                 *(t.double() for t in (q, k, v, do)))
+    low = _grads(lambda q, k, v: attention_ref(q, k, v, None, causal, window)[0], q, k, v, do)
+    for name, o, r, t in zip(("out", "dq", "dk", "dv"), ours, ref, low):
+        assert_close_to_ref(f"{name} b{b} sq{sq} sk{sk} h{h}/{hk} d{d} causal={causal} "
+                            f"window={window}", o, r, t, factor=factor)
+
+
+CPU_CASES = [
+    # b, sq, sk, h, hk, d, causal, window
+    (1, 1, 1, 1, 1, 16, False, (-1, -1)),
+    (2, 17, 17, 4, 2, 64, True, (-1, -1)),
+    (1, 113, 113, 2, 2, 32, True, (-1, -1)),
+    (2, 17, 40, 2, 1, 16, True, (-1, -1)),    # sq < sk, MQA
+    (2, 40, 23, 2, 2, 16, True, (-1, -1)),    # sq > sk: the first rows see no key
+    (1, 45, 45, 4, 2, 24, False, (7, 3)),     # sliding window, head dim padded to 32
+    (1, 33, 50, 2, 2, 16, False, (5, -1)),    # left window only
+    (1, 30, 30, 2, 2, 40, False, (-1, -1)),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("case", CPU_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_flash_attn_cpu(case, dtype):
+    _check_against_ref(*case, dtype=dtype, device="cpu")
+    assert aiter_dist.last_path("flash_attn").startswith("triton")
+
+
+def test_lse_and_empty_rows():
+    q, k, v, _ = _inputs(1, 9, 4, 2, 2, 16, torch.float32, "cpu")
+    out, lse = aiter_dist.flash_attn_func(q, k, v, causal=True, return_lse=True)
+    ref_out, ref_lse = attention_ref(q.double(), k.double(), v.double(), None, True)
+    assert lse.dtype == torch.float32 and lse.shape == (1, 2, 9)
+    torch.testing.assert_close(lse, ref_lse.float().permute(0, 1, 2), rtol=1e-5, atol=1e-5)
+    assert torch.isinf(lse[:, :, :5]).all() and (out[:, :5] == 0).all()  # 5 rows see no key
+
+
+def test_non_contiguous_inputs():
+    base = torch.randn(2, 19, 3, 3, 16)  # k and v interleaved per head: strided views
+    k, v = base[..., 1, :], base[..., 2, :]
+    q = torch.randn(2, 16, 19, 3).permute(0, 2, 3, 1)  # last dim strided too
+    assert not q.is_contiguous() and not k.is_contiguous()
+    out = aiter_dist.flash_attn_func(q, k, v, causal=True)
+    ref, _ = attention_ref(q.double(), k.double(), v.double(), None, True)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_varlen_matches_per_sequence_dense():
+    lens_q, lens_k = [5, 0, 1, 17], [7, 3, 1, 17]  # an empty and a length-1 sequence
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32)
+    h, hk, d = 4, 2, 16
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(int(cu_q[-1]), h, d, generator=g).requires_grad_()
+    k = torch.randn(int(cu_k[-1]), hk, d, generator=g).requires_grad_()
+    v = torch.randn(int(cu_k[-1]), hk, d, generator=g).requires_grad_()
+    out, lse = aiter_dist.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k),
+                                                 causal=True, return_lse=True)
+    do = torch.randn_like(out)
+    out.backward(do)
+    assert lse.shape == (h, q.shape[0])
+    for i in range(len(lens_q)):
+        a, b, c, e = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
+        qs, ks, vs = (t.detach()[x:y].double().unsqueeze(0).requires_grad_()
+                      for t, x, y in ((q, a, b), (k, c, e), (v, c, e)))
+        ref, ref_lse = attention_ref(qs, ks, vs, None, True)
+        ref.backward(do[a:b].double().unsqueeze(0))
+        torch.testing.assert_close(out[a:b].double(), ref[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(q.grad[a:b].double(), qs.grad[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(k.grad[c:e].double(), ks.grad[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(v.grad[c:e].double(), vs.grad[0], rtol=1e-5, atol=1e-5)
+        if b > a:
+            torch.testing.assert_close(lse[:, a:b].double(), ref_lse[0], rtol=1e-5, atol=1e-5)
+
+
+def test_backward_is_deterministic():
+    q, k, v, do = _inputs(1, 50, 50, 4, 1, 16, torch.float32, "cpu")
+    f = lambda q, k, v: aiter_dist.flash_attn_func(q, k, v, causal=True, deterministic=True)  # noqa
+    first, second = _grads(f, q, k, v, do), _grads(f, q, k, v, do)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_bad_input():
+    f, fv = aiter_dist.flash_attn_func, aiter_dist.flash_attn_varlen_func
+    q = torch.randn(1, 4, 4, 16)
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        f(q[0], q, q)
+    with pytest.raises(ValueError, match="nheads=4 must be a multiple of nheads_k=3"):
+        f(q, torch.randn(1, 4, 3, 16), torch.randn(1, 4, 3, 16))
+    with pytest.raises(TypeError, match="dtypes differ"):
+        f(q, q.half(), q)
+    with pytest.raises(ValueError, match="head dim 12 is not supported"):
+        x = torch.randn(1, 4, 4, 12)
+        f(x, x, x)
+    with pytest.raises(ValueError, match="head dim 264"):
+        x = torch.randn(1, 2, 1, 264)
+        f(x, x, x)
+    with pytest.raises(TypeError, match="bfloat16 is not supported on CPU"):
+        f(q.bfloat16(), q.bfloat16(), q.bfloat16())
+    with pytest.raises(NotImplementedError, match="dropout_p > 0"):
+        f(q, q, q, dropout_p=0.1)
+    with pytest.raises(ValueError, match="window_size"):
+        f(q, q, q, window_size=(-2, 0))
+    qv = torch.randn(6, 4, 16)
+    cu = torch.tensor([0, 6])
+    with pytest.raises(TypeError, match="cu_seqlens_q must be a 1-D int32 tensor"):
+        fv(qv, qv, qv, cu, cu.int(), 6, 6)
+    with pytest.raises(ValueError, match="q must be 3-D"):
+        fv(q, qv, qv, cu.int(), cu.int(), 6, 6)
+
+
+# ----------------------------------------------------------------------------- GPU tier
+
+GPU_CASES = [
+    (2, 1024, 1024, 16, 16, 128, True, (-1, -1)),
+    (2, 1024, 1024, 16, 16, 128, False, (-1, -1)),
+    (1, 2048, 2048, 32, 8, 128, True, (-1, -1)),
+    (2, 777, 1500, 8, 8, 64, True, (-1, -1)),
+    (1, 512, 512, 8, 2, 96, True, (128, 0)),
+    (1, 512, 512, 4, 4, 256, True, (-1, -1)),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_flash_attn_gpu(case, dtype):
+    _check_against_ref(*case, dtype=dtype, device="cuda", factor=3.0)
+
+
+@pytest.mark.gpu
+def test_deterministic_backward_gpu():
+    q, k, v, do = _inputs(2, 1024, 1024, 8, 2, 128, torch.bfloat16, "cuda")
+    f = lambda q, k, v: aiter_dist.flash_attn_func(q, k, v, causal=True, deterministic=True)  # noqa
+    first, second = _grads(f, q, k, v, do), _grads(f, q, k, v, do)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
