@@ -1,0 +1,97 @@
+"""Flash attention: aiter_dist vs torch SDPA (cuDNN backend, flash backend), bf16, one process.
+
+    python benchmarks/bench_attention.py [--quick]
+
+Shapes as in FlashAttention-3's benchmark: batch * seqlen = 16384, nheads * headdim = 2048,
+seqlen 1k ... 16k, headdim 64 and 128, causal and full; plus GQA (32 q heads, 8 kv heads) and a
+ragged varlen batch. TFLOP/s: forward 4*b*h*sq*sk*d (halved for causal), backward 2.5x that.
+"""
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import aiter_dist
+from common import emit
+
+
+def flops(b, h, sq, sk, d, causal):
+    f = 4 * b * h * sq * sk * d
+    return f / 2 if causal else f
+
+
+def time_fwd_bwd(fn, q, k, v):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    fwd = triton.testing.do_bench(lambda: fn(q, k, v), warmup=10, rep=60, return_mode="median")
+    out = fn(q, k, v)
+    do = torch.randn_like(out)
+    bwd = triton.testing.do_bench(lambda: out.backward(do, retain_graph=True), warmup=10,
+                                  rep=60, grad_to_none=[q, k, v], return_mode="median")
+    return fwd, bwd
+
+
+def sdpa(backend, causal, gqa):
+    def run(q, k, v):  # SDPA wants (b, h, s, d)
+        with sdpa_kernel(backend):
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2),
+                                               v.transpose(1, 2), is_causal=causal,
+                                               enable_gqa=gqa)
+        return o.transpose(1, 2)
+    return run
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    dev, dt = "cuda", torch.bfloat16
+    cases = []
+    for d in (128, 64):
+        for s in ((2048, 8192) if args.quick else (1024, 2048, 4096, 8192, 16384)):
+            for causal in (True, False):
+                cases.append((16384 // s, s, 2048 // d, 2048 // d, d, causal))
+    cases.append((4, 4096, 32, 8, 128, True))  # GQA
+    rows, summary = [], {}
+    for b, s, h, hk, d, causal in cases:
+        q = torch.randn(b, s, h, d, device=dev, dtype=dt)
+        k = torch.randn(b, s, hk, d, device=dev, dtype=dt)
+        v = torch.randn(b, s, hk, d, device=dev, dtype=dt)
+        fl = flops(b, h, s, s, d, causal)
+        res = {}
+        impls = {"ours": lambda q, k, v: aiter_dist.flash_attn_func(q, k, v, causal=causal),
+                 "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION, causal, h != hk),
+                 "fa2": sdpa(SDPBackend.FLASH_ATTENTION, causal, h != hk)}
+        for name, fn in impls.items():
+            try:
+                f_ms, b_ms = time_fwd_bwd(fn, q, k, v)
+                res[name] = (fl / f_ms / 1e9, 2.5 * fl / b_ms / 1e9)
+            except Exception as e:  # a backend that refuses the shape is reported, not fatal
+                res[name] = (float("nan"), float("nan"))
+                print(f"{name} b{b} s{s} h{h}/{hk} d{d}: {type(e).__name__}: {str(e)[:120]}")
+        tag = f"b{b} s{s} h{h}/{hk} d{d} {'causal' if causal else 'full'}"
+        rows.append((tag, res["ours"][0], res["cudnn"][0], res["fa2"][0],
+                     res["ours"][0] / res["cudnn"][0], res["ours"][1], res["cudnn"][1],
+                     res["fa2"][1], res["ours"][1] / res["cudnn"][1]))
+        summary[tag] = res
+        print(tag, {k: (round(a), round(b_)) for k, (a, b_) in res.items()}, flush=True)
+    # varlen: ragged lengths summing to 16384 tokens, causal, hd128
+    lens = [4096, 1000, 3000, 512, 2048, 1771, 4000, 57]
+    cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
+    q = torch.randn(sum(lens), 16, 128, device=dev, dtype=dt)
+    fl = sum(flops(1, 16, n, n, 128, True) for n in lens)
+    f_ms, b_ms = time_fwd_bwd(lambda q, k, v: aiter_dist.flash_attn_varlen_func(
+        q, k, v, cu, cu, max(lens), max(lens), causal=True), q, q.clone(), q.clone())
+    rows.append(("varlen 8 seqs 16384 tok h16 d128 causal", fl / f_ms / 1e9, float("nan"),
+                 float("nan"), float("nan"), 2.5 * fl / b_ms / 1e9, float("nan"), float("nan"),
+                 float("nan")))
+    emit("Flash attention bf16 (TFLOP/s)",
+         ["shape", "ours fwd", "cuDNN fwd", "FA2 fwd", "fwd ours/cuDNN", "ours bwd", "cuDNN bwd",
+          "FA2 bwd", "bwd ours/cuDNN"], rows, summary, "bench_attention.md")
+
+
+if __name__ == "__main__":
+    main()
