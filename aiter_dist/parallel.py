@@ -2,7 +2,9 @@
 
 Found by attribute names (the example Llama's, which are also Hugging Face Llama's):
 * attention blocks with ``q_proj, k_proj, v_proj, o_proj``: q/k/v become column-parallel (whole
-  heads per rank), ``o_proj`` row-parallel;
+  heads per rank), ``o_proj`` row-parallel; a block that routes its attention through an
+  ``_attend(q, k, v)`` method (causal, (batch, seq, heads, head_dim)) gets aiter_dist's flash
+  attention there (``attention="flash"``, the default; ``"keep"`` leaves the model's own);
 * MLP blocks with ``gate_proj, up_proj, down_proj``: gate/up column-parallel, down row-parallel;
 * RMSNorm modules (``torch.nn.RMSNorm`` or any class named ``*RMSNorm`` with ``weight`` and ``eps``
   or ``variance_epsilon``)
@@ -16,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .kernels.flash_attn import flash_attn_func
 from .nn import ColumnParallelLinear, RMSNorm, RowParallelLinear
 
 _ATTN = (("q_proj", "k_proj", "v_proj"), ("o_proj",))
@@ -60,18 +63,31 @@ def _check_heads(block: nn.Module, world: int):
                              f"heads, not divisible by the tensor-parallel world size {world}")
 
 
-def parallelize(model: nn.Module, group=None) -> nn.Module:
+def _flash_causal_attend(q, k, v):
+    """Causal attention over (batch, seq, heads, head_dim); GQA without repeating k/v."""
+    return flash_attn_func(q, k, v, causal=True)
+
+
+def parallelize(model: nn.Module, group=None, attention: str = "flash") -> nn.Module:
     """Replace ``model``'s projections and norms with aiter_dist's tensor-parallel modules, in
-    place, and return it. ``group`` defaults to the world (``aiter_dist.init_distributed()``)."""
+    place, and return it. ``group`` defaults to the world (``aiter_dist.init_distributed()``).
+    ``attention``: ``"flash"`` routes ``_attend`` methods to aiter_dist's flash attention,
+    ``"keep"`` leaves them."""
+    if attention not in ("flash", "keep"):
+        raise ValueError(f"aiter_dist.parallelize: attention must be 'flash' or 'keep', "
+                         f"got {attention!r}")
     group = group if group is not None else (dist.group.WORLD if dist.is_initialized() else None)
     world = dist.get_world_size(group) if group is not None else 1
-    counts = {"column": 0, "row": 0, "norm": 0}
+    counts = {"column": 0, "row": 0, "norm": 0, "attention": 0}
     for block in list(model.modules()):
         for cols, rows in (_ATTN, _MLP):
             if not all(isinstance(getattr(block, n, None), nn.Linear) for n in cols + rows):
                 continue
             if cols == _ATTN[0]:
                 _check_heads(block, world)
+                if attention == "flash" and callable(getattr(block, "_attend", None)):
+                    block._attend = _flash_causal_attend
+                    counts["attention"] += 1
             for n in cols:
                 setattr(block, n, ColumnParallelLinear.from_linear(getattr(block, n), group))
                 counts["column"] += 1

@@ -279,10 +279,17 @@ def _attn_bwd_dq_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _fwd_blocks(d: int, device: torch.device):
+def _cpu_blocks(sq: int, sk: int):
+    # The interpreter pays per program and per op, not per element: whole short sequences per
+    # block (few programs, few loop trips), capped so one block's numpy arrays stay small.
+    return (min(128, max(16, triton.next_power_of_2(sq))),
+            min(128, max(16, triton.next_power_of_2(sk))), 1, 1)
+
+
+def _fwd_blocks(d: int, device: torch.device, sq: int = 0, sk: int = 0):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward."""
     if device.type == "cpu":
-        return 32, 32, 1, 1
+        return _cpu_blocks(sq, sk)
     if d <= 64:
         return 128, 64, 4, 3
     if d <= 128:
@@ -290,10 +297,10 @@ def _fwd_blocks(d: int, device: torch.device):
     return 64, 32, 4, 2
 
 
-def _bwd_blocks(d: int, device: torch.device):
+def _bwd_blocks(d: int, device: torch.device, sq: int = 0, sk: int = 0):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for both backward kernels."""
     if device.type == "cpu":
-        return 32, 32, 1, 1
+        return _cpu_blocks(sq, sk)
     if d <= 128:
         return 64, 64, 4, 2
     return 32, 32, 4, 1
@@ -390,7 +397,7 @@ def flash_attn_fwd(q, k, v, softmax_scale, causal, window_size, cu_seqlens_q=Non
     if not runs_triton("flash_attn", q.device):
         return _torch_fwd(q, k, v, softmax_scale, left, right, cu_seqlens_q, cu_seqlens_k,
                           out, lse)
-    block_m, block_n, warps, stages = _fwd_blocks(d, q.device)
+    block_m, block_n, warps, stages = _fwd_blocks(d, q.device, sq, sk)
     grid = (triton.cdiv(max(sq, 1), block_m), batch * h)
     cu_q = cu_seqlens_q if varlen else lse  # unused placeholders when dense
     cu_k = cu_seqlens_k if varlen else lse
@@ -430,7 +437,7 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
         batch, sq = q.shape[:2]
         sk = k.shape[1]
         lse_strides = lse.stride()[:2]
-    block_m, block_n, warps, stages = _bwd_blocks(d, q.device)
+    block_m, block_n, warps, stages = _bwd_blocks(d, q.device, sq, sk)
     cu_q = cu_seqlens_q if varlen else lse
     cu_k = cu_seqlens_k if varlen else lse
     common = dict(IS_VARLEN=varlen, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HEAD_DIM=d,

@@ -1,0 +1,101 @@
+"""Tensor-parallel attention: ParallelAttention and parallelize()'d Llama against unsharded
+references, flash attention against SDPA inside the example model."""
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import aiter_dist
+from aiter_dist.kernels.flash_attn import attention_ref
+from aiter_dist.nn.attention import apply_rope
+from aiter_dist.testing import run_distributed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _llama_module():
+    """The example's plain-PyTorch Llama (registered under its own name: dataclasses need it)."""
+    if "example_llama" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("example_llama",
+                                                      os.path.join(ROOT, "examples", "llama.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["example_llama"] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules["example_llama"]
+
+
+def _full_attention(layer_parts, x, head_dim):
+    """The unsharded computation in float64 from full weights."""
+    wq, wk, wv, wo, cos, sin = layer_parts
+    b, s, _ = x.shape
+    q = (x @ wq.T).view(b, s, -1, head_dim)
+    k = (x @ wk.T).view(b, s, -1, head_dim)
+    v = (x @ wv.T).view(b, s, -1, head_dim)
+    q, k = apply_rope(q, cos[:s].double(), sin[:s].double()), apply_rope(k, cos[:s].double(),
+                                                                         sin[:s].double())
+    out, _ = attention_ref(q, k, v, None, True)
+    return out.reshape(b, s, -1) @ wo.T
+
+
+def _parallel_attention_vs_full(rank, world):
+    hidden, heads, kv_heads, seq = 32, 4, 2, 19
+    torch.manual_seed(0)
+    full = [nn.Linear(hidden, n, bias=False) for n in (heads * 8, kv_heads * 8, kv_heads * 8)]
+    wo = nn.Linear(heads * 8, hidden, bias=False)
+    layer = aiter_dist.nn.ParallelAttention(hidden, heads, kv_heads, max_seq_len=64)
+    for proj, lin in zip((layer.q_proj, layer.k_proj, layer.v_proj, layer.o_proj), full + [wo]):
+        proj.load_full_weight(lin.weight.detach())
+    x = torch.randn(2, seq, hidden, requires_grad=True)
+    out = layer(x)
+    out.sum().backward()
+    x64 = x.detach().double().requires_grad_()
+    ref = _full_attention([l.weight.detach().double() for l in full + [wo]]
+                          + [layer.rope_cos, layer.rope_sin], x64, 8)
+    ref.sum().backward()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-5)
+    assert aiter_dist.last_path("flash_attn").startswith("triton")
+    return True
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_parallel_attention_matches_unsharded(world):
+    run_distributed(_parallel_attention_vs_full, world)
+
+
+def test_example_llama_flash_matches_sdpa():
+    llama = _llama_module()
+    cfg = llama.CONFIGS["tiny"]
+    torch.manual_seed(0)
+    model = llama.Llama(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 37))
+    sdpa_logits = model(tokens)
+    aiter_dist.parallelize(model)  # no process group: world 1, flash attention swapped in
+    assert model.aiter_parallel["attention"] == cfg.n_layers
+    flash_logits = model(tokens)
+    torch.testing.assert_close(flash_logits, sdpa_logits, rtol=1e-4, atol=1e-4)
+
+
+def _tp_llama_vs_unsharded(rank, world):
+    llama = _llama_module()
+    cfg = llama.CONFIGS["tiny"]
+    torch.manual_seed(0)
+    ref_model = llama.Llama(cfg)
+    torch.manual_seed(0)
+    model = aiter_dist.parallelize(llama.Llama(cfg), dist.group.WORLD)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 29), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model(tokens), ref_model(tokens), rtol=1e-4, atol=1e-4)
+    return True
+
+
+def test_tensor_parallel_llama_matches_unsharded():
+    run_distributed(_tp_llama_vs_unsharded, 2)
+
+
+def test_bad_attention_option():
+    with pytest.raises(ValueError, match="attention must be 'flash' or 'keep'"):
+        aiter_dist.parallelize(nn.Linear(2, 2), attention="xformers")
