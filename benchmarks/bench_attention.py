@@ -44,11 +44,44 @@ def sdpa(backend, causal, gqa):
     return run
 
 
+def sweep(dev, dt):
+    """Forward and backward block configs (BLOCK_M, BLOCK_N, warps, stages) at b4 s4096 h16."""
+    from aiter_dist.kernels import flash_attn as FA
+
+    for d in (128, 64):
+        h = 2048 // d
+        q, k, v, do = (torch.randn(4, 4096, h, d, device=dev, dtype=dt) for _ in range(4))
+        for causal in (True, False):
+            fl = flops(4, h, 4096, 4096, d, causal)
+            out, lse = FA.flash_attn_fwd(q, k, v, d ** -0.5, causal, (-1, -1))
+            for cfg in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
+                        (64, 64, 4, 3), (128, 64, 8, 4), (256, 64, 8, 3)):
+                try:
+                    ms = triton.testing.do_bench(lambda: FA.flash_attn_fwd(
+                        q, k, v, d ** -0.5, causal, (-1, -1), config=cfg), warmup=10, rep=40,
+                        return_mode="median")
+                    print(f"sweep fwd d{d} causal={causal} {cfg}: {fl / ms / 1e9:.0f} TFLOP/s")
+                except Exception as e:
+                    print(f"sweep fwd d{d} causal={causal} {cfg}: {type(e).__name__}")
+            for cfg in ((64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2),
+                        (128, 128, 8, 1), (64, 128, 4, 2), (32, 128, 4, 2)):
+                try:
+                    ms = triton.testing.do_bench(lambda: FA.flash_attn_bwd(
+                        do, q, k, v, out, lse, d ** -0.5, causal, (-1, -1), config=cfg),
+                        warmup=10, rep=40, return_mode="median")
+                    print(f"sweep bwd d{d} causal={causal} {cfg}: {2.5 * fl / ms / 1e9:.0f} TFLOP/s")
+                except Exception as e:
+                    print(f"sweep bwd d{d} causal={causal} {cfg}: {type(e).__name__}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="only time block configs at b4 s4096")
     args = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16
+    if args.sweep:
+        return sweep(dev, dt)
     cases = []
     for d in (128, 64):
         for s in ((2048, 8192) if args.quick else (1024, 2048, 4096, 8192, 16384)):

@@ -375,7 +375,7 @@ def _precision(dtype):
 
 
 def flash_attn_fwd(q, k, v, softmax_scale, causal, window_size, cu_seqlens_q=None,
-                   cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+                   cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *, config=None):
     """Forward launcher: (out, lse). Dense lse is (batch, nheads, seqlen_q); varlen (nheads,
     total_q)."""
     varlen = cu_seqlens_q is not None
@@ -397,7 +397,7 @@ def flash_attn_fwd(q, k, v, softmax_scale, causal, window_size, cu_seqlens_q=Non
     if not runs_triton("flash_attn", q.device):
         return _torch_fwd(q, k, v, softmax_scale, left, right, cu_seqlens_q, cu_seqlens_k,
                           out, lse)
-    block_m, block_n, warps, stages = _fwd_blocks(d, q.device, sq, sk)
+    block_m, block_n, warps, stages = config or _fwd_blocks(d, q.device, sq, sk)
     grid = (triton.cdiv(max(sq, 1), block_m), batch * h)
     cu_q = cu_seqlens_q if varlen else lse  # unused placeholders when dense
     cu_k = cu_seqlens_k if varlen else lse
@@ -415,7 +415,7 @@ def flash_attn_fwd(q, k, v, softmax_scale, causal, window_size, cu_seqlens_q=Non
 
 
 def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu_seqlens_q=None,
-                   cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None):
+                   cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *, config=None):
     """Backward launcher: (dq, dk, dv). Deterministic: no atomics, fixed reduction order."""
     varlen = cu_seqlens_q is not None
     do = _last_dim_contiguous(do)
@@ -437,7 +437,7 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
         batch, sq = q.shape[:2]
         sk = k.shape[1]
         lse_strides = lse.stride()[:2]
-    block_m, block_n, warps, stages = _bwd_blocks(d, q.device, sq, sk)
+    block_m, block_n, warps, stages = config or _bwd_blocks(d, q.device, sq, sk)
     cu_q = cu_seqlens_q if varlen else lse
     cu_k = cu_seqlens_k if varlen else lse
     common = dict(IS_VARLEN=varlen, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HEAD_DIM=d,

@@ -99,3 +99,21 @@ def test_tensor_parallel_llama_matches_unsharded():
 def test_bad_attention_option():
     with pytest.raises(ValueError, match="attention must be 'flash' or 'keep'"):
         aiter_dist.parallelize(nn.Linear(2, 2), attention="xformers")
+
+
+@pytest.mark.gpu
+def test_example_llama_flash_matches_sdpa_gpu_bf16():
+    llama = _llama_module()
+    cfg = llama.CONFIGS["small"]
+    torch.manual_seed(0)
+    model = llama.Llama(cfg).cuda()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 512), device="cuda")
+    targets = torch.randint(0, cfg.vocab_size, (2, 512), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        sdpa_loss = nn.functional.cross_entropy(model(tokens).float().flatten(0, 1),
+                                                targets.flatten())
+        aiter_dist.parallelize(model)
+        flash_loss = nn.functional.cross_entropy(model(tokens).float().flatten(0, 1),
+                                                 targets.flatten())
+    assert aiter_dist.last_path("flash_attn") == "triton"
+    torch.testing.assert_close(flash_loss, sdpa_loss, rtol=2e-3, atol=2e-3)
