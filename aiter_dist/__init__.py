@@ -13,6 +13,6 @@ from .parallel import parallelize  # noqa: F401
 
 __version__ = "0.1.0"
 
-__all__ = ["flash_attn_func", "flash_attn_varlen_func", "rms_norm", "add_rms_norm", "all_reduce", "tgemm", "nn", "parallelize",
-           "init_distributed", "local_device", "last_path", "get_workspace", "create_workspace",
-           "check_errors", "INTERPRETED"]
+__all__ = ["flash_attn_func", "flash_attn_varlen_func", "rms_norm", "add_rms_norm", "all_reduce",
+           "tgemm", "nn", "parallelize", "init_distributed", "local_device", "last_path",
+           "get_workspace", "create_workspace", "check_errors", "INTERPRETED"]
