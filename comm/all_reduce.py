@@ -28,6 +28,8 @@ from ..kernels._runtime import FLOAT_DTYPES, check_tensor, launch, record_path, 
 from .workspace import ERR_NONE, ERR_TIMEOUT, HEADER_BYTES, MAX_WORLD, get_workspace
 
 OP_ALL_REDUCE = 1
+# Op ids kernels write into the error record; other collective files register theirs here.
+OP_NAMES = {OP_ALL_REDUCE: "all_reduce"}
 _DTYPE_CODE = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 
 # Largest message (bytes) that algo="auto" sends through the one-shot kernel, by device type and
@@ -194,7 +196,7 @@ def check_comm_errors(ws) -> None:
     if code == ERR_NONE:
         return
     f = ws.err.tolist()
-    op = {OP_ALL_REDUCE: "all_reduce"}.get(f[1], f"op {f[1]}")
+    op = OP_NAMES.get(f[1], f"op {f[1]}")
     if code == ERR_TIMEOUT:
         msg = (f"aiter_dist.{op}: rank {f[2]} of {ws.describe()} did not arrive within about "
                f"{_timeout_s():.0f} s (program {f[3]}); check that every rank of the group calls "

@@ -1,0 +1,294 @@
+"""All-gather and reduce-scatter over the symmetric workspace, with torch.distributed as fallback.
+
+One launch each, the protocol of the one-shot all-reduce (``comm/all_reduce.py``): copy this rank's
+input into its workspace buffer, barrier, read the peers' buffers, barrier. The barrier, the error
+record and the launch-header check are the all-reduce's, so a missing or mismatched rank raises the
+same errors.
+
+* all-gather: rank r's n elements land at ``out[r*n:(r+1)*n]`` on every rank;
+* reduce-scatter: rank r receives chunk r of the sum, summed in rank order in fp32, so every
+  layout of ranks yields the same bits.
+
+Other ``dim``s are moved to the front around the flat kernels. Autograd follows Megatron's
+sequence-parallel conventions: the backward of all-gather is reduce-scatter and vice versa.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import triton
+import triton.language as tl
+
+from ..kernels._runtime import FLOAT_DTYPES, check_tensor, launch, record_path, runs_triton
+from .all_reduce import (_DTYPE_CODE, _POLLS_PER_S, AUTO_ONE_SHOT_MAX_BYTES, OP_NAMES, _barrier,
+                         _report, _timeout_s, check_comm_errors)
+from .workspace import HEADER_BYTES, MAX_WORLD, get_workspace
+
+OP_ALL_GATHER, OP_REDUCE_SCATTER = 2, 3
+OP_NAMES.update({OP_ALL_GATHER: "all_gather", OP_REDUCE_SCATTER: "reduce_scatter"})
+
+
+# ----------------------------------------------------------------------------- reference
+
+def all_gather_ref(shards, dim=0):
+    return torch.cat(shards, dim=dim)
+
+
+def reduce_scatter_ref(tensors, rank, dim=0):
+    total = torch.stack([t.double() for t in tensors]).sum(0)
+    return total.chunk(len(tensors), dim=dim)[rank]
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit(do_not_specialize=["total", "rank", "world", "max_spins", "dtype_code", "op_id"])
+def _one_shot_gather_scatter_kernel(
+    IN, OUT, BUF_PTRS, SIG_PTRS, ERR,
+    numel, total, rank, world, max_spins, dtype_code, op_id,
+    REDUCE: tl.constexpr, MAX_PROGRAMS: tl.constexpr, MAX_WORLD_: tl.constexpr,
+    HEADER: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # numel: elements per rank (gathered from each, or scattered to each); the input holds numel
+    # (gather) or world * numel (reduce-scatter) elements.
+    pid = tl.program_id(0)
+    nprog = tl.num_programs(0)
+    elem_ty = IN.dtype.element_ty
+    offs0 = tl.arange(0, BLOCK)
+    my_base = tl.load(BUF_PTRS + rank)
+    my_buf = tl.multiple_of((my_base + HEADER).to(tl.pointer_type(elem_ty)), 16)
+    if REDUCE:
+        n_in = numel * world
+    else:
+        n_in = numel
+    if pid == 0:
+        hdr = my_base.to(tl.pointer_type(tl.int64))
+        tl.store(hdr, numel)
+        tl.store(hdr + 1, dtype_code)
+        tl.store(hdr + 2, nprog)
+        tl.store(hdr + 3, total)
+    for start in range(pid * BLOCK, n_in, nprog * BLOCK):
+        offs = start + offs0
+        mask = offs < n_in
+        tl.store(my_buf + offs, tl.load(IN + offs, mask=mask), mask=mask)
+
+    tl.debug_barrier()
+    failed = _barrier(SIG_PTRS, ERR, pid * MAX_WORLD_, rank, world, max_spins, op_id, pid)
+    tl.debug_barrier()
+    if (pid == 0) & (failed == 0):
+        for r in range(world):
+            peer = tl.load(BUF_PTRS + r).to(tl.pointer_type(tl.int64))
+            p_numel = tl.load(peer, volatile=True)
+            p_dtype = tl.load(peer + 1, volatile=True)
+            p_nprog = tl.load(peer + 2, volatile=True)
+            p_total = tl.load(peer + 3, volatile=True)
+            if (p_numel != numel) | (p_dtype != dtype_code) | (p_nprog != nprog) | (p_total != total):
+                _report(ERR, 2, op_id, r, pid, p_total, p_dtype, total, dtype_code)
+
+    if failed == 0:
+        for start in range(pid * BLOCK, numel, nprog * BLOCK):
+            offs = start + offs0
+            mask = offs < numel
+            if REDUCE:
+                acc = tl.zeros([BLOCK], dtype=tl.float32)
+                for r in range(world):
+                    src = tl.multiple_of((tl.load(BUF_PTRS + r) + HEADER).to(
+                        tl.pointer_type(elem_ty)), 16)
+                    acc += tl.load(src + rank * numel + offs, mask=mask, other=0.0,
+                                   cache_modifier=".cg").to(tl.float32)
+                tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
+            else:
+                for r in range(world):
+                    src = tl.multiple_of((tl.load(BUF_PTRS + r) + HEADER).to(
+                        tl.pointer_type(elem_ty)), 16)
+                    tl.store(OUT + r * numel + offs,
+                             tl.load(src + offs, mask=mask, cache_modifier=".cg"), mask=mask)
+
+    tl.debug_barrier()
+    if failed == 0:
+        _barrier(SIG_PTRS, ERR, (MAX_PROGRAMS + pid) * MAX_WORLD_, rank, world, max_spins, op_id,
+                 pid)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def _launch_flat(x_flat, out_flat, n_per_rank, total, ws, reduce, op_id):
+    cpu = x_flat.device.type == "cpu"
+    block = 16384 if cpu else 2048
+    programs = min(triton.cdiv(max(n_per_rank, 1), block), ws.max_programs)
+    max_spins = min(int(_timeout_s() * _POLLS_PER_S["cpu" if cpu else "cuda"]), 2**31 - 1)
+    launch(_one_shot_gather_scatter_kernel, (programs,), x_flat.device,
+           x_flat, out_flat, ws.buffer_ptrs, ws.signal_ptrs, ws.err,
+           n_per_rank, min(total, 2**31 - 1), ws.rank, ws.world_size, max_spins,
+           _DTYPE_CODE[x_flat.dtype], op_id,
+           REDUCE=reduce, MAX_PROGRAMS=ws.max_programs, MAX_WORLD_=MAX_WORLD,
+           HEADER=HEADER_BYTES, BLOCK=block, num_warps=1 if cpu else 8)
+    if cpu:
+        check_comm_errors(ws)
+
+
+def one_shot_all_gather_raw(x: torch.Tensor, group=None) -> torch.Tensor:
+    """(world, *x.shape): every rank's x in rank order. Large messages go in pieces."""
+    ws = get_workspace(group, x.device)
+    check_comm_errors(ws)
+    x = x.contiguous().view(-1)
+    n, world = x.numel(), ws.world_size
+    out = torch.empty(world, n, dtype=x.dtype, device=x.device)
+    cap = (ws.data_bytes // x.element_size()) // 64 * 64
+    for start in range(0, n, cap):
+        m = min(cap, n - start)
+        if m == n:
+            _launch_flat(x, out.view(-1), n, n, ws, False, OP_ALL_GATHER)
+        else:
+            part = torch.empty(world, m, dtype=x.dtype, device=x.device)
+            _launch_flat(x[start:start + m], part.view(-1), m, n, ws, False, OP_ALL_GATHER)
+            out[:, start:start + m] = part
+    return out
+
+
+def one_shot_reduce_scatter_raw(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Chunk ``rank`` of the sum of the flat x (numel divisible by world). In pieces if large."""
+    ws = get_workspace(group, x.device)
+    check_comm_errors(ws)
+    world = ws.world_size
+    x2 = x.contiguous().view(world, -1)
+    n = x2.shape[1]
+    out = torch.empty(n, dtype=x.dtype, device=x.device)
+    cap = (ws.data_bytes // x.element_size()) // (64 * world) * 64
+    for start in range(0, n, cap):
+        m = min(cap, n - start)
+        src = x2.view(-1) if m == n else x2[:, start:start + m].contiguous().view(-1)
+        _launch_flat(src, out[start:start + m], m, n, ws, True, OP_REDUCE_SCATTER)
+    return out
+
+
+def _fallback_all_gather(x, group, world):
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x, group=group)
+    return torch.stack(parts)
+
+
+def _fallback_reduce_scatter(x2, group, rank):
+    if dist.get_backend(group) == "gloo" or x2.device.type == "cpu":
+        total = x2.clone()
+        dist.all_reduce(total, group=group)  # gloo has no reduce-scatter
+        return total[rank].clone()
+    out = torch.empty_like(x2[0])
+    dist.reduce_scatter_tensor(out, x2, group=group)
+    return out
+
+
+def _use_kernel(op, x, world, algo):
+    if algo == "fallback":
+        return False, None
+    if world > MAX_WORLD:
+        return False, f"world size {world} > {MAX_WORLD}"
+    if not runs_triton(op, x.device):
+        return False, "CPU tensor on a GPU machine"
+    if algo == "one_shot":
+        return True, None
+    # Not yet measured for these ops: the all-reduce's thresholds (same protocol, same costs).
+    if x.device.type == "cpu":
+        table = "cpu"
+    else:
+        table = "cuda" if torch.cuda.is_current_stream_capturing() else "cuda-eager"
+    return x.numel() * x.element_size() <= AUTO_ONE_SHOT_MAX_BYTES[table].get(world, 0), None
+
+
+def _check(op, x, dim, algo):
+    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES)
+    if not -x.dim() <= dim < x.dim():
+        raise ValueError(f"aiter_dist.{op}: dim {dim} is out of range for a {x.dim()}-D tensor")
+    if algo not in ("auto", "one_shot", "fallback"):
+        raise ValueError(f"aiter_dist.{op}: algo must be 'auto', 'one_shot' or 'fallback', "
+                         f"got {algo!r}")
+    return dim % x.dim()
+
+
+def all_gather_raw(x, dim=0, group=None, algo="auto"):
+    dim = _check("all_gather", x, dim, algo)
+    group = group if group is not None else dist.group.WORLD
+    world = dist.get_world_size(group)
+    if world == 1:
+        record_path("all_gather", "identity")
+        return x.clone()
+    kernel, reason = _use_kernel("all_gather", x, world, algo)
+    if kernel:
+        record_path("all_gather", "one_shot")
+        stacked = one_shot_all_gather_raw(x, group).view(world, *x.shape)
+    else:
+        record_path("all_gather", "torch.distributed", reason)
+        stacked = _fallback_all_gather(x.contiguous(), group, world)
+    # (world, ..., d_dim, ...) -> (..., world * d_dim, ...): shard r at rows r*d .. (r+1)*d.
+    moved = stacked.movedim(0, dim)
+    return moved.reshape(*x.shape[:dim], world * x.shape[dim], *x.shape[dim + 1:])
+
+
+def reduce_scatter_raw(x, dim=0, group=None, algo="auto"):
+    dim = _check("reduce_scatter", x, dim, algo)
+    group = group if group is not None else dist.group.WORLD
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if x.shape[dim] % world:
+        raise ValueError(f"aiter_dist.reduce_scatter: x.shape[{dim}]={x.shape[dim]} is not "
+                         f"divisible by the world size {world}; pad it to a multiple of {world}")
+    if world == 1:
+        record_path("reduce_scatter", "identity")
+        return x.clone()
+    chunk = x.shape[dim] // world
+    # (..., world * c, ...) -> (world, ..., c, ...), contiguous: chunk r is block r.
+    x2 = x.unflatten(dim, (world, chunk)).movedim(dim, 0).contiguous()
+    out_shape = x2.shape[1:]
+    kernel, reason = _use_kernel("reduce_scatter", x, world, algo)
+    if kernel:
+        record_path("reduce_scatter", "one_shot")
+        out = one_shot_reduce_scatter_raw(x2, group)
+    else:
+        record_path("reduce_scatter", "torch.distributed", reason)
+        out = _fallback_reduce_scatter(x2.view(world, -1), group, rank)
+    return out.view(out_shape)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class AllGatherFunc(torch.autograd.Function):
+    """Forward: gather shards along ``dim``. Backward: reduce-scatter (each rank's gradient of the
+    gathered tensor is partial in sequence parallelism)."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group, algo):
+        ctx.args = (dim, group, algo)
+        return all_gather_raw(x, dim, group, algo)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dim, group, algo = ctx.args
+        return reduce_scatter_raw(grad, dim, group, algo), None, None, None
+
+
+class ReduceScatterFunc(torch.autograd.Function):
+    """Forward: sum over ranks, keep this rank's chunk of ``dim``. Backward: all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group, algo):
+        ctx.args = (dim, group, algo)
+        return reduce_scatter_raw(x, dim, group, algo)
+
+    @staticmethod
+    def backward(ctx, grad):
+        dim, group, algo = ctx.args
+        return all_gather_raw(grad, dim, group, algo), None, None, None
+
+
+# ----------------------------------------------------------------------------- functional API
+
+def all_gather(x, dim=0, group=None, *, algo="auto"):
+    """Concatenate every rank's ``x`` along ``dim`` (rank order). ``algo`` as for all_reduce."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return AllGatherFunc.apply(x, dim, group, algo)
+    return all_gather_raw(x, dim, group, algo)
+
+
+def reduce_scatter(x, dim=0, group=None, *, algo="auto"):
+    """Sum ``x`` over the ranks and keep this rank's chunk of ``dim`` (size divisible by world)."""
+    if x.requires_grad and torch.is_grad_enabled():
+        return ReduceScatterFunc.apply(x, dim, group, algo)
+    return reduce_scatter_raw(x, dim, group, algo)
