@@ -1,6 +1,7 @@
 """Collectives over the symmetric workspace (installed as ``aiter_dist.comm``)."""
 from .all_reduce import (AllReduceFunc, all_reduce, all_reduce_raw, check_comm_errors,  # noqa: F401
                          copy_to_parallel_region, one_shot_all_reduce_raw)
+from .fused_norm import all_reduce_add_rms_norm  # noqa: F401
 from .gather_scatter import all_gather, reduce_scatter  # noqa: F401
 from .tensor_parallel import gather_last_dim, split_last_dim  # noqa: F401
 from .workspace import (SymmetricWorkspace, create_workspace, find_workspace,  # noqa: F401
