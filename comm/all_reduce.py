@@ -112,6 +112,29 @@ def _barrier(SIG_PTRS, ERR, slot_base, rank, world, max_spins, op_id, program):
     return failed
 
 
+@triton.jit
+def _write_header(base, numel, dtype_code, nprog, extra):
+    """This launch's header at the start of this rank's buffer, for the peers to check."""
+    hdr = base.to(tl.pointer_type(tl.int64))
+    tl.store(hdr, numel)
+    tl.store(hdr + 1, dtype_code)
+    tl.store(hdr + 2, nprog)
+    tl.store(hdr + 3, extra)
+
+
+@triton.jit
+def _check_headers(BUF_PTRS, ERR, world, numel, dtype_code, nprog, extra, op_id, program):
+    """Report the first peer whose header differs from this rank's (after the start barrier)."""
+    for r in range(world):
+        peer = tl.load(BUF_PTRS + r).to(tl.pointer_type(tl.int64))
+        p_numel = tl.load(peer, volatile=True)
+        p_dtype = tl.load(peer + 1, volatile=True)
+        p_nprog = tl.load(peer + 2, volatile=True)
+        p_extra = tl.load(peer + 3, volatile=True)
+        if (p_numel != numel) | (p_dtype != dtype_code) | (p_nprog != nprog) | (p_extra != extra):
+            _report(ERR, 2, op_id, r, program, p_numel, p_dtype, numel, dtype_code)
+
+
 # Rank-like ints are not specialized: a value of 1 (rank 1, dtype code 1) would otherwise become a
 # compile-time constant and a different kernel per rank. numel stays specialized: knowing it is a
 # multiple of 16 is what lets the masked loads be 16 bytes wide (3x at 4 MB on H200).
@@ -131,11 +154,7 @@ def _one_shot_all_reduce_kernel(
 
     # 1. Copy in; program 0 also writes this launch's header for the peers to check.
     if pid == 0:
-        hdr = my_base.to(tl.pointer_type(tl.int64))
-        tl.store(hdr, numel)
-        tl.store(hdr + 1, dtype_code)
-        tl.store(hdr + 2, nprog)
-        tl.store(hdr + 3, total)
+        _write_header(my_base, numel, dtype_code, nprog, total)
     for start in range(pid * BLOCK, numel, nprog * BLOCK):
         offs = start + offs0
         mask = offs < numel
@@ -150,14 +169,7 @@ def _one_shot_all_reduce_kernel(
     # wrote their headers before signalling it). Different sizes also mean different grids, so
     # the surplus programs of one rank time out; the first error recorded is this one.
     if (pid == 0) & (failed == 0):
-        for r in range(world):
-            peer = tl.load(BUF_PTRS + r).to(tl.pointer_type(tl.int64))
-            p_numel = tl.load(peer, volatile=True)
-            p_dtype = tl.load(peer + 1, volatile=True)
-            p_nprog = tl.load(peer + 2, volatile=True)
-            p_total = tl.load(peer + 3, volatile=True)
-            if (p_numel != numel) | (p_dtype != dtype_code) | (p_nprog != nprog) | (p_total != total):
-                _report(ERR, 2, op_id, r, pid, p_total, p_dtype, total, dtype_code)
+        _check_headers(BUF_PTRS, ERR, world, numel, dtype_code, nprog, total, op_id, pid)
 
     # 3. Reduce in rank order, fp32 accumulation.
     if failed == 0:

@@ -19,7 +19,8 @@ import triton.language as tl
 from ..kernels._runtime import launch, record_path, runs_triton
 from ..kernels.rmsnorm import _check_norm_inputs, rms_norm_bwd, rms_norm_fwd
 from .all_reduce import (_DTYPE_CODE, _POLLS_PER_S, AUTO_ONE_SHOT_MAX_BYTES, OP_NAMES, _barrier,
-                         _report, _timeout_s, all_reduce_raw, check_comm_errors)
+                         _check_headers, _timeout_s, _write_header, all_reduce_raw,
+                         check_comm_errors)
 from .workspace import HEADER_BYTES, MAX_WORLD, get_workspace
 from ..kernels.rmsnorm import add_rms_norm_ref
 
@@ -54,11 +55,7 @@ def _all_reduce_add_rms_norm_kernel(
     my_base = tl.load(BUF_PTRS + rank)
     my_buf = tl.multiple_of((my_base + HEADER).to(tl.pointer_type(elem_ty)), 16)
     if pid == 0:
-        hdr = my_base.to(tl.pointer_type(tl.int64))
-        tl.store(hdr, M * N)
-        tl.store(hdr + 1, dtype_code)
-        tl.store(hdr + 2, nprog)
-        tl.store(hdr + 3, N)
+        _write_header(my_base, M * N, dtype_code, nprog, N)
     for blk in range(pid, tl.cdiv(M, BLOCK_M), nprog):
         rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
         offs = rows.to(tl.int64)[:, None] * N + cols
@@ -69,14 +66,7 @@ def _all_reduce_add_rms_norm_kernel(
     failed = _barrier(SIG_PTRS, ERR, pid * MAX_WORLD_, rank, world, max_spins, op_id, pid)
     tl.debug_barrier()
     if (pid == 0) & (failed == 0):
-        for r in range(world):
-            peer = tl.load(BUF_PTRS + r).to(tl.pointer_type(tl.int64))
-            p_numel = tl.load(peer, volatile=True)
-            p_dtype = tl.load(peer + 1, volatile=True)
-            p_nprog = tl.load(peer + 2, volatile=True)
-            p_n = tl.load(peer + 3, volatile=True)
-            if (p_numel != M * N) | (p_dtype != dtype_code) | (p_nprog != nprog) | (p_n != N):
-                _report(ERR, 2, op_id, r, pid, p_numel, p_dtype, M * N, dtype_code)
+        _check_headers(BUF_PTRS, ERR, world, M * N, dtype_code, nprog, N, op_id, pid)
 
     if failed == 0:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)

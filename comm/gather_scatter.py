@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ..kernels._runtime import FLOAT_DTYPES, check_tensor, launch, record_path, runs_triton
 from .all_reduce import (_DTYPE_CODE, _POLLS_PER_S, AUTO_ONE_SHOT_MAX_BYTES, OP_NAMES, _barrier,
-                         _report, _timeout_s, check_comm_errors)
+                         _check_headers, _timeout_s, _write_header, check_comm_errors)
 from .workspace import HEADER_BYTES, MAX_WORLD, get_workspace
 
 OP_ALL_GATHER, OP_REDUCE_SCATTER = 2, 3
@@ -61,11 +61,7 @@ def _one_shot_gather_scatter_kernel(
     else:
         n_in = numel
     if pid == 0:
-        hdr = my_base.to(tl.pointer_type(tl.int64))
-        tl.store(hdr, numel)
-        tl.store(hdr + 1, dtype_code)
-        tl.store(hdr + 2, nprog)
-        tl.store(hdr + 3, total)
+        _write_header(my_base, numel, dtype_code, nprog, total)
     for start in range(pid * BLOCK, n_in, nprog * BLOCK):
         offs = start + offs0
         mask = offs < n_in
@@ -75,14 +71,7 @@ def _one_shot_gather_scatter_kernel(
     failed = _barrier(SIG_PTRS, ERR, pid * MAX_WORLD_, rank, world, max_spins, op_id, pid)
     tl.debug_barrier()
     if (pid == 0) & (failed == 0):
-        for r in range(world):
-            peer = tl.load(BUF_PTRS + r).to(tl.pointer_type(tl.int64))
-            p_numel = tl.load(peer, volatile=True)
-            p_dtype = tl.load(peer + 1, volatile=True)
-            p_nprog = tl.load(peer + 2, volatile=True)
-            p_total = tl.load(peer + 3, volatile=True)
-            if (p_numel != numel) | (p_dtype != dtype_code) | (p_nprog != nprog) | (p_total != total):
-                _report(ERR, 2, op_id, r, pid, p_total, p_dtype, total, dtype_code)
+        _check_headers(BUF_PTRS, ERR, world, numel, dtype_code, nprog, total, op_id, pid)
 
     if failed == 0:
         for start in range(pid * BLOCK, numel, nprog * BLOCK):
