@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 import aiter_dist
-from common import emit
+from common import capture_graph, emit
 
 SIZES = "4K,16K,64K,256K,512K,1M,4M,16M,64M,256M"
 
@@ -27,48 +27,36 @@ def parse_size(s: str) -> int:
     return int(s[:-1]) * mult[s[-1]] if s[-1] in mult else int(s)
 
 
-def time_eager(fn, iters: int, repeats: int = 5) -> float:
+def _median_us(run, calls: int, repeats: int = 5) -> float:
+    """Median over ``repeats`` of the event time of ``run()`` (which makes ``calls`` calls),
+    per call; ranks line up at a barrier before each repeat."""
+    times = []
+    for _ in range(repeats):
+        dist.barrier()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def time_eager(fn, iters: int) -> float:
     for _ in range(3):
         fn()
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+
+    def run():
         for _ in range(iters):
             fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / iters)
-    return statistics.median(times)
+    return _median_us(run, iters)
 
 
-def time_graph(fn, iters: int, repeats: int = 5) -> float:
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(iters):
-            fn()
+def time_graph(fn, iters: int) -> float:
+    graph = capture_graph(fn, iters)
     graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(repeats):
-        dist.barrier()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / iters)
-    return statistics.median(times)
+    return _median_us(graph.replay, iters)
 
 
 def main():

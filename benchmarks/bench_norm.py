@@ -19,7 +19,7 @@ import triton
 
 import aiter_dist
 from aiter_dist.kernels import rmsnorm as K
-from common import copy_bandwidth_tbps, emit
+from common import capture_graph, copy_bandwidth_tbps, emit
 
 
 def eager_rms(x, w, eps=1e-6):
@@ -53,16 +53,8 @@ def bench(fn, grad_outputs=None, inputs=()):
         outs = outs if isinstance(outs, tuple) else (outs,)
         return torch.autograd.grad(outs, list(inputs), grad_outputs[:len(outs)],
                                    allow_unused=True)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return triton.testing.do_bench(graph.replay, warmup=25, rep=100, return_mode="median")
+    return triton.testing.do_bench(capture_graph(step).replay, warmup=25, rep=100,
+                                   return_mode="median")
 
 
 def main():

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ..kernels._runtime import launch, record_path, runs_triton
-from ..kernels.rmsnorm import _check_norm_inputs, rms_norm_bwd, rms_norm_fwd
+from ..kernels.rmsnorm import _check_norm_inputs, add_rms_norm_bwd, rms_norm_fwd
 from .all_reduce import (_DTYPE_CODE, _POLLS_PER_S, AUTO_ONE_SHOT_MAX_BYTES, OP_NAMES, _barrier,
                          _check_headers, _timeout_s, _write_header, all_reduce_raw,
                          check_comm_errors)
@@ -167,9 +167,7 @@ class AllReduceAddRMSNormFunc(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dres_out):
         res_out, weight, rstd = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(res_out)
-        dx, dw = rms_norm_bwd(dy, res_out, weight, rstd, dresidual=dres_out)
+        dx, dw = add_rms_norm_bwd(dy, dres_out, res_out, weight, rstd)
         # The all-reduce passes the gradient through unchanged (identity backward).
         return dx, dx, dw, None, None, None
 

@@ -428,12 +428,12 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
     d = q.shape[-1]
     h, hk = q.shape[-2], k.shape[-2]
     left, right = _window(causal, window_size)
+    if not runs_triton("flash_attn_bwd", q.device):
+        return _torch_bwd(do, q, k, v, softmax_scale, left, right, cu_seqlens_q, cu_seqlens_k)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     # delta_i = sum_d dO_id * O_id, laid out like lse.
     delta = (do.float() * out.float()).sum(-1)
     delta = delta.permute(1, 0).contiguous() if varlen else delta.permute(0, 2, 1).contiguous()
-    if not runs_triton("flash_attn_bwd", q.device):
-        return _torch_bwd(do, q, k, v, softmax_scale, left, right, cu_seqlens_q, cu_seqlens_k)
     if varlen:
         batch = cu_seqlens_q.numel() - 1
         sq, sk = max_seqlen_q, max_seqlen_k

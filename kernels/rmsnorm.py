@@ -365,6 +365,14 @@ def rms_norm_bwd(dy, x_normed, weight, rstd, dresidual=None, *, max_n=FUSED_MAX_
     return dx.view(x_normed.shape), dw
 
 
+def add_rms_norm_bwd(dy, dresidual_out, residual_out, weight, rstd):
+    """Gradients of (out, residual_out) = add_rms_norm(x, residual): (dx, dweight); x and
+    residual receive the same dx. Either incoming gradient may be None."""
+    if dy is None:
+        dy = torch.zeros_like(residual_out)
+    return rms_norm_bwd(dy, residual_out, weight, rstd, dresidual=dresidual_out)
+
+
 # ----------------------------------------------------------------------------- autograd
 
 class RMSNormFunction(torch.autograd.Function):
@@ -391,9 +399,7 @@ class AddRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dresidual_out):
         residual_out, weight, rstd = ctx.saved_tensors
-        if dy is None:
-            dy = torch.zeros_like(residual_out)
-        dx, dw = rms_norm_bwd(dy, residual_out, weight, rstd, dresidual=dresidual_out)
+        dx, dw = add_rms_norm_bwd(dy, dresidual_out, residual_out, weight, rstd)
         # d(x + residual)/dx = d/dresidual = 1: both inputs receive the same gradient.
         return dx, dx, dw, None
 
@@ -414,4 +420,4 @@ def add_rms_norm(x, residual, weight, eps=1e-6):
 
 
 __all__ = ["rms_norm", "add_rms_norm", "rms_norm_ref", "add_rms_norm_ref", "rms_norm_fwd",
-           "rms_norm_bwd", "RMSNormFunction", "AddRMSNormFunction", "FUSED_MAX_N"]
+           "rms_norm_bwd", "add_rms_norm_bwd", "RMSNormFunction", "AddRMSNormFunction", "FUSED_MAX_N"]
