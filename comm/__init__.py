@@ -1,11 +1,13 @@
 """Collectives over the symmetric workspace (installed as ``aiter_dist.comm``)."""
-from .all_reduce import (AllReduceFunc, all_reduce, all_reduce_raw, check_comm_errors,  # noqa: F401
-                         copy_to_parallel_region, one_shot_all_reduce_raw)
-from .fused_norm import all_reduce_add_rms_norm  # noqa: F401
+from .all_reduce import (AllReduceFunc, all_reduce, all_reduce_raw,  # noqa: F401
+                         copy_to_parallel_region, one_shot_all_reduce_raw, two_shot_all_reduce_raw)
+from .fused_norm import (all_reduce_add_rms_norm, all_reduce_add_rms_norm_fp8,  # noqa: F401
+                         reduce_scatter_add_rms_norm, rms_norm_all_gather)
+from .protocol import check_comm_errors  # noqa: F401
 from .gather_scatter import all_gather, reduce_scatter  # noqa: F401
 from .tensor_parallel import gather_last_dim, split_last_dim  # noqa: F401
 from .workspace import (SymmetricWorkspace, create_workspace, find_workspace,  # noqa: F401
-                        get_workspace, release_workspaces)
+                        get_workspace, release_workspaces, workspace_tensor)
 
 
 def check_errors(group=None, device=None) -> None:

@@ -1,261 +1,190 @@
 """All-reduce (sum) over the symmetric workspace, with torch.distributed as the fallback.
 
-One-shot algorithm, one launch (every rank launches the same grid for the same message):
-  1. every program copies its share of the input into this rank's workspace buffer;
-  2. start barrier (per program, with every peer's program of the same index);
-  3. every program reads its share from all ranks' buffers, sums in rank order in fp32, and writes
-     the output: every rank computes the same sum in the same order, so all hold the same bits;
-  4. end barrier, so no rank overwrites its buffer while a peer still reads it.
+Two kernels, each one launch on the protocol of ``comm/protocol.py`` (copy in, barrier, work,
+barrier):
 
-Program ``p`` always owns the same elements in steps 1 and 3, so a barrier per program suffices.
-Waits are bounded: a peer that never arrives sets the workspace's error record, and the host raises
-``RuntimeError`` naming the op, the group and the missing rank.
+* one-shot: every rank reads the whole message from every peer and sums it. Least latency: one
+  round of reads.
+* two-shot: the message is cut into ``world`` chunks; rank ``r`` sums chunk ``r`` from every peer
+  and writes the sum into every peer's buffer at the same place (reduce-scatter), meets its peers,
+  then reads the other chunks from its own buffer (all-gather). Each rank moves ``2 (w-1)/w`` of
+  the message over the links instead of ``w - 1``: the better choice for large messages.
 
-``algo``: ``"one_shot"`` (the kernel), ``"fallback"`` (``torch.distributed.all_reduce``), or
-``"auto"``, which takes the kernel up to a message size measured per device type and world size
-(``AUTO_ONE_SHOT_MAX_BYTES``; see the table's comment).
+Both sum in rank order with fp32 accumulation and round once, so every rank holds the same bits,
+and both algorithms give the same bits as each other.
+
+An input that already lives in the workspace (``aiter_dist.comm.workspace_tensor``) skips the copy
+in. ``algo`` is ``"one_shot"``, ``"two_shot"``, ``"fallback"`` (``torch.distributed.all_reduce``) or
+``"auto"``, which picks by message size from thresholds measured per device and world size
+(``AUTO_ALL_REDUCE``; see the table's comment).
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ..kernels._runtime import FLOAT_DTYPES, check_tensor, launch, record_path, runs_triton
-from .workspace import ERR_NONE, ERR_TIMEOUT, HEADER_BYTES, MAX_WORLD, get_workspace
+from ..kernels._runtime import launch, record_path, runs_triton
+from .protocol import (DTYPE_CODE, OP_NAMES, _finish, _meet, _peer_buf, _start, after_launch,
+                       auto_table, check_comm_errors, check_comm_input, max_spins, resolve_group)
+from .workspace import HEADER_BYTES, MAX_WORLD, get_workspace
 
 OP_ALL_REDUCE = 1
-# Op ids kernels write into the error record; other collective files register theirs here.
-OP_NAMES = {OP_ALL_REDUCE: "all_reduce"}
-_DTYPE_CODE = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
+OP_NAMES[OP_ALL_REDUCE] = "all_reduce"
+ALGOS = ("auto", "one_shot", "two_shot", "fallback")
 
-# Largest message (bytes) that algo="auto" sends through the one-shot kernel, by device type and
-# world size; larger ones go to torch.distributed. "cuda" applies while a CUDA graph is being
-# captured; "cuda-eager" to eager calls, where each call pays the Python launch cost.
-# cuda: benchmarks/results/h200.md (bench_allreduce.py, 2x H200, bf16, CUDA-graph replay): the
-#   one-shot kernel beats NCCL 1.16-1.30x from 4 KB to 4 MB, and loses from 16 MB (113 vs 75 us).
-#   Other world sizes have not been measured: they use the same threshold until runs on 4 and 8
-#   GPUs retune it.
+# algo="auto": per device row and world size, (largest message in bytes, algorithm) in increasing
+# order; larger messages go to torch.distributed. "cuda" applies while a CUDA graph is captured,
+# "cuda-eager" to eager calls, where every call pays the Python launch cost.
+# cuda: benchmarks/results/h200.md (bench_allreduce.py, 2x H200, bf16, graph replay): one-shot
+#   beats NCCL 1.16-1.30x from 4 KB to 4 MB and loses from 16 MB (113 vs 75 us). Two-shot has not
+#   been timed on a GPU yet, so auto does not pick it there; other world sizes use the 2-GPU
+#   figures until runs on 4 and 8 GPUs retune them.
+# cuda-eager: the kernel costs ~40 us of host time per call against NCCL's ~22-25 us up to 1 MB
+#   and ties at 4 MB (38.8 vs 39.2 us): NCCL serves eager calls until launch gets cheaper.
 # cpu: the CPU backend exists so the real kernels run in CI and in CPU training; gloo is faster
-#   there, but small messages take the kernel so that CPU runs exercise it.
-AUTO_ONE_SHOT_MAX_BYTES = {
-    "cuda": {w: 4 << 20 for w in range(2, MAX_WORLD + 1)},
-    # Eager, 2x H200: the kernel costs ~40 us of host time per call against NCCL's ~22-25 us up to
-    # 1 MB, and ties at 4 MB (38.8 vs 39.2 us): NCCL serves eager calls until launch gets cheaper.
-    "cuda-eager": {w: 0 for w in range(2, MAX_WORLD + 1)},
-    "cpu": {w: 256 << 10 for w in range(2, MAX_WORLD + 1)},
+#   there, but small messages take the kernels so that CPU runs exercise both.
+AUTO_ALL_REDUCE = {
+    "cuda": {w: ((4 << 20, "one_shot"),) for w in range(2, MAX_WORLD + 1)},
+    "cuda-eager": {w: () for w in range(2, MAX_WORLD + 1)},
+    "cpu": {w: ((64 << 10, "one_shot"), (256 << 10, "two_shot")) for w in range(2, MAX_WORLD + 1)},
 }
 
 
-def _timeout_s() -> float:
-    return float(os.environ.get("AITER_DIST_COMM_TIMEOUT_S", "60"))
+def auto_algo(device: torch.device, world: int, nbytes: int) -> str:
+    """The algorithm ``algo="auto"`` takes for a message of ``nbytes`` (``"fallback"`` past the
+    table). Other collectives of the same protocol use the same rows."""
+    for limit, algo in AUTO_ALL_REDUCE[auto_table(device)].get(world, ()):
+        if nbytes <= limit:
+            return algo
+    return "fallback"
 
 
-# AITER_DIST_SYNC_CHECK=1: synchronize after every GPU collective and raise at once on a missing
-# peer (debugging); by default the error surfaces at the next collective or check_errors().
-_SYNC_CHECK = os.environ.get("AITER_DIST_SYNC_CHECK") == "1"
+# ----------------------------------------------------------------------------- reference
 
-
-# Polls per second of a waiting program, used to turn the timeout into a spin bound. The GPU figure
-# is about one system-scope atomic round trip; the interpreter's is measured on a 2-core CPU.
-_POLLS_PER_S = {"cpu": 2e4, "cuda": 2e6}
+def all_reduce_ref(xs):
+    """Sum of every rank's tensor in float64, in the inputs' dtype."""
+    return torch.stack([x.double() for x in xs]).sum(0).to(xs[0].dtype)
 
 
 # ----------------------------------------------------------------------------- kernels
 
-@triton.jit
-def _report(ERR, code, op_id, peer, program, peer_total, peer_dtype, my_total, my_dtype):
-    """Record the first error of a launch (later ones keep the first); the host reads it."""
-    if tl.atomic_cas(ERR, 0, code, sem="acq_rel", scope="sys") == 0:
-        tl.store(ERR + 1, op_id)
-        tl.store(ERR + 2, peer)
-        tl.store(ERR + 3, program)
-        tl.store(ERR + 4, peer_total)
-        tl.store(ERR + 5, peer_dtype)
-        tl.store(ERR + 6, my_total)
-        tl.store(ERR + 7, my_dtype)
-
-
-@triton.jit
-def _barrier(SIG_PTRS, ERR, slot_base, rank, world, max_spins, op_id, program):
-    """Signal every peer's slot ``slot_base + rank``, then wait for every peer in this rank's slots.
-
-    Flags reset themselves: the sender waits for 0 and writes 1 (release), the receiver waits for
-    1 and writes 0 (acquire). Each wait gives up after ``max_spins`` polls and reports the peer.
-    Returns 1 if some peer did not arrive.
-    """
-    failed = 0
-    for r in range(world):
-        slot = tl.load(SIG_PTRS + r).to(tl.pointer_type(tl.int32)) + slot_base + rank
-        prev = tl.atomic_cas(slot, 0, 1, sem="release", scope="sys")
-        spins = 1
-        while (prev != 0) & (spins < max_spins):
-            prev = tl.atomic_cas(slot, 0, 1, sem="release", scope="sys")
-            spins += 1
-        if (prev != 0) & (failed == 0):
-            failed = 1
-            _report(ERR, 1, op_id, r, program, 0, 0, 0, 0)
-    if failed == 0:
-        my_sig = tl.load(SIG_PTRS + rank).to(tl.pointer_type(tl.int32)) + slot_base
-        for r in range(world):
-            prev = tl.atomic_cas(my_sig + r, 1, 0, sem="acquire", scope="sys")
-            spins = 1
-            while (prev != 1) & (spins < max_spins):
-                prev = tl.atomic_cas(my_sig + r, 1, 0, sem="acquire", scope="sys")
-                spins += 1
-            if (prev != 1) & (failed == 0):
-                failed = 1
-                _report(ERR, 1, op_id, r, program, 0, 0, 0, 0)
-    return failed
-
-
-@triton.jit
-def _write_header(base, numel, dtype_code, nprog, extra):
-    """This launch's header at the start of this rank's buffer, for the peers to check."""
-    hdr = base.to(tl.pointer_type(tl.int64))
-    tl.store(hdr, numel)
-    tl.store(hdr + 1, dtype_code)
-    tl.store(hdr + 2, nprog)
-    tl.store(hdr + 3, extra)
-
-
-@triton.jit
-def _check_headers(BUF_PTRS, ERR, world, numel, dtype_code, nprog, extra, op_id, program):
-    """Report the first peer whose header differs from this rank's (after the start barrier)."""
-    for r in range(world):
-        peer = tl.load(BUF_PTRS + r).to(tl.pointer_type(tl.int64))
-        p_numel = tl.load(peer, volatile=True)
-        p_dtype = tl.load(peer + 1, volatile=True)
-        p_nprog = tl.load(peer + 2, volatile=True)
-        p_extra = tl.load(peer + 3, volatile=True)
-        if (p_numel != numel) | (p_dtype != dtype_code) | (p_nprog != nprog) | (p_extra != extra):
-            _report(ERR, 2, op_id, r, program, p_numel, p_dtype, numel, dtype_code)
-
-
 # Rank-like ints are not specialized: a value of 1 (rank 1, dtype code 1) would otherwise become a
-# compile-time constant and a different kernel per rank. numel stays specialized: knowing it is a
-# multiple of 16 is what lets the masked loads be 16 bytes wide (3x at 4 MB on H200).
+# compile-time constant and a different kernel per rank. numel and chunk stay specialized: knowing
+# they are multiples of 16 is what lets the masked loads be 16 bytes wide (3x at 4 MB on H200).
 @triton.jit(do_not_specialize=["total", "rank", "world", "max_spins", "dtype_code", "op_id"])
-def _one_shot_all_reduce_kernel(
+def _all_reduce_kernel(
     IN, OUT, BUF_PTRS, SIG_PTRS, ERR,
-    numel, total, rank, world, max_spins, dtype_code, op_id,
-    MAX_PROGRAMS: tl.constexpr, MAX_WORLD_: tl.constexpr, HEADER: tl.constexpr,
-    BLOCK: tl.constexpr,
+    numel, chunk, total, rank, world, max_spins, dtype_code, op_id,
+    TWO_SHOT: tl.constexpr, COPY_IN: tl.constexpr, MAX_PROGRAMS: tl.constexpr,
+    MAX_WORLD_: tl.constexpr, HEADER: tl.constexpr, BLOCK: tl.constexpr,
 ):
+    # One-shot: one chunk of numel elements, reduced by every rank. Two-shot: world chunks of
+    # ``chunk`` elements (the last ones short or empty); rank r reduces chunk r.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    elem_ty = IN.dtype.element_ty
+    elem_ty = OUT.dtype.element_ty
     offs0 = tl.arange(0, BLOCK)
-    my_base = tl.load(BUF_PTRS + rank)
-    my_buf = tl.multiple_of((my_base + HEADER).to(tl.pointer_type(elem_ty)), 16)
+    if TWO_SHOT:
+        n_chunks = world
+        mine = rank * chunk
+    else:
+        n_chunks = 1
+        mine = 0
+    failed = _start(IN, BUF_PTRS, SIG_PTRS, ERR, numel, chunk, n_chunks, numel, total * 2 + TWO_SHOT,
+                    rank, world, max_spins, dtype_code, op_id,
+                    COPY_IN, MAX_PROGRAMS, MAX_WORLD_, HEADER, BLOCK)
 
-    # 1. Copy in; program 0 also writes this launch's header for the peers to check.
-    if pid == 0:
-        _write_header(my_base, numel, dtype_code, nprog, total)
-    for start in range(pid * BLOCK, numel, nprog * BLOCK):
-        offs = start + offs0
-        mask = offs < numel
-        tl.store(my_buf + offs, tl.load(IN + offs, mask=mask), mask=mask)
-
-    # 2. Start barrier (channel 0). Sync the program first: one thread signals for all of them.
-    tl.debug_barrier()
-    failed = _barrier(SIG_PTRS, ERR, pid * MAX_WORLD_, rank, world, max_spins, op_id, pid)
-    tl.debug_barrier()
-
-    # Every peer must have launched the same message (program 0 exists on every rank and its peers
-    # wrote their headers before signalling it). Different sizes also mean different grids, so
-    # the surplus programs of one rank time out; the first error recorded is this one.
-    if (pid == 0) & (failed == 0):
-        _check_headers(BUF_PTRS, ERR, world, numel, dtype_code, nprog, total, op_id, pid)
-
-    # 3. Reduce in rank order, fp32 accumulation.
+    # Reduce this rank's chunk in rank order, fp32 accumulation, one rounding.
     if failed == 0:
-        for start in range(pid * BLOCK, numel, nprog * BLOCK):
-            offs = start + offs0
-            mask = offs < numel
+        for start in range(pid * BLOCK, chunk, nprog * BLOCK):
+            offs = mine + start + offs0
+            mask = (start + offs0 < chunk) & (offs < numel)
             acc = tl.zeros([BLOCK], dtype=tl.float32)
             for r in range(world):
-                src = tl.multiple_of((tl.load(BUF_PTRS + r) + HEADER).to(tl.pointer_type(elem_ty)), 16)
+                src = _peer_buf(BUF_PTRS, r, elem_ty, HEADER)
                 acc += tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cg").to(tl.float32)
-            tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
+            total_ = acc.to(elem_ty)
+            tl.store(OUT + offs, total_, mask=mask)
+            if TWO_SHOT:
+                # Only this rank reads chunk ``rank`` of any buffer, and this program just read
+                # these elements: writing the sum over them is safe.
+                for r in range(world):
+                    tl.store(_peer_buf(BUF_PTRS, r, elem_ty, HEADER) + offs, total_, mask=mask)
 
-    # 4. End barrier (channel 1): peers are done reading this rank's buffer.
-    tl.debug_barrier()
-    if failed == 0:
-        _barrier(SIG_PTRS, ERR, (MAX_PROGRAMS + pid) * MAX_WORLD_, rank, world, max_spins, op_id,
-                 pid)
+    if TWO_SHOT:
+        # Every peer's program pid has written its chunk's sums into this rank's buffer.
+        if failed == 0:
+            failed = _meet(BUF_PTRS, SIG_PTRS, ERR, rank, world, max_spins, op_id, 1,
+                           MAX_PROGRAMS, MAX_WORLD_)
+        if failed == 0:
+            my_buf = _peer_buf(BUF_PTRS, rank, elem_ty, HEADER)
+            for c in range(world):
+                if c != rank:
+                    for start in range(pid * BLOCK, chunk, nprog * BLOCK):
+                        offs = c * chunk + start + offs0
+                        mask = (start + offs0 < chunk) & (offs < numel)
+                        tl.store(OUT + offs, tl.load(my_buf + offs, mask=mask), mask=mask)
+        # No closing barrier: peers write into this buffer only after the next launch's start
+        # barrier, which this program reaches after its reads above.
+    else:
+        _finish(BUF_PTRS, SIG_PTRS, ERR, rank, world, max_spins, op_id, failed,
+                MAX_PROGRAMS, MAX_WORLD_)
 
 
 # ----------------------------------------------------------------------------- launchers
 
-_DTYPE_NAME = {code: str(dt).replace("torch.", "") for dt, code in _DTYPE_CODE.items()}
-
-
-def check_comm_errors(ws) -> None:
-    """Raise if a kernel on ``ws`` reported a missing or mismatched peer (reads host memory).
-
-    After an error the workspace's flags may be mid-handshake: it stays unusable until every rank
-    calls ``aiter_dist.comm.release_workspaces()`` (the next collective then makes a new one).
-    """
-    if ws.broken:
-        raise RuntimeError(f"aiter_dist: the workspace of {ws.describe()} is unusable after an "
-                           f"earlier error ({ws.broken}); call aiter_dist.comm.release_workspaces() "
-                           f"on every rank of the group, then retry")
-    code = int(ws.err_host[0])  # numpy view of the record: no tensor op on the hot path
-    if code == ERR_NONE:
-        return
-    f = ws.err.tolist()
-    op = OP_NAMES.get(f[1], f"op {f[1]}")
-    if code == ERR_TIMEOUT:
-        msg = (f"aiter_dist.{op}: rank {f[2]} of {ws.describe()} did not arrive within about "
-               f"{_timeout_s():.0f} s (program {f[3]}); check that every rank of the group calls "
-               f"the same collectives in the same order (AITER_DIST_COMM_TIMEOUT_S sets the wait)")
-    else:
-        msg = (f"aiter_dist.{op}: rank {f[2]} of {ws.describe()} launched a different message "
-               f"({f[4]} elements of {_DTYPE_NAME.get(f[5], f[5])}) than this rank ({f[6]} "
-               f"elements of {_DTYPE_NAME.get(f[7], f[7])}); every rank must pass tensors of the "
-               f"same shape and dtype")
-    ws.broken = msg
-    raise RuntimeError(msg)
-
-
 def _check_all_reduce_input(x):
-    check_tensor("all_reduce", "x", x, dtypes=FLOAT_DTYPES, ndim_min=0)
+    check_comm_input("all_reduce", "x", x)
     if not x.is_contiguous():
         raise ValueError(f"aiter_dist.all_reduce: x must be contiguous (strides {x.stride()}); "
                          f"call .contiguous() first")
 
 
-def one_shot_all_reduce_raw(x: torch.Tensor, group=None):
-    """The one-shot kernel, no autograd. Messages larger than the workspace go in pieces."""
+def _launch_all_reduce(x_flat, out_flat, total, ws, two_shot, copy_in):
+    cpu = x_flat.device.type == "cpu"
+    n = x_flat.numel()
+    # The interpreter runs each block op as one numpy call: large blocks, few iterations.
+    block = 16384 if cpu else 2048
+    chunk = triton.cdiv(triton.cdiv(n, ws.world_size), 64) * 64 if two_shot else n
+    programs = max(1, min(triton.cdiv(chunk, block), ws.max_programs))
+    launch(_all_reduce_kernel, (programs,), x_flat.device,
+           x_flat, out_flat, ws.buffer_ptrs, ws.signal_ptrs, ws.err,
+           n, chunk, min(total, 2**30 - 1), ws.rank, ws.world_size, max_spins(x_flat.device),
+           DTYPE_CODE[x_flat.dtype], OP_ALL_REDUCE,
+           TWO_SHOT=two_shot, COPY_IN=copy_in, MAX_PROGRAMS=ws.max_programs,
+           MAX_WORLD_=MAX_WORLD, HEADER=HEADER_BYTES, BLOCK=block, num_warps=1 if cpu else 8)
+    after_launch(ws, x_flat.device)
+
+
+def custom_all_reduce_raw(x: torch.Tensor, group=None, algo: str = "one_shot") -> torch.Tensor:
+    """The one-shot or two-shot kernel, no autograd. Messages larger than the workspace go in
+    pieces; an input that is the group's workspace tensor skips the copy in."""
     _check_all_reduce_input(x)
     ws = get_workspace(group, x.device)
     check_comm_errors(ws)
     out = torch.empty_like(x)
     xf, of = x.view(-1), out.view(-1)
-    cpu = x.device.type == "cpu"
-    cap = (ws.data_bytes // x.element_size()) // 64 * 64
-    # The interpreter runs each block op as one numpy call: large blocks, few iterations.
-    block = 16384 if cpu else 2048
-    max_spins = min(int(_timeout_s() * _POLLS_PER_S["cpu" if cpu else "cuda"]), 2**31 - 1)
+    two_shot = algo == "two_shot"
+    if ws.holds(x):
+        _launch_all_reduce(xf, of, xf.numel(), ws, two_shot, copy_in=False)
+        return out
+    # Two-shot pads each chunk to 64 elements: keep room for that.
+    cap = (ws.data_bytes // x.element_size()) // (64 * ws.world_size) * (64 * ws.world_size)         - (64 * ws.world_size if two_shot else 0)
     for start in range(0, xf.numel(), cap):
         n = min(cap, xf.numel() - start)
         src, dst = (xf, of) if n == xf.numel() else (xf[start:start + n], of[start:start + n])
-        programs = min(triton.cdiv(n, block), ws.max_programs)
-        launch(_one_shot_all_reduce_kernel, (programs,), x.device,
-               src, dst, ws.buffer_ptrs, ws.signal_ptrs, ws.err,
-               n, min(xf.numel(), 2**31 - 1), ws.rank, ws.world_size, max_spins,
-               _DTYPE_CODE[x.dtype], OP_ALL_REDUCE,
-               MAX_PROGRAMS=ws.max_programs, MAX_WORLD_=MAX_WORLD, HEADER=HEADER_BYTES, BLOCK=block,
-               num_warps=1 if cpu else 8)
-        if cpu or _SYNC_CHECK:
-            if not cpu:
-                torch.cuda.current_stream(x.device).synchronize()
-            check_comm_errors(ws)
+        _launch_all_reduce(src, dst, xf.numel(), ws, two_shot, copy_in=True)
     return out
+
+
+def one_shot_all_reduce_raw(x: torch.Tensor, group=None) -> torch.Tensor:
+    return custom_all_reduce_raw(x, group, "one_shot")
+
+
+def two_shot_all_reduce_raw(x: torch.Tensor, group=None) -> torch.Tensor:
+    return custom_all_reduce_raw(x, group, "two_shot")
 
 
 def fallback_all_reduce_raw(x: torch.Tensor, group=None):
@@ -265,41 +194,33 @@ def fallback_all_reduce_raw(x: torch.Tensor, group=None):
 
 
 def _pick_algo(x: torch.Tensor, world: int, algo: str) -> tuple[str, str | None]:
-    """(algorithm, reason it is not the custom kernel or None)."""
+    """(algorithm, reason it is not a custom kernel or None)."""
     if algo == "fallback":
         return "fallback", None
     if world > MAX_WORLD:
         return "fallback", f"world size {world} > {MAX_WORLD}"
     if not runs_triton("all_reduce", x.device):
         return "fallback", "CPU tensor on a GPU machine"
-    if algo == "one_shot":
-        return "one_shot", None
-    if x.device.type == "cpu":
-        table = "cpu"
-    else:
-        table = "cuda" if torch.cuda.is_current_stream_capturing() else "cuda-eager"
-    limit = AUTO_ONE_SHOT_MAX_BYTES[table].get(world, 0)
-    nbytes = x.numel() * x.element_size()
-    if nbytes > limit:
-        return "fallback", None  # measured: torch.distributed is faster at this size
-    return "one_shot", None
+    if algo != "auto":
+        return algo, None
+    return auto_algo(x.device, world, x.numel() * x.element_size()), None
 
 
 def all_reduce_raw(x: torch.Tensor, group=None, algo: str = "auto") -> torch.Tensor:
     """Sum of ``x`` over ``group`` into a new tensor, no autograd."""
-    if algo not in ("auto", "one_shot", "fallback"):
-        raise ValueError(f"aiter_dist.all_reduce: algo must be 'auto', 'one_shot' or 'fallback', "
-                         f"got {algo!r}")
+    if algo not in ALGOS:
+        raise ValueError(f"aiter_dist.all_reduce: algo must be one of {', '.join(map(repr, ALGOS))}"
+                         f", got {algo!r}")
     _check_all_reduce_input(x)
-    group = group if group is not None else dist.group.WORLD
+    group = resolve_group(group)
     world = dist.get_world_size(group)
     if world == 1:
         record_path("all_reduce", "identity")
         return x.clone()
     chosen, reason = _pick_algo(x, world, algo)
-    if chosen == "one_shot":
-        record_path("all_reduce", "one_shot")
-        return one_shot_all_reduce_raw(x, group)
+    if chosen != "fallback":
+        record_path("all_reduce", chosen)
+        return custom_all_reduce_raw(x, group, chosen)
     record_path("all_reduce", "torch.distributed", reason)
     return fallback_all_reduce_raw(x, group)
 
@@ -338,8 +259,9 @@ class CopyToParallelRegionFunc(torch.autograd.Function):
 def all_reduce(x: torch.Tensor, group=None, algo: str = "auto") -> torch.Tensor:
     """Sum ``x`` over the ranks of ``group`` (default: the world); returns a new tensor.
 
-    Every rank gets bitwise the same result. ``algo`` is ``"auto"``, ``"one_shot"`` or
-    ``"fallback"`` (torch.distributed); ``aiter_dist.last_path("all_reduce")`` tells which served.
+    Every rank gets bitwise the same result. ``algo`` is ``"auto"``, ``"one_shot"``,
+    ``"two_shot"`` or ``"fallback"`` (torch.distributed); ``aiter_dist.last_path("all_reduce")``
+    tells which served.
     """
     if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
         return AllReduceFunc.apply(x, group, algo)

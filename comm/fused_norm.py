@@ -1,13 +1,25 @@
-"""All-reduce fused with residual add and RMSNorm, the step where a row-parallel output meets the
-residual stream:
+"""Collectives fused with (residual add and) RMSNorm: where a tensor-parallel layer's partial output
+meets the residual stream and the next norm.
 
-    residual_out = all_reduce(x) + residual ;  out = rms_norm(residual_out) * weight
+    all_reduce_add_rms_norm(x, residual, w):     residual_out = all_reduce(x) + residual
+                                                 out = rms_norm(residual_out) * w
+    reduce_scatter_add_rms_norm(x, residual, w): residual_out = reduce_scatter(x, dim=0) + residual
+                                                 out = rms_norm(residual_out) * w    (a shard)
+    rms_norm_all_gather(x, w):                   out = all_gather(rms_norm(x) * w, dim=0)
 
-One launch over the symmetric workspace: each program copies its own rows in, meets its peers'
-programs at a barrier, sums those rows over the ranks in rank order (fp32, rounded to the dtype as
-``all_reduce`` would), adds the residual and normalizes, then a closing barrier. The result is the
-same as ``add_rms_norm(all_reduce(x), residual, weight)``; the backward is add+RMSNorm's (the
-all-reduce's gradient is the identity, Megatron's convention).
+Each is one launch of one kernel (``MODE``) on the protocol of ``comm/protocol.py``, by rows:
+program ``p`` owns row blocks ``p, p + nprog, ...`` (of every rank's chunk, for the scatter) in every
+step. The sums are in rank order with fp32 accumulation and rounded to the dtype as the plain
+collective would, so every rank holds the same bits and ``residual_out`` equals the unfused
+composition's bit for bit.
+
+``all_reduce_add_rms_norm_fp8`` is the first with ``out`` quantized to fp8 (e4m3) with one fp32 scale
+per token (row), for fp8 GEMMs downstream: ``out.float() * scale`` approximates the normalized rows.
+
+Autograd, Megatron's conventions: the all-reduce's backward is the identity, the reduce-scatter's
+an all-gather, the all-gather's a reduce-scatter. In the two sequence-parallel ops each rank sees
+only its shard of tokens, so the weight's gradient is summed over the group in the backward: every
+rank then holds the same full gradient, as in the plain tensor-parallel op.
 """
 from __future__ import annotations
 
@@ -17,16 +29,43 @@ import triton
 import triton.language as tl
 
 from ..kernels._runtime import launch, record_path, runs_triton
-from ..kernels.rmsnorm import _check_norm_inputs, add_rms_norm_bwd, rms_norm_fwd
-from .all_reduce import (_DTYPE_CODE, _POLLS_PER_S, AUTO_ONE_SHOT_MAX_BYTES, OP_NAMES, _barrier,
-                         _check_headers, _timeout_s, _write_header, all_reduce_raw,
-                         check_comm_errors)
+from ..kernels.rmsnorm import (_check_norm_inputs, add_rms_norm_bwd, add_rms_norm_ref,
+                               rms_norm_bwd, rms_norm_fwd, rms_norm_ref)
+from .all_reduce import all_reduce_raw, auto_algo
+from .gather_scatter import all_gather_raw, reduce_scatter_raw
+from .protocol import (DTYPE_CODE, OP_NAMES, _finish, _peer_buf, _start, after_launch,
+                       check_comm_errors, check_comm_input, max_spins, resolve_group)
 from .workspace import HEADER_BYTES, MAX_WORLD, get_workspace
-from ..kernels.rmsnorm import add_rms_norm_ref
 
-OP_ALL_REDUCE_ADD_RMS_NORM = 4
-OP_NAMES[OP_ALL_REDUCE_ADD_RMS_NORM] = "all_reduce_add_rms_norm"
+OP_ALL_REDUCE_ADD_RMS_NORM, OP_REDUCE_SCATTER_ADD_RMS_NORM, OP_RMS_NORM_ALL_GATHER = 4, 5, 6
+OP_NAMES.update({OP_ALL_REDUCE_ADD_RMS_NORM: "all_reduce_add_rms_norm",
+                 OP_REDUCE_SCATTER_ADD_RMS_NORM: "reduce_scatter_add_rms_norm",
+                 OP_RMS_NORM_ALL_GATHER: "rms_norm_all_gather"})
+MODE_ALL_REDUCE, MODE_REDUCE_SCATTER, MODE_ALL_GATHER = 0, 1, 2
+_MODE_OP = {MODE_ALL_REDUCE: OP_ALL_REDUCE_ADD_RMS_NORM,
+            MODE_REDUCE_SCATTER: OP_REDUCE_SCATTER_ADD_RMS_NORM,
+            MODE_ALL_GATHER: OP_RMS_NORM_ALL_GATHER}
 FUSED_MAX_N = 16384  # whole rows in registers; wider rows take the unfused path
+FP8_MIN_SCALE = 1e-12  # scale of an all-zero row (any positive value dequantizes it to 0)
+
+
+def _fp8_format(dtype: torch.dtype) -> tuple[float, int]:
+    """(largest finite value, exponent of the smallest normal) of an e4m3 format."""
+    if dtype == torch.float8_e4m3fn:
+        return 448.0, -6
+    if dtype == torch.float8_e4m3fnuz:
+        return 240.0, -7
+    raise TypeError(f"aiter_dist.all_reduce_add_rms_norm_fp8: fp8_dtype must be "
+                    f"torch.float8_e4m3fn or torch.float8_e4m3fnuz, got {dtype}")
+
+
+def default_fp8_dtype() -> torch.dtype:
+    """e4m3fn, except on MI300-class GPUs (gfx94x), whose fp8 is e4m3fnuz."""
+    if torch.version.hip and torch.cuda.is_available():
+        arch = torch.cuda.get_device_properties(torch.cuda.current_device()).gcnArchName
+        if arch.startswith("gfx94"):
+            return torch.float8_e4m3fnuz
+    return torch.float8_e4m3fn
 
 
 # ----------------------------------------------------------------------------- reference
@@ -37,122 +76,299 @@ def all_reduce_add_rms_norm_ref(xs, residual, weight, eps=1e-6):
     return add_rms_norm_ref(total, residual, weight, eps)
 
 
+def reduce_scatter_add_rms_norm_ref(xs, residual, weight, rank, eps=1e-6):
+    """From every rank's x (world * m rows along dim 0): this rank's (out, residual_out)."""
+    total = torch.stack([x.double() for x in xs]).sum(0).to(xs[0].dtype)
+    return add_rms_norm_ref(total.chunk(len(xs), dim=0)[rank], residual, weight, eps)
+
+
+def rms_norm_all_gather_ref(xs, weight, eps=1e-6):
+    """From every rank's shard: the normalized shards concatenated along dim 0."""
+    return torch.cat([rms_norm_ref(x, weight, eps) for x in xs], dim=0)
+
+
+def quantize_rows_fp8_ref(y, fp8_dtype=torch.float8_e4m3fn):
+    """Per-row scale ``amax / fp8_max`` and ``y / scale`` rounded to fp8 (PyTorch's rounding)."""
+    fp8_max, _ = _fp8_format(fp8_dtype)
+    yf = y.float()
+    scale = (yf.abs().amax(dim=-1, keepdim=True) / fp8_max).clamp_min(FP8_MIN_SCALE)
+    return (yf / scale).clamp(-fp8_max, fp8_max).to(fp8_dtype), scale
+
+
 # ----------------------------------------------------------------------------- kernels
 
+@triton.jit
+def _round_to_fp8_grid(v, FP8_MAX: tl.constexpr, MIN_EXP: tl.constexpr):
+    """``v`` (fp32) rounded to the nearest e4m3 value (ties to even), saturated at FP8_MAX.
+
+    The cast that follows is then exact. Done by hand because Triton's interpreter rounds some
+    fp32 -> fp8 casts wrongly (carries out of the mantissa, subnormals); on GPUs the hardware
+    conversion rounds the same way, so both paths agree.
+    """
+    a = tl.abs(v)
+    e = (a.to(tl.int32, bitcast=True) >> 23) - 127
+    e = tl.maximum(e, MIN_EXP)  # below the smallest normal: the subnormal spacing
+    quantum = ((e - 3 + 127) << 23).to(tl.float32, bitcast=True)  # 2^(e-3): 3 mantissa bits
+    inv_quantum = ((127 - e + 3) << 23).to(tl.float32, bitcast=True)
+    t = a * inv_quantum  # exact, and < 16
+    t = (t + 12582912.0) - 12582912.0  # 1.5 * 2^23: round to an integer, ties to even
+    r = tl.minimum(t * quantum, FP8_MAX)
+    return tl.where(v < 0, -r, r)
+
+
+@triton.jit
+def _norm_rows(sf, w, N, eps):
+    """(rms_norm(sf) * w in fp32, rstd) of an fp32 row tile (masked columns hold 0)."""
+    rstd = 1.0 / tl.sqrt(tl.sum(sf * sf, axis=1) / N + eps)
+    return sf * rstd[:, None] * w, rstd
+
+
 @triton.jit(do_not_specialize=["rank", "world", "max_spins", "dtype_code", "op_id"])
-def _all_reduce_add_rms_norm_kernel(
-    X, R, W, Y, RES_OUT, RSTD, BUF_PTRS, SIG_PTRS, ERR,
+def _fused_norm_kernel(
+    X, R, W, Y, RES_OUT, RSTD, SCALE, BUF_PTRS, SIG_PTRS, ERR,
     M, N, eps, rank, world, max_spins, dtype_code, op_id,
+    MODE: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MIN_EXP: tl.constexpr,
     MAX_PROGRAMS: tl.constexpr, MAX_WORLD_: tl.constexpr, HEADER: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # Inputs are contiguous (M, N). Program p owns row blocks p, p + nprog, ... in both phases.
+    # M: rows of this rank's output (MODE 0), of its shard (MODE 1: X holds world * M rows;
+    # MODE 2: Y holds world * M rows). All tensors contiguous, N columns.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     elem_ty = X.dtype.element_ty
     cols = tl.arange(0, BLOCK_N)[None, :]
     col_mask = cols < N
-    my_base = tl.load(BUF_PTRS + rank)
-    my_buf = tl.multiple_of((my_base + HEADER).to(tl.pointer_type(elem_ty)), 16)
-    if pid == 0:
-        _write_header(my_base, M * N, dtype_code, nprog, N)
-    for blk in range(pid, tl.cdiv(M, BLOCK_M), nprog):
-        rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs = rows.to(tl.int64)[:, None] * N + cols
-        mask = (rows < M)[:, None] & col_mask
-        tl.store(my_buf + offs, tl.load(X + offs, mask=mask), mask=mask)
+    n_blocks = tl.cdiv(M, BLOCK_M)
+    my_buf = _peer_buf(BUF_PTRS, rank, elem_ty, HEADER)
+    w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
 
-    tl.debug_barrier()
-    failed = _barrier(SIG_PTRS, ERR, pid * MAX_WORLD_, rank, world, max_spins, op_id, pid)
-    tl.debug_barrier()
-    if (pid == 0) & (failed == 0):
-        _check_headers(BUF_PTRS, ERR, world, M * N, dtype_code, nprog, N, op_id, pid)
+    if MODE == 2:
+        # Normalize this rank's rows straight into its buffer (the peers gather from there).
+        for blk in range(pid, n_blocks, nprog):
+            rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+            offs = rows.to(tl.int64)[:, None] * N + cols
+            mask = (rows < M)[:, None] & col_mask
+            sf = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
+            y, rstd = _norm_rows(sf, w, N, eps)
+            y = y.to(elem_ty)
+            tl.store(my_buf + offs, y, mask=mask)
+            tl.store(Y + rank * M * N + offs, y, mask=mask)
+            tl.store(RSTD + rows, rstd, mask=rows < M)
+    else:
+        if MODE == 1:
+            n_chunks = world
+        else:
+            n_chunks = 1
+        for c in range(n_chunks):
+            for blk in range(pid, n_blocks, nprog):
+                rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
+                offs = (c * M + rows).to(tl.int64)[:, None] * N + cols
+                mask = (rows < M)[:, None] & col_mask
+                tl.store(my_buf + offs, tl.load(X + offs, mask=mask), mask=mask)
+
+    failed = _start(X, BUF_PTRS, SIG_PTRS, ERR, 0, 0, 0, M * N, N * 4 + MODE,
+                    rank, world, max_spins, dtype_code, op_id,
+                    False, MAX_PROGRAMS, MAX_WORLD_, HEADER, 16)
 
     if failed == 0:
-        w = tl.load(W + cols, mask=col_mask, other=0.0).to(tl.float32)
-        for blk in range(pid, tl.cdiv(M, BLOCK_M), nprog):
+        for blk in range(pid, n_blocks, nprog):
             rows = blk * BLOCK_M + tl.arange(0, BLOCK_M)
             row_mask = rows < M
             offs = rows.to(tl.int64)[:, None] * N + cols
             mask = row_mask[:, None] & col_mask
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for r in range(world):
-                src = tl.multiple_of((tl.load(BUF_PTRS + r) + HEADER).to(
-                    tl.pointer_type(elem_ty)), 16)
-                acc += tl.load(src + offs, mask=mask, other=0.0, cache_modifier=".cg").to(
-                    tl.float32)
-            # Round the sum as all_reduce would, then add the residual and round again.
-            total = acc.to(elem_ty).to(tl.float32)
-            s = (total + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)).to(elem_ty)
-            tl.store(RES_OUT + offs, s, mask=mask)
-            sf = s.to(tl.float32)
-            rstd = 1.0 / tl.sqrt(tl.sum(sf * sf, axis=1) / N + eps)
-            tl.store(Y + offs, (sf * rstd[:, None] * w).to(elem_ty), mask=mask)
-            tl.store(RSTD + rows, rstd, mask=row_mask)
+            if MODE == 2:
+                for r in range(world):
+                    if r != rank:
+                        src = _peer_buf(BUF_PTRS, r, elem_ty, HEADER)
+                        tl.store(Y + r * M * N + offs,
+                                 tl.load(src + offs, mask=mask, cache_modifier=".cg"), mask=mask)
+            else:
+                if MODE == 1:
+                    src_offs = offs + rank * M * N
+                else:
+                    src_offs = offs
+                acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+                for r in range(world):
+                    src = _peer_buf(BUF_PTRS, r, elem_ty, HEADER)
+                    acc += tl.load(src + src_offs, mask=mask, other=0.0,
+                                   cache_modifier=".cg").to(tl.float32)
+                # Round the sum as the collective would, add the residual and round again.
+                total = acc.to(elem_ty).to(tl.float32)
+                s = (total + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)).to(elem_ty)
+                tl.store(RES_OUT + offs, s, mask=mask)
+                y, rstd = _norm_rows(s.to(tl.float32), w, N, eps)
+                tl.store(RSTD + rows, rstd, mask=row_mask)
+                if FP8_MAX > 0:
+                    amax = tl.max(tl.abs(y), axis=1)
+                    scale = tl.maximum(amax / FP8_MAX, 1e-12)
+                    q = _round_to_fp8_grid(tl.div_rn(y, scale[:, None]), FP8_MAX, FP8_MIN_EXP)
+                    tl.store(Y + offs, q.to(Y.dtype.element_ty), mask=mask)
+                    tl.store(SCALE + rows, scale, mask=row_mask)
+                else:
+                    tl.store(Y + offs, y.to(elem_ty), mask=mask)
 
-    tl.debug_barrier()
-    if failed == 0:
-        _barrier(SIG_PTRS, ERR, (MAX_PROGRAMS + pid) * MAX_WORLD_, rank, world, max_spins, op_id,
-                 pid)
+    _finish(BUF_PTRS, SIG_PTRS, ERR, rank, world, max_spins, op_id, failed,
+            MAX_PROGRAMS, MAX_WORLD_)
 
 
 # ----------------------------------------------------------------------------- launchers
 
-def _fused_fits(x2, ws) -> bool:
-    return x2.shape[1] <= FUSED_MAX_N and x2.numel() * x2.element_size() <= ws.data_bytes
+def _use_fused(op, x2, rows_in_buffer, world, algo, group):
+    """(workspace or None, reason for the unfused path or None)."""
+    if algo == "fallback" or world == 1:
+        return None, None
+    if world > MAX_WORLD:
+        return None, f"world size {world} > {MAX_WORLD}"
+    if not runs_triton(op, x2.device):
+        return None, "CPU tensor on a GPU machine"
+    ws = get_workspace(group, x2.device)
+    nbytes = rows_in_buffer * x2.shape[1] * x2.element_size()
+    if x2.shape[1] > FUSED_MAX_N or nbytes > ws.data_bytes:
+        return None, (f"rows of {x2.shape[1]} or {nbytes} B exceed the fused kernel's limits "
+                      f"({FUSED_MAX_N} columns, a {ws.data_bytes} B workspace)")
+    if algo == "auto" and auto_algo(x2.device, world, nbytes) == "fallback":
+        return None, None  # measured: the unfused ops are faster at this size
+    return ws, None
 
 
-def all_reduce_add_rms_norm_fwd(x, residual, weight, eps, group, algo="auto"):
-    """(out, residual_out, rstd). Takes the fused kernel when it applies, else all_reduce then
-    add_rms_norm (recorded)."""
-    op = "all_reduce_add_rms_norm"
-    _check_norm_inputs(op, x, weight, residual)
-    group = group if group is not None else dist.group.WORLD
+def _launch_fused(mode, ws, x2, r2, weight, y, res_out, rstd, scale, m, eps, fp8_dtype=None):
+    check_comm_errors(ws)
+    N = x2.shape[1]
+    cpu = x2.device.type == "cpu"
+    block_n = triton.next_power_of_2(N)
+    block_m = max(1, min((16384 if cpu else 4096) // block_n, 64))
+    programs = max(1, min(triton.cdiv(max(m, 1), block_m), ws.max_programs))
+    fp8_max, fp8_min_exp = _fp8_format(fp8_dtype) if fp8_dtype is not None else (0.0, 0)
+    dummy = rstd  # for pointers a mode does not use
+    launch(_fused_norm_kernel, (programs,), x2.device,
+           x2, r2 if r2 is not None else dummy, weight, y,
+           res_out if res_out is not None else dummy, rstd, scale if scale is not None else dummy,
+           ws.buffer_ptrs, ws.signal_ptrs, ws.err,
+           m, N, eps, ws.rank, ws.world_size, max_spins(x2.device), DTYPE_CODE[x2.dtype],
+           _MODE_OP[mode],
+           MODE=mode, FP8_MAX=fp8_max, FP8_MIN_EXP=fp8_min_exp, MAX_PROGRAMS=ws.max_programs,
+           MAX_WORLD_=MAX_WORLD, HEADER=HEADER_BYTES, BLOCK_M=block_m, BLOCK_N=block_n,
+           num_warps=1 if cpu else min(max(block_m * block_n // 512, 4), 16))
+    after_launch(ws, x2.device)
+
+
+def _check_fused_inputs(op, x, weight, residual=None):
+    _check_norm_inputs(op, x, weight, None)
+    check_comm_input(op, "x", x, ndim_min=1)
+    if residual is not None:
+        check_comm_input(op, "residual", residual, ndim_min=1)
+        if residual.dtype != x.dtype:
+            raise TypeError(f"aiter_dist.{op}: residual dtype {residual.dtype} differs from x "
+                            f"dtype {x.dtype}; cast one of them")
+        if residual.device != x.device:
+            raise ValueError(f"aiter_dist.{op}: residual is on {residual.device} but x is on "
+                             f"{x.device}; move them to one device")
+
+
+def _quantize_rows_fp8_torch(res_out2, weight, rstd, fp8_dtype):
+    y = res_out2.float() * rstd[:, None] * weight.float()
+    q, scale = quantize_rows_fp8_ref(y, fp8_dtype)
+    return q, scale.view(-1)
+
+
+def all_reduce_add_rms_norm_fwd(x, residual, weight, eps, group, algo="auto", fp8_dtype=None):
+    """(out, residual_out, rstd, scale or None). The fused kernel when it applies, else
+    all_reduce then add_rms_norm (recorded). ``fp8_dtype``: quantize ``out`` per row."""
+    op = "all_reduce_add_rms_norm" + ("_fp8" if fp8_dtype is not None else "")
+    _check_fused_inputs(op, x, weight, residual)
+    if residual.shape != x.shape:
+        raise ValueError(f"aiter_dist.{op}: residual shape {tuple(residual.shape)} differs from x "
+                         f"shape {tuple(x.shape)}")
+    group = resolve_group(group)
     world = dist.get_world_size(group)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     r2 = residual.reshape(-1, x.shape[-1]).contiguous()
-    reason = None
-    if algo == "fallback" or world == 1:
-        use = False
-    elif world > MAX_WORLD:
-        use, reason = False, f"world size {world} > {MAX_WORLD}"
-    elif not runs_triton(op, x.device):
-        use, reason = False, "CPU tensor on a GPU machine"
-    else:
-        ws = get_workspace(group, x.device)
-        if not _fused_fits(x2, ws):
-            use, reason = False, f"rows of {x2.shape[1]} or {x2.numel()} elements exceed the " \
-                                  f"fused kernel's limits"
-        elif algo == "one_shot":
-            use = True
-        else:
-            table = "cpu" if x.device.type == "cpu" else (
-                "cuda" if torch.cuda.is_current_stream_capturing() else "cuda-eager")
-            use = x2.numel() * x2.element_size() <= AUTO_ONE_SHOT_MAX_BYTES[table].get(world, 0)
-    if not use:
+    M = x2.shape[0]
+    ws, reason = _use_fused(op, x2, M, world, algo, group)
+    if ws is None:
         record_path(op, "all_reduce + add_rms_norm", reason)
         total = all_reduce_raw(x2, group, "fallback" if algo == "fallback" else "auto")
         y, res_out, rstd = rms_norm_fwd(total, weight, eps, residual=r2)
-        return y.view(x.shape), res_out.view(x.shape), rstd
-    check_comm_errors(ws)
-    M, N = x2.shape
-    y, res_out = torch.empty_like(x2), torch.empty_like(x2)
-    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
-    cpu = x.device.type == "cpu"
-    block_n = triton.next_power_of_2(N)
-    block_m = max(1, min((16384 if cpu else 4096) // block_n, 64))
-    programs = min(triton.cdiv(max(M, 1), block_m), ws.max_programs)
-    max_spins = min(int(_timeout_s() * _POLLS_PER_S["cpu" if cpu else "cuda"]), 2**31 - 1)
-    launch(_all_reduce_add_rms_norm_kernel, (programs,), x.device,
-           x2, r2, weight, y, res_out, rstd, ws.buffer_ptrs, ws.signal_ptrs, ws.err,
-           M, N, eps, ws.rank, ws.world_size, max_spins, _DTYPE_CODE[x.dtype],
-           OP_ALL_REDUCE_ADD_RMS_NORM, MAX_PROGRAMS=ws.max_programs, MAX_WORLD_=MAX_WORLD,
-           HEADER=HEADER_BYTES, BLOCK_M=block_m, BLOCK_N=block_n,
-           num_warps=1 if cpu else min(max(block_m * block_n // 512, 4), 16))
-    if cpu:
-        check_comm_errors(ws)
-    record_path(op, "one_shot")
-    return y.view(x.shape), res_out.view(x.shape), rstd
+        scale = None
+        if fp8_dtype is not None:
+            y, scale = _quantize_rows_fp8_torch(res_out, weight, rstd, fp8_dtype)
+    else:
+        y = torch.empty_like(x2, dtype=fp8_dtype or x.dtype)
+        res_out = torch.empty_like(x2)
+        rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+        scale = torch.empty(M, dtype=torch.float32, device=x.device) if fp8_dtype else None
+        _launch_fused(MODE_ALL_REDUCE, ws, x2, r2, weight, y, res_out, rstd, scale, M, eps,
+                      fp8_dtype)
+        record_path(op, "one_shot")
+    if scale is not None:
+        scale = scale.view(*x.shape[:-1], 1)
+    return y.view(x.shape), res_out.view(x.shape), rstd, scale
+
+
+def _check_tokens_first(op, x):
+    if x.dim() < 2:
+        raise ValueError(f"aiter_dist.{op}: x must be (tokens, ..., hidden), got shape "
+                         f"{tuple(x.shape)}")
+
+
+def reduce_scatter_add_rms_norm_fwd(x, residual, weight, eps, group, algo="auto"):
+    """(out, residual_out, rstd) on this rank's shard of dim 0."""
+    op = "reduce_scatter_add_rms_norm"
+    _check_fused_inputs(op, x, weight, residual)
+    _check_tokens_first(op, x)
+    group = resolve_group(group)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if x.shape[0] % world:
+        raise ValueError(f"aiter_dist.{op}: x.shape[0]={x.shape[0]} is not divisible by the world "
+                         f"size {world}; pad the sequence to a multiple of {world}")
+    shard_shape = (x.shape[0] // world, *x.shape[1:])
+    if tuple(residual.shape) != shard_shape:
+        raise ValueError(f"aiter_dist.{op}: residual must be this rank's shard of shape "
+                         f"{shard_shape} (x.shape[0] / world size), got {tuple(residual.shape)}")
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    r2 = residual.reshape(-1, x.shape[-1]).contiguous()
+    m = r2.shape[0]
+    ws, reason = _use_fused(op, x2, m * world, world, algo, group)
+    if ws is None:
+        record_path(op, "reduce_scatter + add_rms_norm", reason)
+        part = reduce_scatter_raw(x2, 0, group, "fallback" if algo == "fallback" else "auto")
+        y, res_out, rstd = rms_norm_fwd(part, weight, eps, residual=r2)
+    else:
+        y, res_out = torch.empty_like(r2), torch.empty_like(r2)
+        rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+        _launch_fused(MODE_REDUCE_SCATTER, ws, x2, r2, weight, y, res_out, rstd, None, m, eps)
+        record_path(op, "one_shot")
+    return y.view(shard_shape), res_out.view(shard_shape), rstd
+
+
+def rms_norm_all_gather_fwd(x, weight, eps, group, algo="auto"):
+    """(out gathered along dim 0, rstd of this rank's rows)."""
+    op = "rms_norm_all_gather"
+    _check_fused_inputs(op, x, weight)
+    _check_tokens_first(op, x)
+    group = resolve_group(group)
+    world = dist.get_world_size(group)
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    m = x2.shape[0]
+    out_shape = (x.shape[0] * world, *x.shape[1:])
+    ws, reason = _use_fused(op, x2, m, world, algo, group)
+    if ws is None:
+        record_path(op, "rms_norm + all_gather", reason)
+        y, _, rstd = rms_norm_fwd(x2, weight, eps)
+        out = all_gather_raw(y, 0, group, "fallback" if algo == "fallback" else "auto")
+    else:
+        out = torch.empty(m * world, x2.shape[1], dtype=x.dtype, device=x.device)
+        rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+        _launch_fused(MODE_ALL_GATHER, ws, x2, None, weight, out, None, rstd, None, m, eps)
+        record_path(op, "one_shot")
+    return out.view(out_shape), rstd
+
+
+def _sum_weight_grad(dw32, weight, group):
+    """A sequence-parallel weight's gradient: the shards' fp32 sums added over the group."""
+    if dist.get_world_size(group) > 1:
+        dw32 = all_reduce_raw(dw32.contiguous(), group)
+    return dw32.to(weight.dtype)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -160,7 +376,7 @@ def all_reduce_add_rms_norm_fwd(x, residual, weight, eps, group, algo="auto"):
 class AllReduceAddRMSNormFunc(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, eps, group, algo):
-        y, res_out, rstd = all_reduce_add_rms_norm_fwd(x, residual, weight, eps, group, algo)
+        y, res_out, rstd, _ = all_reduce_add_rms_norm_fwd(x, residual, weight, eps, group, algo)
         ctx.save_for_backward(res_out, weight, rstd)
         return y, res_out
 
@@ -172,15 +388,100 @@ class AllReduceAddRMSNormFunc(torch.autograd.Function):
         return dx, dx, dw, None, None, None
 
 
+class AllReduceAddRMSNormFP8Func(torch.autograd.Function):
+    """The fp8 ``out`` and its scales carry no gradient (an fp8 GEMM downstream defines its own
+    backward); ``residual_out`` does, to ``x`` and ``residual`` alike."""
+
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps, group, algo, fp8_dtype):
+        y, res_out, _, scale = all_reduce_add_rms_norm_fwd(x, residual, weight, eps, group, algo,
+                                                           fp8_dtype)
+        ctx.mark_non_differentiable(y, scale)
+        return y, scale, res_out
+
+    @staticmethod
+    def backward(ctx, dy, dscale, dres_out):
+        return dres_out, dres_out, None, None, None, None, None
+
+
+class ReduceScatterAddRMSNormFunc(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, residual, weight, eps, group, algo):
+        y, res_out, rstd = reduce_scatter_add_rms_norm_fwd(x, residual, weight, eps, group, algo)
+        ctx.save_for_backward(res_out, weight, rstd)
+        ctx.args = (group, algo)
+        return y, res_out
+
+    @staticmethod
+    def backward(ctx, dy, dres_out):
+        res_out, weight, rstd = ctx.saved_tensors
+        group, algo = ctx.args
+        group = resolve_group(group)
+        if dy is None:
+            dy = torch.zeros_like(res_out)
+        dshard, dw = rms_norm_bwd(dy, res_out, weight, rstd, dresidual=dres_out, dw_fp32=True)
+        # reduce_scatter's backward gathers the shards' gradients.
+        dx = all_gather_raw(dshard.contiguous(), 0, group, algo)
+        return dx, dshard, _sum_weight_grad(dw, weight, group), None, None, None
+
+
+class RMSNormAllGatherFunc(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, group, algo):
+        out, rstd = rms_norm_all_gather_fwd(x, weight, eps, group, algo)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.args = (group, algo)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, weight, rstd = ctx.saved_tensors
+        group, algo = ctx.args
+        group = resolve_group(group)
+        # all_gather's backward reduce-scatters the gradient (each rank's is partial).
+        dshard = reduce_scatter_raw(dout.contiguous(), 0, group, algo)
+        dx, dw = rms_norm_bwd(dshard, x, weight, rstd, dw_fp32=True)
+        return dx, _sum_weight_grad(dw, weight, group), None, None, None
+
+
 # ----------------------------------------------------------------------------- functional API
 
 def all_reduce_add_rms_norm(x, residual, weight, eps=1e-6, group=None, *, algo="auto"):
     """``residual_out = all_reduce(x) + residual; out = rms_norm(residual_out) * weight``.
 
-    Returns ``(out, residual_out)``. ``algo`` as for ``all_reduce``; ``last_path(
-    "all_reduce_add_rms_norm")`` tells whether the fused kernel served the call.
+    Returns ``(out, residual_out)``. ``algo`` is ``"auto"``, ``"one_shot"`` (the fused kernel) or
+    ``"fallback"``; ``last_path("all_reduce_add_rms_norm")`` tells which served the call.
     """
     return AllReduceAddRMSNormFunc.apply(x, residual, weight, eps, group, algo)
 
 
-__all__ = ["all_reduce_add_rms_norm", "all_reduce_add_rms_norm_ref", "AllReduceAddRMSNormFunc"]
+def all_reduce_add_rms_norm_fp8(x, residual, weight, eps=1e-6, group=None, *, fp8_dtype=None,
+                                algo="auto"):
+    """``all_reduce_add_rms_norm`` with ``out`` in fp8 (e4m3) and one fp32 scale per token.
+
+    Returns ``(out, scale, residual_out)``: ``out`` has x's shape in ``fp8_dtype`` (default
+    ``torch.float8_e4m3fn``; ``float8_e4m3fnuz`` on MI300-class GPUs), ``scale`` is
+    ``(*x.shape[:-1], 1)`` fp32 with ``out.float() * scale`` ~ the normalized rows (the layout
+    ``torch._scaled_mm`` takes for rowwise scales). Only ``residual_out`` carries a gradient.
+    """
+    fp8_dtype = fp8_dtype or default_fp8_dtype()
+    _fp8_format(fp8_dtype)
+    return AllReduceAddRMSNormFP8Func.apply(x, residual, weight, eps, group, algo, fp8_dtype)
+
+
+def reduce_scatter_add_rms_norm(x, residual, weight, eps=1e-6, group=None, *, algo="auto"):
+    """Sequence parallel: ``residual_out = reduce_scatter(x, dim=0) + residual`` (``residual`` is
+    this rank's shard), ``out = rms_norm(residual_out) * weight``. Returns ``(out, residual_out)``,
+    both shards. The weight's gradient is summed over the group."""
+    return ReduceScatterAddRMSNormFunc.apply(x, residual, weight, eps, group, algo)
+
+
+def rms_norm_all_gather(x, weight, eps=1e-6, group=None, *, algo="auto"):
+    """Sequence parallel: ``all_gather(rms_norm(x) * weight, dim=0)`` of this rank's shard ``x``.
+    The weight's gradient is summed over the group."""
+    return RMSNormAllGatherFunc.apply(x, weight, eps, group, algo)
+
+
+__all__ = ["all_reduce_add_rms_norm", "all_reduce_add_rms_norm_fp8",
+           "reduce_scatter_add_rms_norm", "rms_norm_all_gather", "all_reduce_add_rms_norm_ref",
+           "reduce_scatter_add_rms_norm_ref", "rms_norm_all_gather_ref", "quantize_rows_fp8_ref"]

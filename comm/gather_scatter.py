@@ -1,9 +1,8 @@
 """All-gather and reduce-scatter over the symmetric workspace, with torch.distributed as fallback.
 
-One launch each, the protocol of the one-shot all-reduce (``comm/all_reduce.py``): copy this rank's
-input into its workspace buffer, barrier, read the peers' buffers, barrier. The barrier, the error
-record and the launch-header check are the all-reduce's, so a missing or mismatched rank raises the
-same errors.
+One launch each, on the protocol of ``comm/protocol.py``: copy this rank's input into its
+workspace buffer (or find it there already), barrier, read the peers' buffers, barrier. A missing
+or mismatched rank raises the same errors as the all-reduce.
 
 * all-gather: rank r's n elements land at ``out[r*n:(r+1)*n]`` on every rank;
 * reduce-scatter: rank r receives chunk r of the sum, summed in rank order in fp32, so every
@@ -19,9 +18,10 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ..kernels._runtime import FLOAT_DTYPES, check_tensor, launch, record_path, runs_triton
-from .all_reduce import (_DTYPE_CODE, _POLLS_PER_S, AUTO_ONE_SHOT_MAX_BYTES, OP_NAMES, _barrier,
-                         _check_headers, _timeout_s, _write_header, check_comm_errors)
+from ..kernels._runtime import launch, record_path, runs_triton
+from .all_reduce import auto_algo
+from .protocol import (DTYPE_CODE, OP_NAMES, _finish, _peer_buf, _start, after_launch,
+                       check_comm_errors, check_comm_input, max_spins, resolve_group)
 from .workspace import HEADER_BYTES, MAX_WORLD, get_workspace
 
 OP_ALL_GATHER, OP_REDUCE_SCATTER = 2, 3
@@ -42,37 +42,25 @@ def reduce_scatter_ref(tensors, rank, dim=0):
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit(do_not_specialize=["total", "rank", "world", "max_spins", "dtype_code", "op_id"])
-def _one_shot_gather_scatter_kernel(
+def _gather_scatter_kernel(
     IN, OUT, BUF_PTRS, SIG_PTRS, ERR,
     numel, total, rank, world, max_spins, dtype_code, op_id,
-    REDUCE: tl.constexpr, MAX_PROGRAMS: tl.constexpr, MAX_WORLD_: tl.constexpr,
-    HEADER: tl.constexpr, BLOCK: tl.constexpr,
+    REDUCE: tl.constexpr, COPY_IN: tl.constexpr, MAX_PROGRAMS: tl.constexpr,
+    MAX_WORLD_: tl.constexpr, HEADER: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # numel: elements per rank (gathered from each, or scattered to each); the input holds numel
-    # (gather) or world * numel (reduce-scatter) elements.
+    # (gather) or world chunks of numel (reduce-scatter) elements.
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    elem_ty = IN.dtype.element_ty
+    elem_ty = OUT.dtype.element_ty
     offs0 = tl.arange(0, BLOCK)
-    my_base = tl.load(BUF_PTRS + rank)
-    my_buf = tl.multiple_of((my_base + HEADER).to(tl.pointer_type(elem_ty)), 16)
     if REDUCE:
-        n_in = numel * world
+        n_chunks = world
     else:
-        n_in = numel
-    if pid == 0:
-        _write_header(my_base, numel, dtype_code, nprog, total)
-    for start in range(pid * BLOCK, n_in, nprog * BLOCK):
-        offs = start + offs0
-        mask = offs < n_in
-        tl.store(my_buf + offs, tl.load(IN + offs, mask=mask), mask=mask)
-
-    tl.debug_barrier()
-    failed = _barrier(SIG_PTRS, ERR, pid * MAX_WORLD_, rank, world, max_spins, op_id, pid)
-    tl.debug_barrier()
-    if (pid == 0) & (failed == 0):
-        _check_headers(BUF_PTRS, ERR, world, numel, dtype_code, nprog, total, op_id, pid)
-
+        n_chunks = 1
+    failed = _start(IN, BUF_PTRS, SIG_PTRS, ERR, numel * n_chunks, numel, n_chunks, numel, total,
+                    rank, world, max_spins, dtype_code, op_id,
+                    COPY_IN, MAX_PROGRAMS, MAX_WORLD_, HEADER, BLOCK)
     if failed == 0:
         for start in range(pid * BLOCK, numel, nprog * BLOCK):
             offs = start + offs0
@@ -80,48 +68,44 @@ def _one_shot_gather_scatter_kernel(
             if REDUCE:
                 acc = tl.zeros([BLOCK], dtype=tl.float32)
                 for r in range(world):
-                    src = tl.multiple_of((tl.load(BUF_PTRS + r) + HEADER).to(
-                        tl.pointer_type(elem_ty)), 16)
+                    src = _peer_buf(BUF_PTRS, r, elem_ty, HEADER)
                     acc += tl.load(src + rank * numel + offs, mask=mask, other=0.0,
                                    cache_modifier=".cg").to(tl.float32)
-                tl.store(OUT + offs, acc.to(OUT.dtype.element_ty), mask=mask)
+                tl.store(OUT + offs, acc.to(elem_ty), mask=mask)
             else:
                 for r in range(world):
-                    src = tl.multiple_of((tl.load(BUF_PTRS + r) + HEADER).to(
-                        tl.pointer_type(elem_ty)), 16)
+                    src = _peer_buf(BUF_PTRS, r, elem_ty, HEADER)
                     tl.store(OUT + r * numel + offs,
                              tl.load(src + offs, mask=mask, cache_modifier=".cg"), mask=mask)
-
-    tl.debug_barrier()
-    if failed == 0:
-        _barrier(SIG_PTRS, ERR, (MAX_PROGRAMS + pid) * MAX_WORLD_, rank, world, max_spins, op_id,
-                 pid)
+    _finish(BUF_PTRS, SIG_PTRS, ERR, rank, world, max_spins, op_id, failed,
+            MAX_PROGRAMS, MAX_WORLD_)
 
 
 # ----------------------------------------------------------------------------- launchers
 
-def _launch_flat(x_flat, out_flat, n_per_rank, total, ws, reduce, op_id):
+def _launch_flat(x_flat, out_flat, n_per_rank, total, ws, reduce, op_id, copy_in=True):
     cpu = x_flat.device.type == "cpu"
     block = 16384 if cpu else 2048
     programs = min(triton.cdiv(max(n_per_rank, 1), block), ws.max_programs)
-    max_spins = min(int(_timeout_s() * _POLLS_PER_S["cpu" if cpu else "cuda"]), 2**31 - 1)
-    launch(_one_shot_gather_scatter_kernel, (programs,), x_flat.device,
+    launch(_gather_scatter_kernel, (programs,), x_flat.device,
            x_flat, out_flat, ws.buffer_ptrs, ws.signal_ptrs, ws.err,
-           n_per_rank, min(total, 2**31 - 1), ws.rank, ws.world_size, max_spins,
-           _DTYPE_CODE[x_flat.dtype], op_id,
-           REDUCE=reduce, MAX_PROGRAMS=ws.max_programs, MAX_WORLD_=MAX_WORLD,
+           n_per_rank, min(total, 2**31 - 1), ws.rank, ws.world_size, max_spins(x_flat.device),
+           DTYPE_CODE[x_flat.dtype], op_id,
+           REDUCE=reduce, COPY_IN=copy_in, MAX_PROGRAMS=ws.max_programs, MAX_WORLD_=MAX_WORLD,
            HEADER=HEADER_BYTES, BLOCK=block, num_warps=1 if cpu else 8)
-    if cpu:
-        check_comm_errors(ws)
+    after_launch(ws, x_flat.device)
 
 
 def one_shot_all_gather_raw(x: torch.Tensor, group=None) -> torch.Tensor:
     """(world, *x.shape): every rank's x in rank order. Large messages go in pieces."""
     ws = get_workspace(group, x.device)
     check_comm_errors(ws)
-    x = x.contiguous().view(-1)
     n, world = x.numel(), ws.world_size
     out = torch.empty(world, n, dtype=x.dtype, device=x.device)
+    if ws.holds(x):
+        _launch_flat(x.view(-1), out.view(-1), n, n, ws, False, OP_ALL_GATHER, copy_in=False)
+        return out
+    x = x.contiguous().view(-1)
     cap = (ws.data_bytes // x.element_size()) // 64 * 64
     for start in range(0, n, cap):
         m = min(cap, n - start)
@@ -142,6 +126,9 @@ def one_shot_reduce_scatter_raw(x: torch.Tensor, group=None) -> torch.Tensor:
     x2 = x.contiguous().view(world, -1)
     n = x2.shape[1]
     out = torch.empty(n, dtype=x.dtype, device=x.device)
+    if ws.holds(x2):
+        _launch_flat(x2.view(-1), out, n, n, ws, True, OP_REDUCE_SCATTER, copy_in=False)
+        return out
     cap = (ws.data_bytes // x.element_size()) // (64 * world) * 64
     for start in range(0, n, cap):
         m = min(cap, n - start)
@@ -175,16 +162,13 @@ def _use_kernel(op, x, world, algo):
         return False, "CPU tensor on a GPU machine"
     if algo == "one_shot":
         return True, None
-    # Not yet measured for these ops: the all-reduce's thresholds (same protocol, same costs).
-    if x.device.type == "cpu":
-        table = "cpu"
-    else:
-        table = "cuda" if torch.cuda.is_current_stream_capturing() else "cuda-eager"
-    return x.numel() * x.element_size() <= AUTO_ONE_SHOT_MAX_BYTES[table].get(world, 0), None
+    # Not yet measured for these ops: the all-reduce's table (same protocol, same costs); either
+    # of its kernels means "this size is worth a kernel".
+    return auto_algo(x.device, world, x.numel() * x.element_size()) != "fallback", None
 
 
 def _check(op, x, dim, algo):
-    check_tensor(op, "x", x, dtypes=FLOAT_DTYPES)
+    check_comm_input(op, "x", x, ndim_min=1)
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"aiter_dist.{op}: dim {dim} is out of range for a {x.dim()}-D tensor")
     if algo not in ("auto", "one_shot", "fallback"):
@@ -195,7 +179,7 @@ def _check(op, x, dim, algo):
 
 def all_gather_raw(x, dim=0, group=None, algo="auto"):
     dim = _check("all_gather", x, dim, algo)
-    group = group if group is not None else dist.group.WORLD
+    group = resolve_group(group)
     world = dist.get_world_size(group)
     if world == 1:
         record_path("all_gather", "identity")
@@ -214,7 +198,7 @@ def all_gather_raw(x, dim=0, group=None, algo="auto"):
 
 def reduce_scatter_raw(x, dim=0, group=None, algo="auto"):
     dim = _check("reduce_scatter", x, dim, algo)
-    group = group if group is not None else dist.group.WORLD
+    group = resolve_group(group)
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if x.shape[dim] % world:
         raise ValueError(f"aiter_dist.reduce_scatter: x.shape[{dim}]={x.shape[dim]} is not "

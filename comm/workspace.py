@@ -144,6 +144,32 @@ class SymmetricWorkspace:
                                               dtype=torch.int32)
         return bool((pad == 0).all())
 
+    @property
+    def data_ptr(self) -> int:
+        """Address of this rank's data region (after the launch header)."""
+        return self.buffer.data_ptr() + HEADER_BYTES
+
+    def tensor(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor over this rank's data region (see :func:`workspace_tensor`)."""
+        shape = tuple(shape)
+        numel = 1
+        for d in shape:
+            numel *= d
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if nbytes > self.data_bytes:
+            raise ValueError(f"aiter_dist.workspace_tensor: {shape} of {dtype} needs {nbytes} B but "
+                             f"the workspace of {self.describe()} holds {self.data_bytes} B; "
+                             f"create_workspace(nbytes=...) or AITER_DIST_WORKSPACE_BYTES makes a "
+                             f"larger one")
+        return self.buffer[HEADER_BYTES:HEADER_BYTES + nbytes].view(dtype).view(shape)
+
+    def holds(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` is exactly a workspace tensor of this workspace (starts at its data
+        region, contiguous, fits): collectives then skip the copy in."""
+        return (x.device == self.buffer.device and x.numel() > 0 and x.is_contiguous()
+                and x.data_ptr() == self.data_ptr
+                and x.numel() * x.element_size() <= self.data_bytes)
+
     def describe(self) -> str:
         return (f"group '{group_name(self.group)}' (rank {self.rank} of {self.world_size}, "
                 f"{self.backend} workspace of {self.nbytes} B)")
@@ -193,6 +219,18 @@ def find_workspace(group=None, device=None) -> SymmetricWorkspace | None:
 def create_workspace(group=None, device=None, nbytes: int | None = None) -> SymmetricWorkspace:
     """Create (or re-create at a new size) the workspace of ``group`` explicitly. Collective."""
     return get_workspace(group, device, nbytes)
+
+
+def workspace_tensor(shape, dtype: torch.dtype = torch.bfloat16, group=None,
+                     device=None) -> torch.Tensor:
+    """A tensor that lives in this rank's workspace buffer of ``group``, for a producer to write
+    its output into: ``all_reduce`` of exactly this tensor then skips the copy into the workspace.
+
+    Collective on first use (it may create the workspace). The tensor is scratch space shared with
+    every collective of the group: its contents are undefined after any collective on the group,
+    including the one that consumed it. Use it as the input of the next collective only.
+    """
+    return get_workspace(group, device).tensor(shape, dtype)
 
 
 def release_workspaces() -> None:

@@ -337,9 +337,11 @@ def _bwd_config(M: int, N: int, device: torch.device, max_n: int):
             8 if narrow else 16)
 
 
-def rms_norm_bwd(dy, x_normed, weight, rstd, dresidual=None, *, max_n=FUSED_MAX_N, config=None):
+def rms_norm_bwd(dy, x_normed, weight, rstd, dresidual=None, *, max_n=FUSED_MAX_N, config=None,
+                 dw_fp32=False):
     """Backward launcher: (dx, dweight). ``x_normed`` is the tensor that was normalized
-    (``residual_out`` for the fused op); ``dresidual`` is the incoming grad of residual_out."""
+    (``residual_out`` for the fused op); ``dresidual`` is the incoming grad of residual_out.
+    ``dw_fp32``: return dweight unrounded, for a caller that still sums it over ranks."""
     x2 = _rows(x_normed)
     M, N = x2.shape
     dy2 = _rows(dy.contiguous())
@@ -347,7 +349,7 @@ def rms_norm_bwd(dy, x_normed, weight, rstd, dresidual=None, *, max_n=FUSED_MAX_
     if not runs_triton("rms_norm_bwd", x2.device):
         dx, dw = _rms_norm_bwd_torch(dy2, x2, weight, rstd,
                                      dres2 if dresidual is not None else None)
-        return dx.view(x_normed.shape), dw
+        return dx.view(x_normed.shape), (dw.float() if dw_fp32 else dw)
     dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
     programs, block_m, block_n, chunks, num_warps = config or _bwd_config(M, N, x2.device, max_n)
     programs = max(1, min(programs, M))
@@ -361,8 +363,8 @@ def rms_norm_bwd(dy, x_normed, weight, rstd, dresidual=None, *, max_n=FUSED_MAX_
                NUM_CHUNKS=chunks, num_warps=num_warps)
     else:
         dw_partial.zero_()
-    dw = dw_partial.sum(0).to(weight.dtype)
-    return dx.view(x_normed.shape), dw
+    dw = dw_partial.sum(0)
+    return dx.view(x_normed.shape), (dw if dw_fp32 else dw.to(weight.dtype))
 
 
 def add_rms_norm_bwd(dy, dresidual_out, residual_out, weight, rstd):

@@ -1,5 +1,5 @@
 """All-reduce over the symmetric workspace: CPU ranks through /dev/shm (CPU tier) and GPUs
-through torch symmetric memory (multigpu tier) run the same Triton kernel."""
+through torch symmetric memory (multigpu tier) run the same Triton kernels (one-shot, two-shot)."""
 import glob
 import os
 
@@ -31,7 +31,7 @@ def _exact_and_bitwise(rank, world, sizes, algo):
                   .to(dtype) for r in range(world)]
             expected = sum(x.to(torch.float64) for x in xs).to(dtype)
             out = aiter_dist.all_reduce(xs[rank].to(dev), algo=algo)
-            assert aiter_dist.last_path("all_reduce") == "one_shot"
+            assert aiter_dist.last_path("all_reduce") == algo
             assert out.dtype == dtype and out.shape == (n,)
             assert torch.equal(out.cpu(), expected), f"{dtype} n={n}: wrong sum"
             gathered = [torch.empty_like(out) for _ in range(world)]
@@ -43,12 +43,15 @@ def _exact_and_bitwise(rank, world, sizes, algo):
 
 
 def _random_bitwise(rank, world):
-    """Random inputs: every rank holds bitwise the same result, equal to the rank-order sum."""
+    """Random inputs: every rank holds bitwise the same result, equal to the rank-order sum, and
+    the two kernels give the same bits."""
     out_shape = (3, 5, 67)
     results = []
     for dtype in DTYPES:
         x = torch.randn(out_shape, generator=torch.Generator().manual_seed(rank)).to(dtype)
         out = aiter_dist.all_reduce(x.to(_device()), algo="one_shot").cpu()
+        two = aiter_dist.all_reduce(x.to(_device()), algo="two_shot").cpu()
+        assert torch.equal(out, two), f"{dtype}: one-shot and two-shot differ"
         xs = [torch.randn(out_shape, generator=torch.Generator().manual_seed(r)).to(dtype)
               for r in range(world)]
         acc = torch.zeros(out_shape)
@@ -63,9 +66,10 @@ def _random_bitwise(rank, world):
     return results
 
 
-@pytest.mark.parametrize("world", [2, 3])
-def test_one_shot_exact_cpu(world):
-    run_distributed(_exact_and_bitwise, world, SIZES, "one_shot")
+@pytest.mark.parametrize("world,algo", [(2, "one_shot"), (3, "one_shot"), (2, "two_shot"),
+                                        (3, "two_shot"), (4, "two_shot")])
+def test_exact_cpu(world, algo):
+    run_distributed(_exact_and_bitwise, world, SIZES, algo)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -85,11 +89,14 @@ def _paths_and_autograd(rank, world):
     assert aiter_dist.last_path("all_reduce") == "torch.distributed"
     z = aiter_dist.all_reduce(x, algo="fallback")
     assert torch.equal(y, z)
+    mid = torch.ones(30_000)  # 120 KB: the CPU table's two-shot range
+    assert torch.equal(aiter_dist.all_reduce(mid), torch.full_like(mid, world))
+    assert aiter_dist.last_path("all_reduce") == "two_shot"
     # Autograd: backward is identity (Megatron's row-parallel output reduce).
     xg = x.clone().requires_grad_()
     aiter_dist.all_reduce(xg, algo="one_shot").mul(torch.arange(10.0)).sum().backward()
     assert torch.equal(xg.grad, torch.arange(10.0))
-    with pytest.raises(ValueError, match="algo must be"):
+    with pytest.raises(ValueError, match="algo must be one of 'auto', 'one_shot', 'two_shot'"):
         aiter_dist.all_reduce(x, algo="two_shot_typo")
     with pytest.raises(ValueError, match="must be contiguous"):
         aiter_dist.all_reduce(torch.randn(4, 4).t())
@@ -106,15 +113,92 @@ def _larger_than_workspace(rank, world):
     from aiter_dist.comm import create_workspace
 
     create_workspace(nbytes=256 + 4096 * 4)  # data region holds 4096 fp32: the message goes in 3
-    x = torch.full((10_000,), float(rank + 1))
-    out = aiter_dist.all_reduce(x, algo="one_shot")
-    assert torch.equal(out, torch.full_like(x, world * (world + 1) / 2))
+    x = torch.arange(10_000, dtype=torch.float32) * (rank + 1)
+    for algo in ("one_shot", "two_shot"):
+        out = aiter_dist.all_reduce(x, algo=algo)
+        assert torch.equal(out, torch.arange(10_000.0) * (world * (world + 1) / 2)), algo
     return True
 
 
-def test_message_larger_than_workspace_goes_in_pieces():
-    run_distributed(_larger_than_workspace, 2)
+@pytest.mark.parametrize("world", [2, 3])
+def test_message_larger_than_workspace_goes_in_pieces(world):
+    run_distributed(_larger_than_workspace, world)
 
+
+def _workspace_input(rank, world):
+    """A producer writes straight into the workspace: the collectives skip the copy in and give
+    the same results as from an ordinary tensor."""
+    from aiter_dist.comm import get_workspace
+
+    dev = _device()
+    ws = get_workspace(device=dev)
+    for dtype in DTYPES:
+        for algo in ("one_shot", "two_shot"):
+            n = 1001
+            x = aiter_dist.workspace_tensor((7, 143), dtype, device=dev)
+            assert ws.holds(x) and x.data_ptr() == ws.data_ptr
+            src = (torch.arange(n) % 13 + rank).to(dtype).view(7, 143)
+            x.copy_(src.to(dev))  # the "producer"
+            out = aiter_dist.all_reduce(x, algo=algo)
+            expected = sum((torch.arange(n) % 13 + r) for r in range(world)).to(dtype).view(7, 143)
+            assert torch.equal(out.cpu(), expected), (dtype, algo)
+        g = aiter_dist.workspace_tensor((5,), dtype, device=dev)
+        g.copy_(torch.arange(5, dtype=dtype) + 10 * rank)
+        got = aiter_dist.all_gather(g, algo="one_shot").cpu()
+        assert torch.equal(got, torch.cat([torch.arange(5, dtype=dtype) + 10 * r
+                                           for r in range(world)]))
+        s = aiter_dist.workspace_tensor((world * 3, 2), dtype, device=dev)
+        s.copy_(torch.ones(world * 3, 2, dtype=dtype) * (rank + 1))
+        got = aiter_dist.reduce_scatter(s, algo="one_shot").cpu()
+        assert torch.equal(got, torch.full((3, 2), world * (world + 1) / 2, dtype=dtype))
+    # An ordinary view into the workspace that does not start at its data region is copied in.
+    assert not ws.holds(aiter_dist.workspace_tensor((10,), torch.float32, device=dev)[1:])
+    with pytest.raises(ValueError, match=r"workspace_tensor: .* needs \d+ B but the workspace"):
+        aiter_dist.workspace_tensor((ws.data_bytes,), torch.float32, device=dev)
+    assert ws.signal_pads_clean()
+    return True
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_input_in_workspace_skips_copy_cpu(world):
+    run_distributed(_workspace_input, world)
+
+
+def _stress(rank, world, iters):
+    """Every collective in a loop with random per-rank delays between calls: right every time,
+    ranks agree, and no flag is left set."""
+    import random
+    import time
+
+    from aiter_dist.comm import get_workspace
+
+    dev = _device()
+    rng = random.Random(1234 + rank)  # per-rank delays
+    for i in range(iters):
+        time.sleep(rng.random() * 0.02)
+        n = 1 + (i * 37) % 300
+        x = torch.full((n,), float(rank + i % 5), device=dev)
+        want = sum(float(r + i % 5) for r in range(world))
+        algo = ("one_shot", "two_shot")[i % 2]
+        assert torch.equal(aiter_dist.all_reduce(x, algo=algo).cpu(), torch.full((n,), want))
+        g = aiter_dist.all_gather(x[: 1 + i % 7], algo="one_shot").cpu()
+        assert torch.equal(g, torch.cat([torch.full((1 + i % 7,), float(r + i % 5))
+                                         for r in range(world)]))
+        rs = aiter_dist.reduce_scatter(torch.ones(world * 3, device=dev) * (i + 1), algo="one_shot")
+        assert torch.equal(rs.cpu(), torch.full((3,), float(world * (i + 1))))
+        if i % 4 == 0:
+            rows = torch.ones(world * 2, 8, device=dev)
+            out, res = aiter_dist.reduce_scatter_add_rms_norm(rows, torch.zeros(2, 8, device=dev),
+                                                              torch.ones(8, device=dev),
+                                                              algo="one_shot")
+            assert torch.equal(res.cpu(), torch.full((2, 8), float(world)))
+    ws = get_workspace(device=dev)
+    assert ws.signal_pads_clean() and int(ws.err_host[0]) == 0
+    return True
+
+
+def test_stress_with_random_delays_cpu():
+    run_distributed(_stress, 3, 24)
 
 def _recover_and_check(world):
     """After an error every rank releases its workspace; the next collective works and leaves
@@ -135,10 +219,13 @@ def _mismatched_messages(rank, world):
         (torch.ones(20000 if rank == 0 else 10000), r"launched a different message"),
         (torch.ones(64, dtype=torch.float32 if rank == 0 else torch.float16),
          r"elements of float(32|16)\) than this rank"),
+        # same message, one-shot on one rank and two-shot on the other
+        (torch.ones(64), r"the same algo \(the sizes agree"),
     ]
-    for x, pattern in cases:
+    for i, (x, pattern) in enumerate(cases):
+        algo = "two_shot" if i == 3 and rank == 1 else "one_shot"
         with pytest.raises(RuntimeError, match=pattern):
-            aiter_dist.all_reduce(x, algo="one_shot")
+            aiter_dist.all_reduce(x, algo=algo)
         with pytest.raises(RuntimeError, match="unusable after an earlier error"):
             aiter_dist.all_reduce(torch.ones(8), algo="one_shot")
         _recover_and_check(world)
@@ -192,10 +279,34 @@ def test_single_process_group_is_identity():
 # ----------------------------------------------------------------------------- multi-GPU tier
 
 @pytest.mark.multigpu
-def test_one_shot_exact_gpu():
+@pytest.mark.parametrize("algo", ["one_shot", "two_shot"])
+def test_exact_gpu(algo):
     world = torch.cuda.device_count()
-    run_distributed(_exact_and_bitwise, world, SIZES + [1 << 20, 3 << 22], "one_shot",
-                    backend="nccl")
+    run_distributed(_exact_and_bitwise, world, SIZES + [1 << 20, 3 << 22], algo, backend="nccl")
+
+
+@pytest.mark.multigpu
+def test_input_in_workspace_skips_copy_gpu():
+    run_distributed(_workspace_input, torch.cuda.device_count(), backend="nccl")
+
+
+@pytest.mark.multigpu
+def test_stress_with_random_delays_gpu():
+    run_distributed(_stress, torch.cuda.device_count(), 200, backend="nccl")
+
+
+def _wrong_device(rank, world):
+    other = torch.device("cuda", (torch.cuda.current_device() + 1) % torch.cuda.device_count())
+    with pytest.raises(ValueError, match=r"all_reduce: x is on cuda:\d but this rank's device"):
+        aiter_dist.all_reduce(torch.ones(8, device=other))
+    with pytest.raises(ValueError, match=r"all_gather: x is on cuda:\d but this rank's device"):
+        aiter_dist.all_gather(torch.ones(8, device=other))
+    return True
+
+
+@pytest.mark.multigpu
+def test_tensor_on_another_gpu_is_refused():
+    run_distributed(_wrong_device, 2, backend="nccl")
 
 
 @pytest.mark.multigpu
@@ -231,10 +342,10 @@ def test_missing_rank_gpu_reports_after_bounded_wait():
 
 def _single_rank_kernel(rank, world):
     """One rank still runs the whole kernel (copy in, barriers with itself, header check)."""
-    from aiter_dist.comm import one_shot_all_reduce_raw
+    from aiter_dist.comm import one_shot_all_reduce_raw, two_shot_all_reduce_raw
 
     x = torch.randn(5000, device=_device(), dtype=torch.bfloat16)
-    return torch.equal(one_shot_all_reduce_raw(x), x)
+    return torch.equal(one_shot_all_reduce_raw(x), x) and torch.equal(two_shot_all_reduce_raw(x), x)
 
 
 @pytest.mark.gpu
