@@ -11,13 +11,32 @@ Found by attribute names (the example Llama's, which are also Hugging Face Llama
   become ``aiter_dist.nn.RMSNorm``.
 Each rank must hold the same full weights first (same seed, or loaded from one checkpoint): every
 parallel layer copies its shard from them. Embeddings and the output head stay replicated.
+
+Fused communication (``fuse_norm=True``, the default) applies to a model laid out like the
+example's Llama: an embedding (``tok_emb`` or ``embed_tokens``), ``layers`` of pre-norm blocks
+(``attn_norm, attn, mlp_norm, mlp``; ``x + attn(attn_norm(x))`` then ``x + mlp(mlp_norm(x))``), a
+final ``norm`` and an ``lm_head``. The model's forward then carries ``(normed, residual)`` from
+block to block, and every row-parallel output meets the residual add and the next norm in one
+``all_reduce_add_rms_norm``. ``sequence_parallel=True`` shards the residual stream by tokens
+instead: ``reduce_scatter_add_rms_norm`` where a row-parallel output meets it, an all-gather
+before each column-parallel block, ``rms_norm_all_gather`` for the first norm; the loss is the
+plain mode's. Other models keep one all-reduce per row-parallel layer (recorded in
+``model.aiter_parallel["fused_norm"]``); asking them for sequence parallelism is an error.
 """
 from __future__ import annotations
+
+import types
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from .comm.all_reduce import all_reduce
+from .comm.fused_norm import (all_reduce_add_rms_norm, reduce_scatter_add_rms_norm,
+                              rms_norm_all_gather)
+from .comm.gather_scatter import all_gather
+from .comm.tensor_parallel import gather_first_dim, split_first_dim
+from .kernels._runtime import log
 from .kernels.flash_attn import flash_attn_func
 from .nn import ColumnParallelLinear, RMSNorm, RowParallelLinear
 
@@ -68,11 +87,113 @@ def _flash_causal_attend(q, k, v):
     return flash_attn_func(q, k, v, causal=True)
 
 
-def parallelize(model: nn.Module, group=None, attention: str = "flash") -> nn.Module:
+# ----------------------------------------------------------------------------- fused forward
+
+_EMBEDDINGS = ("tok_emb", "embed_tokens")
+_BLOCK = ("attn_norm", "attn", "mlp_norm", "mlp")
+
+
+def _chain_layout(model: nn.Module):
+    """(embedding, blocks, final norm, head) if ``model`` is laid out for the fused forward, else
+    the reason it is not."""
+    emb = next((getattr(model, n) for n in _EMBEDDINGS
+                if isinstance(getattr(model, n, None), nn.Embedding)), None)
+    layers, norm, head = (getattr(model, n, None) for n in ("layers", "norm", "lm_head"))
+    if emb is None or not isinstance(layers, nn.ModuleList) or len(layers) == 0 \
+            or not isinstance(norm, RMSNorm) or not isinstance(head, nn.Module):
+        return None, ("the model has no embedding (tok_emb/embed_tokens), layers, RMSNorm norm "
+                      "and lm_head")
+    for i, blk in enumerate(layers):
+        parts = [getattr(blk, n, None) for n in _BLOCK]
+        if not (isinstance(parts[0], RMSNorm) and isinstance(parts[2], RMSNorm)
+                and isinstance(getattr(parts[1], "o_proj", None), RowParallelLinear)
+                and isinstance(getattr(parts[3], "down_proj", None), RowParallelLinear)):
+            return None, f"layers[{i}] is not an attn_norm/attn/mlp_norm/mlp pre-norm block"
+        if parts[1].o_proj.bias is not None or parts[3].down_proj.bias is not None:
+            return None, f"layers[{i}]'s row-parallel projections have a bias"
+    return (emb, layers, norm, head), None
+
+
+def _fused_block_forward(block, x):
+    """One block on its own (outside the fused model forward): the attention's reduce is fused
+    with the residual add and the MLP's norm."""
+    g = block.attn.o_proj.group
+    h, res = all_reduce_add_rms_norm(block.attn(block.attn_norm(x)), x, block.mlp_norm.weight,
+                                     block.mlp_norm.eps, g)
+    return res + all_reduce(block.mlp(h).contiguous(), g)
+
+
+def _sequence_parallel_block_forward(block, x):
+    raise RuntimeError("aiter_dist.parallelize(sequence_parallel=True): blocks take token shards "
+                       "and run inside the model's forward, which shards and gathers the tokens; "
+                       "call the model, not a block")
+
+
+def _fused_model_forward(model, tokens):
+    """The model's forward with (normed, residual) carried between blocks: each row-parallel
+    output is reduced together with the residual add and the next norm."""
+    emb, layers, final_norm, head = model._aiter_layout
+    group, sp = model._aiter_group, model._aiter_sequence_parallel
+    x = emb(tokens)
+    shape = x.shape
+    norms = [blk.mlp_norm for blk in layers]
+    nexts = [layers[i + 1].attn_norm for i in range(len(layers) - 1)] + [final_norm]
+    if sp:
+        # Tokens along dim 0, this rank's share of them in the residual stream.
+        res = split_first_dim(x.reshape(-1, shape[-1]), group)
+        first = layers[0].attn_norm
+        h = rms_norm_all_gather(res, first.weight, first.eps, group).view(shape)
+    else:
+        res = x
+        h = layers[0].attn_norm(x)
+    for i, blk in enumerate(layers):
+        for sub, norm, last in ((blk.attn, norms[i], False),
+                                (blk.mlp, nexts[i], i == len(layers) - 1)):
+            partial = sub(h)
+            if sp:
+                out, res = reduce_scatter_add_rms_norm(partial.reshape(-1, shape[-1]), res,
+                                                       norm.weight, norm.eps, group)
+                # Into tensor-parallel layers the gather's backward sums their partial input
+                # gradients; into the replicated head every rank's gradient is already whole.
+                h = (gather_first_dim(out, group) if last else all_gather(out, 0, group))
+                h = h.view(*shape[:-1], h.shape[-1])
+            else:
+                h, res = all_reduce_add_rms_norm(partial, res, norm.weight, norm.eps, group)
+    return head(h)
+
+
+def _install_fused_forward(model, group, sequence_parallel: bool) -> str | None:
+    """Switch ``model`` to the fused forward; returns why not, or None."""
+    layout, reason = _chain_layout(model)
+    if layout is None:
+        return reason
+    for blk in layout[1]:
+        blk.attn.o_proj.reduce_output = False
+        blk.mlp.down_proj.reduce_output = False
+        if sequence_parallel:
+            for lin in (blk.attn.q_proj, blk.attn.k_proj, blk.attn.v_proj, blk.mlp.gate_proj,
+                        blk.mlp.up_proj):
+                lin.sequence_parallel = True
+            blk.forward = types.MethodType(_sequence_parallel_block_forward, blk)
+        else:
+            blk.forward = types.MethodType(_fused_block_forward, blk)
+    model._aiter_layout = layout
+    model._aiter_group = group
+    model._aiter_sequence_parallel = sequence_parallel
+    model.forward = types.MethodType(_fused_model_forward, model)
+    return None
+
+
+# ----------------------------------------------------------------------------- parallelize
+
+def parallelize(model: nn.Module, group=None, attention: str = "flash", fuse_norm: bool = True,
+                sequence_parallel: bool = False) -> nn.Module:
     """Replace ``model``'s projections and norms with aiter_dist's tensor-parallel modules, in
     place, and return it. ``group`` defaults to the world (``aiter_dist.init_distributed()``).
     ``attention``: ``"flash"`` routes ``_attend`` methods to aiter_dist's flash attention,
-    ``"keep"`` leaves them."""
+    ``"keep"`` leaves them. ``fuse_norm``: fuse each row-parallel reduce with the residual add and
+    the next RMSNorm (models laid out like the example's Llama). ``sequence_parallel``: shard the
+    residual stream by tokens (batch * sequence divisible by the world size)."""
     if attention not in ("flash", "keep"):
         raise ValueError(f"aiter_dist.parallelize: attention must be 'flash' or 'keep', "
                          f"got {attention!r}")
@@ -102,5 +223,19 @@ def parallelize(model: nn.Module, group=None, attention: str = "flash") -> nn.Mo
         raise ValueError("aiter_dist.parallelize: found no attention/MLP projections "
                          "(q_proj/k_proj/v_proj/o_proj, gate_proj/up_proj/down_proj) and no "
                          "RMSNorm in the model; nothing to parallelize")
-    model.aiter_parallel = dict(counts, world_size=world)
+    fused = None
+    if sequence_parallel or fuse_norm:
+        if group is None:
+            group = dist.group.WORLD if dist.is_initialized() else None
+        reason = _install_fused_forward(model, group, sequence_parallel) if group is not None \
+            else "no process group"
+        if reason is not None and sequence_parallel:
+            raise ValueError(f"aiter_dist.parallelize: sequence_parallel=True needs a model laid "
+                             f"out like the example's Llama; {reason}")
+        if reason is not None and group is not None:
+            log.warning("aiter_dist.parallelize: row-parallel outputs are all-reduced unfused "
+                        "(%s)", reason)
+        fused = "sequence_parallel" if sequence_parallel else (
+            "all_reduce_add_rms_norm" if reason is None else f"no: {reason}")
+    model.aiter_parallel = dict(counts, world_size=world, fused_norm=fused or "off")
     return model

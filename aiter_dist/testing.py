@@ -1,4 +1,5 @@
-"""Test helpers: the tolerance policy and a launcher for multi-process CPU/GPU tests."""
+"""Test helpers: the tolerance policy, a launcher for multi-process CPU/GPU tests, CUDA-graph
+capture (tests and benchmarks)."""
 from __future__ import annotations
 
 import os
@@ -113,3 +114,23 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
         msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in errors)
         raise AssertionError(f"{fn.__name__} failed on {len(errors)} rank(s):\n{msg}")
     return [out[r] for r in range(world_size)]
+
+
+# ----------------------------------------------------------------------------- CUDA graphs
+
+def capture_graph(fn, calls: int = 1, warmup: int = 3):
+    """Warm ``fn`` up on a side stream (as capture requires: kernels compile, workspaces are made),
+    then capture ``calls`` calls of it into a ``torch.cuda.CUDAGraph``. Returns ``(graph, out)``
+    with ``out`` the last captured call's return value (static tensors refreshed by replays)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            out = fn()
+    return graph, out

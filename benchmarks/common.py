@@ -24,20 +24,11 @@ def copy_bandwidth_tbps(nbytes: int = 2 << 30) -> float:
     return 2 * src.numel() * 2 / (ms * 1e-3) / 1e12
 
 
-def capture_graph(fn, calls: int = 1) -> torch.cuda.CUDAGraph:
-    """Warm ``fn`` up on a side stream (as capture requires), then capture ``calls`` calls."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return graph
+def capture_graph(fn, calls: int = 1):
+    """``calls`` calls of ``fn`` captured into a CUDA graph (warmed up first)."""
+    from aiter_dist.testing import capture_graph as capture
+
+    return capture(fn, calls)[0]
 
 
 def markdown_table(headers, rows) -> str:

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install, GPU test tiers, benchmarks, and the 2-GPU training run.
-#   benchmarks/run_gpu.sh [stage ...]     stages: info tests multigpu norm attention allreduce train (default: all)
+#   benchmarks/run_gpu.sh [stage ...]     stages: info tests multigpu norm attention collectives train (default: all)
 # Results (tables, logs) go to $OUT (default ./out). NVLink multicast stays off throughout.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
-stages=${*:-info tests multigpu norm attention allreduce train}
+stages=${*:-info tests multigpu norm attention collectives train}
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 status=0
@@ -21,8 +21,8 @@ for s in $stages; do
     multigpu) [ "$ngpu" -ge 2 ] && run pytest_multigpu.log python3 -m pytest -q -m multigpu tests ;;
     norm) run bench_norm.log python3 benchmarks/bench_norm.py ${NORM_ARGS:-} ;;
     attention) run bench_attention.log python3 benchmarks/bench_attention.py ${ATTN_ARGS:-} ;;
-    allreduce) [ "$ngpu" -ge 2 ] && run bench_allreduce.log torchrun --nproc-per-node "$ngpu" benchmarks/bench_allreduce.py ${AR_ARGS:-} ;;
-    train) [ "$ngpu" -ge 2 ] && for mode in "" "--no-aiter"; do
+    collectives) [ "$ngpu" -ge 2 ] && run bench_collectives.log torchrun --nproc-per-node "$ngpu" benchmarks/bench_collectives.py ${COLL_ARGS:-} ;;
+    train) [ "$ngpu" -ge 2 ] && for mode in "" "--no-fuse-norm" "--sequence-parallel" "--no-aiter"; do
              run train_small.log torchrun --nproc-per-node 2 examples/train_llama.py --config small --steps ${TRAIN_STEPS:-60} $mode
            done ;;
   esac

@@ -37,10 +37,10 @@ ALGOS = ("auto", "one_shot", "two_shot", "fallback")
 # algo="auto": per device row and world size, (largest message in bytes, algorithm) in increasing
 # order; larger messages go to torch.distributed. "cuda" applies while a CUDA graph is captured,
 # "cuda-eager" to eager calls, where every call pays the Python launch cost.
-# cuda: benchmarks/results/h200.md (bench_allreduce.py, 2x H200, bf16, graph replay): one-shot
-#   beats NCCL 1.16-1.30x from 4 KB to 4 MB and loses from 16 MB (113 vs 75 us). Two-shot has not
-#   been timed on a GPU yet, so auto does not pick it there; other world sizes use the 2-GPU
-#   figures until runs on 4 and 8 GPUs retune them.
+# cuda: benchmarks/results/h200.md (bench_allreduce.py, since folded into bench_collectives.py;
+#   2x H200, bf16, graph replay): one-shot beats NCCL 1.16-1.30x from 4 KB to 4 MB and loses from
+#   16 MB (113 vs 75 us). Two-shot has not been timed on a GPU yet, so auto does not pick it
+#   there; other world sizes use the 2-GPU figures until runs on 4 and 8 GPUs retune them.
 # cuda-eager: the kernel costs ~40 us of host time per call against NCCL's ~22-25 us up to 1 MB
 #   and ties at 4 MB (38.8 vs 39.2 us): NCCL serves eager calls until launch gets cheaper.
 # cpu: the CPU backend exists so the real kernels run in CI and in CPU training; gloo is faster
@@ -125,7 +125,8 @@ def _all_reduce_kernel(
                     for start in range(pid * BLOCK, chunk, nprog * BLOCK):
                         offs = c * chunk + start + offs0
                         mask = (start + offs0 < chunk) & (offs < numel)
-                        tl.store(OUT + offs, tl.load(my_buf + offs, mask=mask), mask=mask)
+                        tl.store(OUT + offs, tl.load(my_buf + offs, mask=mask, cache_modifier=".cg"),
+                                 mask=mask)
         # No closing barrier: peers write into this buffer only after the next launch's start
         # barrier, which this program reaches after its reads above.
     else:

@@ -16,6 +16,10 @@ composition's bit for bit.
 ``all_reduce_add_rms_norm_fp8`` is the first with ``out`` quantized to fp8 (e4m3) with one fp32 scale
 per token (row), for fp8 GEMMs downstream: ``out.float() * scale`` approximates the normalized rows.
 
+``x`` and ``residual`` may differ in dtype (an autocast matmul's bf16 output meeting an fp32 residual
+stream): the sum is rounded to x's dtype as the collective would, and ``residual_out`` and ``out``
+take the promoted dtype, as ``all_reduce(x) + residual`` would.
+
 Autograd, Megatron's conventions: the all-reduce's backward is the identity, the reduce-scatter's
 an all-gather, the all-gather's a reduce-scatter. In the two sequence-parallel ops each rank sees
 only its shard of tokens, so the weight's gradient is summed over the group in the backward: every
@@ -192,20 +196,23 @@ def _fused_norm_kernel(
                     src = _peer_buf(BUF_PTRS, r, elem_ty, HEADER)
                     acc += tl.load(src + src_offs, mask=mask, other=0.0,
                                    cache_modifier=".cg").to(tl.float32)
-                # Round the sum as the collective would, add the residual and round again.
+                # Round the sum as the collective would, add the residual and round again (to
+                # the promoted dtype of x and residual).
                 total = acc.to(elem_ty).to(tl.float32)
-                s = (total + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)).to(elem_ty)
+                s = (total + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)).to(
+                    RES_OUT.dtype.element_ty)
                 tl.store(RES_OUT + offs, s, mask=mask)
                 y, rstd = _norm_rows(s.to(tl.float32), w, N, eps)
                 tl.store(RSTD + rows, rstd, mask=row_mask)
                 if FP8_MAX > 0:
                     amax = tl.max(tl.abs(y), axis=1)
                     scale = tl.maximum(amax / FP8_MAX, 1e-12)
-                    q = _round_to_fp8_grid(tl.div_rn(y, scale[:, None]), FP8_MAX, FP8_MIN_EXP)
+                    scale_b = scale[:, None] + tl.zeros_like(y)  # div_rn: operands of one shape
+                    q = _round_to_fp8_grid(tl.div_rn(y, scale_b), FP8_MAX, FP8_MIN_EXP)
                     tl.store(Y + offs, q.to(Y.dtype.element_ty), mask=mask)
                     tl.store(SCALE + rows, scale, mask=row_mask)
                 else:
-                    tl.store(Y + offs, y.to(elem_ty), mask=mask)
+                    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
     _finish(BUF_PTRS, SIG_PTRS, ERR, rank, world, max_spins, op_id, failed,
             MAX_PROGRAMS, MAX_WORLD_)
@@ -213,8 +220,9 @@ def _fused_norm_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _use_fused(op, x2, rows_in_buffer, world, algo, group):
-    """(workspace or None, reason for the unfused path or None)."""
+def _use_fused(op, x2, rows_in_buffer, world, algo, group, in_pieces=False):
+    """(workspace or None, reason for the unfused path or None). ``in_pieces``: the caller can
+    launch the kernel on row pieces, so only one row has to fit in the workspace."""
     if algo == "fallback" or world == 1:
         return None, None
     if world > MAX_WORLD:
@@ -223,7 +231,8 @@ def _use_fused(op, x2, rows_in_buffer, world, algo, group):
         return None, "CPU tensor on a GPU machine"
     ws = get_workspace(group, x2.device)
     nbytes = rows_in_buffer * x2.shape[1] * x2.element_size()
-    if x2.shape[1] > FUSED_MAX_N or nbytes > ws.data_bytes:
+    need = x2.shape[1] * x2.element_size() if in_pieces else nbytes
+    if x2.shape[1] > FUSED_MAX_N or need > ws.data_bytes:
         return None, (f"rows of {x2.shape[1]} or {nbytes} B exceed the fused kernel's limits "
                       f"({FUSED_MAX_N} columns, a {ws.data_bytes} B workspace)")
     if algo == "auto" and auto_algo(x2.device, world, nbytes) == "fallback":
@@ -257,9 +266,6 @@ def _check_fused_inputs(op, x, weight, residual=None):
     check_comm_input(op, "x", x, ndim_min=1)
     if residual is not None:
         check_comm_input(op, "residual", residual, ndim_min=1)
-        if residual.dtype != x.dtype:
-            raise TypeError(f"aiter_dist.{op}: residual dtype {residual.dtype} differs from x "
-                            f"dtype {x.dtype}; cast one of them")
         if residual.device != x.device:
             raise ValueError(f"aiter_dist.{op}: residual is on {residual.device} but x is on "
                              f"{x.device}; move them to one device")
@@ -283,22 +289,29 @@ def all_reduce_add_rms_norm_fwd(x, residual, weight, eps, group, algo="auto", fp
     world = dist.get_world_size(group)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     r2 = residual.reshape(-1, x.shape[-1]).contiguous()
+    res_dtype = torch.promote_types(x.dtype, residual.dtype)
     M = x2.shape[0]
-    ws, reason = _use_fused(op, x2, M, world, algo, group)
+    ws, reason = _use_fused(op, x2, M, world, algo, group, in_pieces=True)
     if ws is None:
         record_path(op, "all_reduce + add_rms_norm", reason)
         total = all_reduce_raw(x2, group, "fallback" if algo == "fallback" else "auto")
-        y, res_out, rstd = rms_norm_fwd(total, weight, eps, residual=r2)
+        y, res_out, rstd = rms_norm_fwd(total.to(res_dtype), weight, eps,
+                                        residual=r2.to(res_dtype))
         scale = None
         if fp8_dtype is not None:
             y, scale = _quantize_rows_fp8_torch(res_out, weight, rstd, fp8_dtype)
     else:
-        y = torch.empty_like(x2, dtype=fp8_dtype or x.dtype)
-        res_out = torch.empty_like(x2)
+        y = torch.empty_like(x2, dtype=fp8_dtype or res_dtype)
+        res_out = torch.empty_like(x2, dtype=res_dtype)
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
         scale = torch.empty(M, dtype=torch.float32, device=x.device) if fp8_dtype else None
-        _launch_fused(MODE_ALL_REDUCE, ws, x2, r2, weight, y, res_out, rstd, scale, M, eps,
-                      fp8_dtype)
+        # Rows are independent: a message larger than the workspace goes in row pieces.
+        piece = max(1, ws.data_bytes // (x2.shape[1] * x2.element_size()))
+        for a in range(0, M, piece):
+            b = min(M, a + piece)
+            _launch_fused(MODE_ALL_REDUCE, ws, x2[a:b], r2[a:b], weight, y[a:b], res_out[a:b],
+                          rstd[a:b], scale[a:b] if scale is not None else None, b - a, eps,
+                          fp8_dtype)
         record_path(op, "one_shot")
     if scale is not None:
         scale = scale.view(*x.shape[:-1], 1)
@@ -327,14 +340,17 @@ def reduce_scatter_add_rms_norm_fwd(x, residual, weight, eps, group, algo="auto"
                          f"{shard_shape} (x.shape[0] / world size), got {tuple(residual.shape)}")
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     r2 = residual.reshape(-1, x.shape[-1]).contiguous()
+    res_dtype = torch.promote_types(x.dtype, residual.dtype)
     m = r2.shape[0]
     ws, reason = _use_fused(op, x2, m * world, world, algo, group)
     if ws is None:
         record_path(op, "reduce_scatter + add_rms_norm", reason)
         part = reduce_scatter_raw(x2, 0, group, "fallback" if algo == "fallback" else "auto")
-        y, res_out, rstd = rms_norm_fwd(part, weight, eps, residual=r2)
+        y, res_out, rstd = rms_norm_fwd(part.to(res_dtype), weight, eps,
+                                        residual=r2.to(res_dtype))
     else:
-        y, res_out = torch.empty_like(r2), torch.empty_like(r2)
+        y = torch.empty_like(r2, dtype=res_dtype)
+        res_out = torch.empty_like(r2, dtype=res_dtype)
         rstd = torch.empty(m, dtype=torch.float32, device=x.device)
         _launch_fused(MODE_REDUCE_SCATTER, ws, x2, r2, weight, y, res_out, rstd, None, m, eps)
         record_path(op, "one_shot")
@@ -378,6 +394,7 @@ class AllReduceAddRMSNormFunc(torch.autograd.Function):
     def forward(ctx, x, residual, weight, eps, group, algo):
         y, res_out, rstd, _ = all_reduce_add_rms_norm_fwd(x, residual, weight, eps, group, algo)
         ctx.save_for_backward(res_out, weight, rstd)
+        ctx.x_dtype, ctx.r_dtype = x.dtype, residual.dtype
         return y, res_out
 
     @staticmethod
@@ -385,7 +402,7 @@ class AllReduceAddRMSNormFunc(torch.autograd.Function):
         res_out, weight, rstd = ctx.saved_tensors
         dx, dw = add_rms_norm_bwd(dy, dres_out, res_out, weight, rstd)
         # The all-reduce passes the gradient through unchanged (identity backward).
-        return dx, dx, dw, None, None, None
+        return dx.to(ctx.x_dtype), dx.to(ctx.r_dtype), dw, None, None, None
 
 
 class AllReduceAddRMSNormFP8Func(torch.autograd.Function):
@@ -397,11 +414,13 @@ class AllReduceAddRMSNormFP8Func(torch.autograd.Function):
         y, res_out, _, scale = all_reduce_add_rms_norm_fwd(x, residual, weight, eps, group, algo,
                                                            fp8_dtype)
         ctx.mark_non_differentiable(y, scale)
+        ctx.x_dtype, ctx.r_dtype = x.dtype, residual.dtype
         return y, scale, res_out
 
     @staticmethod
     def backward(ctx, dy, dscale, dres_out):
-        return dres_out, dres_out, None, None, None, None, None
+        return (dres_out.to(ctx.x_dtype), dres_out.to(ctx.r_dtype), None, None, None, None,
+                None)
 
 
 class ReduceScatterAddRMSNormFunc(torch.autograd.Function):
@@ -410,6 +429,7 @@ class ReduceScatterAddRMSNormFunc(torch.autograd.Function):
         y, res_out, rstd = reduce_scatter_add_rms_norm_fwd(x, residual, weight, eps, group, algo)
         ctx.save_for_backward(res_out, weight, rstd)
         ctx.args = (group, algo)
+        ctx.x_dtype, ctx.r_dtype = x.dtype, residual.dtype
         return y, res_out
 
     @staticmethod
@@ -421,8 +441,9 @@ class ReduceScatterAddRMSNormFunc(torch.autograd.Function):
             dy = torch.zeros_like(res_out)
         dshard, dw = rms_norm_bwd(dy, res_out, weight, rstd, dresidual=dres_out, dw_fp32=True)
         # reduce_scatter's backward gathers the shards' gradients.
-        dx = all_gather_raw(dshard.contiguous(), 0, group, algo)
-        return dx, dshard, _sum_weight_grad(dw, weight, group), None, None, None
+        dx = all_gather_raw(dshard.to(ctx.x_dtype).contiguous(), 0, group, algo)
+        return (dx, dshard.to(ctx.r_dtype), _sum_weight_grad(dw, weight, group), None, None,
+                None)
 
 
 class RMSNormAllGatherFunc(torch.autograd.Function):

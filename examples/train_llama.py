@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 2 examples/train_llama.py                 # aiter_dist TP=2
     torchrun --nproc-per-node 2 examples/train_llama.py --no-aiter      # PyTorch's own TP=2
+    torchrun --nproc-per-node 2 examples/train_llama.py --sequence-parallel
     mpiexec -n 2 python examples/train_llama.py --config tiny --steps 3 # MPI launch
     python examples/train_llama.py                                      # one plain process
 
@@ -60,6 +61,11 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --checkpoint-dir")
     p.add_argument("--no-aiter", action="store_true", help="plain PyTorch (torch TP when world>1)")
+    p.add_argument("--sequence-parallel", action="store_true",
+                   help="shard the residual stream by tokens (reduce-scatter/all-gather fused "
+                        "with RMSNorm); batch * seq-len must divide by the world size")
+    p.add_argument("--no-fuse-norm", action="store_true",
+                   help="all-reduce each row-parallel output on its own (no fused add+RMSNorm)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                    help="bf16: autocast with fp32 master weights (default on CUDA); fp32 on CPU")
     p.add_argument("--log-every", type=int, default=5)
@@ -73,6 +79,9 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     if args.resume and not args.checkpoint_dir:
         p.error("--resume needs --checkpoint-dir")
+    if args.no_aiter and (args.sequence_parallel or args.no_fuse_norm):
+        p.error("--sequence-parallel and --no-fuse-norm choose aiter_dist's communication; "
+                "they do not apply with --no-aiter")
     if args.seq_len > CONFIGS[args.config].max_seq_len:
         p.error(f"--seq-len {args.seq_len} exceeds the config's max_seq_len "
                 f"{CONFIGS[args.config].max_seq_len}")
@@ -259,7 +268,8 @@ def main(argv=None):
     n_matmul = model.num_params(exclude_embedding=True)
     full_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     if not args.no_aiter:
-        model = aiter_dist.parallelize(model, group=group)
+        model = aiter_dist.parallelize(model, group=group, fuse_norm=not args.no_fuse_norm,
+                                       sequence_parallel=args.sequence_parallel)
     elif world > 1:
         model = torch_tensor_parallel(model, world, device)
 
@@ -336,6 +346,8 @@ def main(argv=None):
     summary = {"first_loss": first_loss, "last_loss": last_loss, "tokens_per_s": tps,
                "world_size": world, "steps": args.steps, "start_step": start,
                "config": args.config, "aiter": not args.no_aiter, "device": device.type,
+               "comm": (getattr(model, "aiter_parallel", {}).get("fused_norm")
+                        if not args.no_aiter else "torch"),
                "dtype": args.dtype, "params": n_params, "batch_size": args.batch_size,
                "seq_len": args.seq_len, "loss_rank_spread": spread,
                "mfu": (flops_tok * tps / (args.peak_flops * world)

@@ -66,13 +66,51 @@ def _grads_and_paths(rank, world):
     wide = torch.randn(2, 20000)
     aiter_dist.all_reduce_add_rms_norm(wide, wide, torch.ones(20000))
     assert aiter_dist.last_path("all_reduce_add_rms_norm") == "all_reduce + add_rms_norm"
-    with pytest.raises(TypeError, match="all_reduce_add_rms_norm: residual dtype"):
-        aiter_dist.all_reduce_add_rms_norm(x.detach(), residual.detach().half(), weight.detach())
+    # x and residual of different dtypes follow PyTorch's promotion, like the unfused ops.
+    for xd, rd in ((torch.float16, torch.float32), (torch.float32, torch.float16)):
+        xm, rm = x.detach().to(xd), residual.detach().to(rd)
+        out, res = aiter_dist.all_reduce_add_rms_norm(xm, rm, weight.detach(), algo="one_shot")
+        pt = torch.promote_types(xd, rd)
+        assert res.dtype == out.dtype == pt
+        u_out, u_res = aiter_dist.add_rms_norm(aiter_dist.all_reduce(xm).to(pt), rm.to(pt),
+                                               weight.detach())
+        assert torch.equal(res, u_res)
+        torch.testing.assert_close(out, u_out, rtol=0, atol=0 if pt == torch.float32 else 2e-3)
+        xg, rg = xm.clone().requires_grad_(), rm.clone().requires_grad_()
+        o, r = aiter_dist.all_reduce_add_rms_norm(xg, rg, weight.detach(), algo="one_shot")
+        (o.float().sum() + r.float().sum()).backward()
+        assert xg.grad.dtype == xd and rg.grad.dtype == rd
+    with pytest.raises(ValueError, match="all_reduce_add_rms_norm: residual shape"):
+        aiter_dist.all_reduce_add_rms_norm(x.detach(), residual.detach()[:3], weight.detach())
     return True
 
 
 def test_gradients_fallback_and_bad_input_cpu():
     run_distributed(_grads_and_paths, 2)
+
+
+def _rows_in_pieces(rank, world):
+    """More rows than the workspace holds: the fused kernel runs on row pieces, same result."""
+    from aiter_dist.comm import create_workspace
+
+    create_workspace(nbytes=256 + 4096 * 4)  # 4096 fp32: 102 rows of 40 per piece
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(250, 40, generator=g) for _ in range(world)]
+    residual, weight = torch.randn(250, 40, generator=g), torch.randn(40, generator=g)
+    out, res = aiter_dist.all_reduce_add_rms_norm(xs[rank], residual, weight, algo="one_shot")
+    assert aiter_dist.last_path("all_reduce_add_rms_norm") == "one_shot"
+    u_out, u_res = aiter_dist.add_rms_norm(aiter_dist.all_reduce(xs[rank], algo="one_shot"),
+                                           residual, weight)
+    assert torch.equal(res, u_res)
+    torch.testing.assert_close(out, u_out, rtol=0, atol=0)
+    q, scale, _ = aiter_dist.all_reduce_add_rms_norm_fp8(xs[rank], residual, weight,
+                                                         algo="one_shot")
+    assert scale.shape == (250, 1) and bool((scale > 0).all())
+    return True
+
+
+def test_rows_larger_than_workspace_go_in_pieces():
+    run_distributed(_rows_in_pieces, 2)
 
 
 @pytest.mark.multigpu
@@ -197,9 +235,14 @@ def _sequence_parallel_bad_input(rank, world):
         aiter_dist.rms_norm_all_gather(torch.randn(8), torch.ones(8))
     with pytest.raises(ValueError, match=r"rms_norm_all_gather: weight must have shape \(8,\)"):
         aiter_dist.rms_norm_all_gather(torch.randn(3, 8), torch.ones(7))
-    with pytest.raises(TypeError, match="reduce_scatter_add_rms_norm: residual dtype"):
-        aiter_dist.reduce_scatter_add_rms_norm(torch.randn(2 * world, 8),
-                                               torch.randn(2, 8).half(), torch.ones(8))
+    with pytest.raises(TypeError, match="reduce_scatter_add_rms_norm: x has dtype torch.int64"):
+        aiter_dist.reduce_scatter_add_rms_norm(torch.ones(2 * world, 8, dtype=torch.long),
+                                               torch.randn(2, 8), torch.ones(8))
+    # fp16 partials into an fp32 residual stream (autocast): promoted like the unfused ops.
+    xs = torch.randn(2 * world, 8).half()
+    out, res = aiter_dist.reduce_scatter_add_rms_norm(xs, torch.randn(2, 8), torch.ones(8),
+                                                      algo="one_shot")
+    assert out.dtype == res.dtype == torch.float32
     # Wide rows take the unfused path, visibly.
     wide = torch.randn(world, 20000)
     aiter_dist.rms_norm_all_gather(wide[:1], torch.ones(20000))

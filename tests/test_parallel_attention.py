@@ -80,20 +80,80 @@ def test_example_llama_flash_matches_sdpa():
     torch.testing.assert_close(flash_logits, sdpa_logits, rtol=1e-4, atol=1e-4)
 
 
-def _tp_llama_vs_unsharded(rank, world):
+def _shard_of(ref_grad, module, rank, world):
+    """The part of the unsharded gradient this rank's parameter holds."""
+    if isinstance(module, aiter_dist.nn.ColumnParallelLinear):
+        return ref_grad.chunk(world, dim=0)[rank]
+    if isinstance(module, aiter_dist.nn.RowParallelLinear):
+        return ref_grad.chunk(world, dim=1)[rank]
+    return ref_grad
+
+
+MODES = {"fused": dict(), "unfused": dict(fuse_norm=False), "sp": dict(sequence_parallel=True)}
+
+
+def _tp_llama_vs_unsharded(rank, world, mode):
+    """Logits, loss and every parameter's gradient of the parallelized Llama against the
+    unsharded model, in each communication mode."""
     llama = _llama_module()
     cfg = llama.CONFIGS["tiny"]
     torch.manual_seed(0)
     ref_model = llama.Llama(cfg)
     torch.manual_seed(0)
-    model = aiter_dist.parallelize(llama.Llama(cfg), dist.group.WORLD)
+    model = aiter_dist.parallelize(llama.Llama(cfg), dist.group.WORLD, **MODES[mode])
+    expected = {"fused": "all_reduce_add_rms_norm", "sp": "sequence_parallel"}
+    assert model.aiter_parallel["fused_norm"] == expected.get(mode, "off")
     tokens = torch.randint(0, cfg.vocab_size, (2, 29), generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(model(tokens), ref_model(tokens), rtol=1e-4, atol=1e-4)
+    logits, ref_logits = model(tokens), ref_model(tokens)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    if mode == "fused":
+        assert aiter_dist.last_path("all_reduce_add_rms_norm") == "one_shot"
+    if mode == "sp":
+        assert aiter_dist.last_path("reduce_scatter_add_rms_norm") == "one_shot"
+        assert aiter_dist.last_path("rms_norm_all_gather") == "one_shot"
+    target = torch.randint(0, cfg.vocab_size, (2, 29), generator=torch.Generator().manual_seed(2))
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
+    ref_loss = torch.nn.functional.cross_entropy(ref_logits.flatten(0, 1), target.flatten())
+    loss.backward()
+    ref_loss.backward()
+    modules = dict(model.named_modules())
+    ref_params = dict(ref_model.named_parameters())
+    for name, p in model.named_parameters():
+        owner = modules[name.rsplit(".", 1)[0]]
+        want = _shard_of(ref_params[name].grad, owner, rank, world)
+        torch.testing.assert_close(p.grad, want, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    return loss.item()
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_tensor_parallel_llama_matches_unsharded(mode):
+    losses = run_distributed(_tp_llama_vs_unsharded, 2, mode)
+    assert losses[0] == losses[1]
+
+
+def _block_on_its_own(rank, world):
+    llama = _llama_module()
+    cfg = llama.CONFIGS["tiny"]
+    torch.manual_seed(0)
+    ref = llama.Llama(cfg)
+    torch.manual_seed(0)
+    model = aiter_dist.parallelize(llama.Llama(cfg), dist.group.WORLD)
+    x = torch.randn(2, 9, cfg.dim)
+    torch.testing.assert_close(model.layers[1](x), ref.layers[1](x), rtol=1e-4, atol=1e-5)
+    torch.manual_seed(0)
+    sp = aiter_dist.parallelize(llama.Llama(cfg), dist.group.WORLD, sequence_parallel=True)
+    with pytest.raises(RuntimeError, match="blocks take token shards"):
+        sp.layers[0](x)
+    with pytest.raises(ValueError, match="sequence_parallel=True needs a model laid out"):
+        aiter_dist.parallelize(nn.Sequential(nn.Linear(4, 4), nn.RMSNorm(4)), dist.group.WORLD,
+                               sequence_parallel=True)
+    with pytest.raises(ValueError, match="tokens are not divisible by the sequence-parallel"):
+        sp(torch.randint(0, cfg.vocab_size, (1, 7)))
     return True
 
 
-def test_tensor_parallel_llama_matches_unsharded():
-    run_distributed(_tp_llama_vs_unsharded, 2)
+def test_fused_block_alone_and_sequence_parallel_errors():
+    run_distributed(_block_on_its_own, 2)
 
 
 def test_bad_attention_option():

@@ -99,6 +99,19 @@ def test_tp2_matches_tp1():
     assert two["last_loss"] == pytest.approx(one["last_loss"], rel=TP_RTOL), (one, two)
 
 
+def test_communication_modes_reach_the_same_loss():
+    """Fused add+RMSNorm (default), unfused all-reduces and sequence parallelism compute the same
+    model: the same losses, step after step."""
+    fused = cached(2, "--steps", STEPS)
+    assert fused["comm"] == "all_reduce_add_rms_norm"
+    for flag, comm in (("--sequence-parallel", "sequence_parallel"), ("--no-fuse-norm", "off")):
+        other = torchrun(2, "--steps", STEPS, flag)
+        _check_summary(other, 2, True, STEPS)
+        assert other["comm"] == comm
+        assert other["first_loss"] == pytest.approx(fused["first_loss"], rel=TP_RTOL), flag
+        assert other["last_loss"] == pytest.approx(fused["last_loss"], rel=TP_RTOL), (flag, other)
+
+
 def test_torch_tp2_baseline_matches_aiter():
     """--no-aiter TP=2 (PyTorch's DTensor tensor parallel) reaches the same loss as aiter_dist."""
     base = cached(2, "--steps", STEPS, "--no-aiter")

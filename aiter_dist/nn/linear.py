@@ -7,6 +7,11 @@
   the partial products are all-reduced (``aiter_dist.all_reduce``), then the full ``bias`` is added
   once. ``input_is_parallel=False`` splits a replicated input first.
 
+Two switches let a caller fuse the communication with what follows or precedes it (``parallelize``
+does, with the residual add and RMSNorm): ``RowParallelLinear.reduce_output = False`` returns the
+partial products unreduced, and ``ColumnParallelLinear.sequence_parallel = True`` marks an input
+that comes from an all-gather whose backward already sums the input gradient over the group.
+
 Both load their shard from a full, unsharded weight: ``layer.load_full_weight(w, b)`` or
 ``Layer.from_linear(nn_linear, group)``. A freshly constructed layer is the shard of a full layer
 initialized like ``nn.Linear`` from the current RNG state: seed every rank the same.
@@ -72,6 +77,7 @@ class ColumnParallelLinear(_ParallelLinear):
         self.out_per_rank = _divide(out_features, self.world_size, "out_features",
                                     "ColumnParallelLinear")
         self.gather_output = gather_output
+        self.sequence_parallel = False
         self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features, device=device,
                                                dtype=dtype))
         self.bias = nn.Parameter(torch.empty(self.out_per_rank, device=device, dtype=dtype)) \
@@ -91,7 +97,7 @@ class ColumnParallelLinear(_ParallelLinear):
             self.bias.copy_(bias[rows])
 
     def forward(self, x):
-        if self.world_size > 1:
+        if self.world_size > 1 and not self.sequence_parallel:
             x = copy_to_parallel_region(x, self.group)
         y = mm(x, self.weight, self.bias)
         if self.gather_output and self.world_size > 1:
@@ -113,6 +119,7 @@ class RowParallelLinear(_ParallelLinear):
         self.in_per_rank = _divide(in_features, self.world_size, "in_features",
                                    "RowParallelLinear")
         self.input_is_parallel = input_is_parallel
+        self._reduce_output = True
         self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank, device=device,
                                                dtype=dtype))
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) \
@@ -132,6 +139,17 @@ class RowParallelLinear(_ParallelLinear):
         if self.bias is not None and bias is not None:
             self.bias.copy_(bias)
 
+    @property
+    def reduce_output(self) -> bool:
+        return self._reduce_output
+
+    @reduce_output.setter
+    def reduce_output(self, value: bool):
+        if not value and self.bias is not None:
+            raise ValueError("aiter_dist.nn.RowParallelLinear: reduce_output=False needs a layer "
+                             "without bias (the bias must be added once, after the reduce)")
+        self._reduce_output = bool(value)
+
     def forward(self, x):
         if not self.input_is_parallel and self.world_size > 1:
             x = split_last_dim(x, self.group)
@@ -141,6 +159,8 @@ class RowParallelLinear(_ParallelLinear):
                              f"in_features={self.in_features} (input_is_parallel="
                              f"{self.input_is_parallel})")
         y = mm(x, self.weight)
+        if not self._reduce_output:
+            return y  # partial: the caller reduces it
         if self.world_size > 1:
             y = all_reduce(y.contiguous(), self.group)
         return y + self.bias if self.bias is not None else y
