@@ -7,6 +7,9 @@ right)``, -1 unbounded; causal is right = 0), so masks align to the bottom-right
 key output 0 and carry lse = +inf (their gradient is 0).
 
 Forward: one program per (query block, batch x head), online softmax in base 2, fp32 statistics.
+Every loop over blocks runs in three ranges: boundary blocks before and after, where keys may be
+out of range or outside the causal/sliding window and the scores are masked, and the interior,
+where no mask is computed or applied (``_unmasked_key_blocks``).
 Backward (deterministic, no atomics): ``delta = rowsum(dO * O)``, then one kernel per key block and
 KV head that loops over the query blocks of every query head in its GQA group (dK, dV), and one
 kernel per query block (dQ). Memory stays linear in sequence length.
@@ -53,6 +56,75 @@ def attention_ref(q, k, v, softmax_scale=None, causal=False, window_size=(-1, -1
 # ----------------------------------------------------------------------------- kernels
 
 @triton.jit
+def _load(ptrs, row_ok, d_ok, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
+    """A tile load: rows masked only in boundary blocks, head dims only when padded."""
+    if MASKED:
+        if EVEN_D:
+            return tl.load(ptrs, mask=row_ok, other=0.0)
+        return tl.load(ptrs, mask=row_ok & d_ok, other=0.0)
+    if EVEN_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=d_ok, other=0.0)
+
+
+@triton.jit
+def _visible(rows, cols, sk, shift, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Which (row, col) pairs a boundary block may use: key in range and inside the window."""
+    valid = cols < sk
+    if HAS_RIGHT:
+        valid = valid & (cols <= rows + shift + right)
+    if HAS_LEFT:
+        valid = valid & (cols >= rows + shift - left)
+    return valid
+
+
+@triton.jit
+def _unmasked_key_blocks(m0, lo, hi, sk, shift, left, right, HAS_LEFT: tl.constexpr,
+                         HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """For query rows [m0, m0 + BLOCK_M) and key blocks starting at lo, lo + BLOCK_N, ... < hi:
+    (a, c) such that blocks in [a, c) need no mask (every key exists and every row sees it);
+    [lo, a) and [c, hi) are boundary blocks. Skipping the masks there saves the softmax path's
+    integer work on all but the diagonal and edge blocks."""
+    full_hi = sk
+    if HAS_RIGHT:
+        full_hi = tl.minimum(full_hi, m0 + shift + right + 1)
+    full_hi = tl.maximum(full_hi, 0) // BLOCK_N * BLOCK_N
+    full_lo = lo
+    if HAS_LEFT:
+        full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 + shift - left, 0),
+                                         BLOCK_N) * BLOCK_N)
+    a = tl.minimum(full_lo, hi)
+    return a, tl.maximum(full_hi, a)
+
+
+@triton.jit
+def _attn_fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_ok,
+                   k0, sks, svs, sk, shift, left, right, qk_scale,
+                   MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                   EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block of the online softmax."""
+    cols = start_n + offs_n
+    kt = _load(k_base + (k0 + cols).to(tl.int64)[None, :] * sks + offs_d[:, None],
+               (cols < sk)[None, :], tl.trans(d_ok), MASKED, EVEN_D)
+    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+    if MASKED:
+        s = tl.where(_visible(offs_m[:, None], cols[None, :], sk, shift, left, right, HAS_LEFT,
+                              HAS_RIGHT), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+    else:  # every score is finite here
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = m_new
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = _load(v_base + (k0 + cols).to(tl.int64)[:, None] * svs + offs_d[None, :],
+              (cols < sk)[:, None], d_ok, MASKED, EVEN_D)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, O, LSE, CU_Q, CU_K,
     sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sob, sos, soh, slb, slh,
@@ -66,6 +138,7 @@ def _attn_fwd_kernel(
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     hk = h // group
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     if IS_VARLEN:
         q0 = tl.load(CU_Q + b)
         sq = tl.load(CU_Q + b + 1) - q0
@@ -77,55 +150,83 @@ def _attn_fwd_kernel(
         k0 = 0
         sk = seqlen_k
     if pid_m * BLOCK_M < sq:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m0 = pid_m * BLOCK_M
+        offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < HEAD_DIM
+        d_ok = (offs_d < HEAD_DIM)[None, :]
         q_ptrs = Q + b.to(tl.int64) * sqb + (q0 + offs_m).to(tl.int64)[:, None] * sqs + h * sqh \
             + offs_d[None, :]
-        q = tl.load(q_ptrs, mask=(offs_m < sq)[:, None] & d_mask[None, :], other=0.0)
+        q = _load(q_ptrs, (offs_m < sq)[:, None], d_ok, True, EVEN_D)
         shift = sk - sq  # bottom-right alignment
         lo = 0
         hi = sk
         if HAS_RIGHT:
-            hi = tl.minimum(sk, (pid_m + 1) * BLOCK_M + shift + right)
+            hi = tl.minimum(sk, m0 + BLOCK_M + shift + right)
         if HAS_LEFT:
-            lo = tl.maximum(0, pid_m * BLOCK_M + shift - left) // BLOCK_N * BLOCK_N
+            lo = tl.maximum(0, m0 + shift - left) // BLOCK_N * BLOCK_N
+        hi = tl.maximum(hi, lo)  # no key visible: empty ranges, never a negative start
+        a, c = _unmasked_key_blocks(m0, lo, hi, sk, shift, left, right, HAS_LEFT, HAS_RIGHT,
+                                    BLOCK_M, BLOCK_N)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         k_base = K + b.to(tl.int64) * skb + hk * skh
         v_base = V + b.to(tl.int64) * svb + hk * svh
-        for start_n in range(lo, hi, BLOCK_N):
-            cols = start_n + offs_n
-            kv_mask = (cols < sk)[:, None] & d_mask[None, :]
-            kt = tl.load(k_base + (k0 + cols).to(tl.int64)[None, :] * sks + offs_d[:, None],
-                         mask=(cols < sk)[None, :] & d_mask[:, None], other=0.0)
-            s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
-            valid = (cols < sk)[None, :]
-            if HAS_RIGHT:
-                valid = valid & (cols[None, :] <= offs_m[:, None] + shift + right)
-            if HAS_LEFT:
-                valid = valid & (cols[None, :] >= offs_m[:, None] + shift - left)
-            s = tl.where(valid, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            v = tl.load(v_base + (k0 + cols).to(tl.int64)[:, None] * svs + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
+        for start_n in range(lo, a, BLOCK_N):
+            acc, l_i, m_i = _attn_fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m,
+                                           offs_n, offs_d, d_ok, k0, sks, svs, sk, shift, left,
+                                           right, qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D,
+                                           PRECISION)
+        for start_n in range(a, c, BLOCK_N):
+            acc, l_i, m_i = _attn_fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m,
+                                           offs_n, offs_d, d_ok, k0, sks, svs, sk, shift, left,
+                                           right, qk_scale, False, HAS_LEFT, HAS_RIGHT, EVEN_D,
+                                           PRECISION)
+        for start_n in range(c, hi, BLOCK_N):
+            acc, l_i, m_i = _attn_fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m,
+                                           offs_n, offs_d, d_ok, k0, sks, svs, sk, shift, left,
+                                           right, qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D,
+                                           PRECISION)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         o_ptrs = O + b.to(tl.int64) * sob + (q0 + offs_m).to(tl.int64)[:, None] * sos + h * soh \
             + offs_d[None, :]
-        tl.store(o_ptrs, out.to(O.dtype.element_ty),
-                 mask=(offs_m < sq)[:, None] & d_mask[None, :])
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < sq)[:, None] & d_ok)
         lse = tl.where(empty, float("inf"),
                        (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
         tl.store(LSE + b.to(tl.int64) * slb + h * slh + q0 + offs_m, lse, mask=offs_m < sq)
+
+
+@triton.jit
+def _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA, l_off, q0, start_m, offs_m0,
+                        offs_n, offs_d, d_ok, sq, sk, sqs, sdos, shift, left, right, qk_scale,
+                        MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                        EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """One query block's contribution to a key block's dK and dV."""
+    offs_m = start_m + offs_m0
+    m_ok = offs_m < sq
+    rows = (q0 + offs_m).to(tl.int64)[:, None]
+    q = _load(q_base + rows * sqs + offs_d[None, :], m_ok[:, None], d_ok, MASKED, EVEN_D)
+    do = _load(do_base + rows * sdos + offs_d[None, :], m_ok[:, None], d_ok, MASKED, EVEN_D)
+    if MASKED:
+        lse = tl.load(LSE + l_off + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(DELTA + l_off + offs_m, mask=m_ok, other=0.0)
+    else:
+        lse = tl.load(LSE + l_off + offs_m)
+        delta = tl.load(DELTA + l_off + offs_m)
+    # Transposed scores: rows are keys, columns are queries.
+    st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
+    pt = tl.exp2(st - lse[None, :] * 1.4426950408889634)
+    if MASKED:
+        valid = _visible(offs_m[None, :], offs_n[:, None], sk, shift, left, right, HAS_LEFT,
+                         HAS_RIGHT) & m_ok[None, :]
+        pt = tl.where(valid, pt, 0.0)
+    dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
+    dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+    dst = pt * (dpt - delta[None, :])
+    dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
 
 
 @triton.jit
@@ -143,6 +244,7 @@ def _attn_bwd_dkdv_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads_k
     hk = pid_bh % n_heads_k
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     if IS_VARLEN:
         q0 = tl.load(CU_Q + b)
         sq = tl.load(CU_Q + b + 1) - q0
@@ -154,56 +256,88 @@ def _attn_bwd_dkdv_kernel(
         k0 = 0
         sk = seqlen_k
     if pid_n * BLOCK_N < sk:
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        n0 = pid_n * BLOCK_N
+        offs_n = n0 + tl.arange(0, BLOCK_N)
         offs_m0 = tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < HEAD_DIM
-        kv_mask = (offs_n < sk)[:, None] & d_mask[None, :]
-        k = tl.load(K + b.to(tl.int64) * skb + (k0 + offs_n).to(tl.int64)[:, None] * sks
-                    + hk * skh + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(V + b.to(tl.int64) * svb + (k0 + offs_n).to(tl.int64)[:, None] * svs
-                    + hk * svh + offs_d[None, :], mask=kv_mask, other=0.0)
+        d_ok = (offs_d < HEAD_DIM)[None, :]
+        n_ok = (offs_n < sk)[:, None]
+        k = _load(K + b.to(tl.int64) * skb + (k0 + offs_n).to(tl.int64)[:, None] * sks
+                  + hk * skh + offs_d[None, :], n_ok, d_ok, True, EVEN_D)
+        v = _load(V + b.to(tl.int64) * svb + (k0 + offs_n).to(tl.int64)[:, None] * svs
+                  + hk * svh + offs_d[None, :], n_ok, d_ok, True, EVEN_D)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         shift = sk - sq
         lo = 0
         hi = sq
         if HAS_RIGHT:  # rows i with i + shift + right >= first key of the block
-            lo = tl.maximum(0, pid_n * BLOCK_N - shift - right) // BLOCK_M * BLOCK_M
+            lo = tl.maximum(0, n0 - shift - right) // BLOCK_M * BLOCK_M
         if HAS_LEFT:  # rows i with i + shift - left <= last key of the block
-            hi = tl.minimum(sq, (pid_n + 1) * BLOCK_N - shift + left)
+            hi = tl.minimum(sq, n0 + BLOCK_N - shift + left)
+        hi = tl.maximum(hi, lo)  # no row sees this block: empty ranges
+        # Query blocks that need no mask: all rows exist and see every key of this block.
+        full_lo = lo
+        if HAS_RIGHT:
+            full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - shift - right, 0),
+                                             BLOCK_M) * BLOCK_M)
+        full_hi = sq // BLOCK_M * BLOCK_M
+        if HAS_LEFT:
+            full_hi = tl.minimum(full_hi, tl.maximum(n0 + 1 - shift + left, 0) // BLOCK_M
+                                 * BLOCK_M)
+        if n0 + BLOCK_N > sk:  # the last key block: keys past the end need the mask
+            full_hi = 0
+        a = tl.minimum(full_lo, hi)
+        c = tl.maximum(full_hi, a)
         for g in range(group):
             h = hk * group + g
-            for start_m in range(lo, hi, BLOCK_M):
-                offs_m = start_m + offs_m0
-                m_mask = offs_m < sq
-                row_off = b.to(tl.int64) * sqb + (q0 + offs_m).to(tl.int64)[:, None] * sqs \
-                    + h * sqh + offs_d[None, :]
-                q = tl.load(Q + row_off, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-                do = tl.load(DO + b.to(tl.int64) * sdob + (q0 + offs_m).to(tl.int64)[:, None]
-                             * sdos + h * sdoh + offs_d[None, :],
-                             mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-                lse = tl.load(LSE + b.to(tl.int64) * slb + h * slh + q0 + offs_m, mask=m_mask,
-                              other=float("inf"))
-                delta = tl.load(DELTA + b.to(tl.int64) * slb + h * slh + q0 + offs_m,
-                                mask=m_mask, other=0.0)
-                # Transposed scores: rows are keys, columns are queries.
-                st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale
-                valid = (offs_n < sk)[:, None] & m_mask[None, :]
-                if HAS_RIGHT:
-                    valid = valid & (offs_n[:, None] <= offs_m[None, :] + shift + right)
-                if HAS_LEFT:
-                    valid = valid & (offs_n[:, None] >= offs_m[None, :] + shift - left)
-                pt = tl.where(valid, tl.exp2(st - lse[None, :] * 1.4426950408889634), 0.0)
-                dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-                dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-                dst = pt * (dpt - delta[None, :])
-                dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+            q_base = Q + b.to(tl.int64) * sqb + h * sqh
+            do_base = DO + b.to(tl.int64) * sdob + h * sdoh
+            l_off = b.to(tl.int64) * slb + h * slh + q0
+            for start_m in range(lo, a, BLOCK_M):
+                dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA,
+                                             l_off, q0, start_m, offs_m0, offs_n, offs_d, d_ok, sq,
+                                             sk, sqs, sdos, shift, left, right, qk_scale, True,
+                                             HAS_LEFT, HAS_RIGHT, EVEN_D, PRECISION)
+            for start_m in range(a, c, BLOCK_M):
+                dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA,
+                                             l_off, q0, start_m, offs_m0, offs_n, offs_d, d_ok, sq,
+                                             sk, sqs, sdos, shift, left, right, qk_scale, False,
+                                             HAS_LEFT, HAS_RIGHT, EVEN_D, PRECISION)
+            for start_m in range(c, hi, BLOCK_M):
+                dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA,
+                                             l_off, q0, start_m, offs_m0, offs_n, offs_d, d_ok, sq,
+                                             sk, sqs, sdos, shift, left, right, qk_scale, True,
+                                             HAS_LEFT, HAS_RIGHT, EVEN_D, PRECISION)
+        kv_mask = n_ok & d_ok
         tl.store(DK + b.to(tl.int64) * sdkb + (k0 + offs_n).to(tl.int64)[:, None] * sdks
                  + hk * sdkh + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
                  mask=kv_mask)
         tl.store(DV + b.to(tl.int64) * sdvb + (k0 + offs_n).to(tl.int64)[:, None] * sdvs
                  + hk * sdvh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attn_bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
+                      d_ok, k0, sks, svs, sk, shift, left, right, qk_scale,
+                      MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                      EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
+    """One key block's contribution to a query block's dQ."""
+    cols = start_n + offs_n
+    k = _load(k_base + (k0 + cols).to(tl.int64)[:, None] * sks + offs_d[None, :],
+              (cols < sk)[:, None], d_ok, MASKED, EVEN_D)
+    v = _load(v_base + (k0 + cols).to(tl.int64)[:, None] * svs + offs_d[None, :],
+              (cols < sk)[:, None], d_ok, MASKED, EVEN_D)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+    # Rows past the end load lse = +inf, so their p is 0 without a row mask.
+    p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
+    if MASKED:
+        p = tl.where(_visible(offs_m[:, None], cols[None, :], sk, shift, left, right, HAS_LEFT,
+                              HAS_RIGHT), p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
 
 
 @triton.jit
@@ -220,6 +354,7 @@ def _attn_bwd_dq_kernel(
     b = pid_bh // n_heads
     h = pid_bh % n_heads
     hk = h // group
+    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     if IS_VARLEN:
         q0 = tl.load(CU_Q + b)
         sq = tl.load(CU_Q + b + 1) - q0
@@ -231,50 +366,48 @@ def _attn_bwd_dq_kernel(
         k0 = 0
         sk = seqlen_k
     if pid_m * BLOCK_M < sq:
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m0 = pid_m * BLOCK_M
+        offs_m = m0 + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
-        d_mask = offs_d < HEAD_DIM
-        m_mask = offs_m < sq
-        q = tl.load(Q + b.to(tl.int64) * sqb + (q0 + offs_m).to(tl.int64)[:, None] * sqs
-                    + h * sqh + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        do = tl.load(DO + b.to(tl.int64) * sdob + (q0 + offs_m).to(tl.int64)[:, None] * sdos
-                     + h * sdoh + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :],
-                     other=0.0)
-        lse = tl.load(LSE + b.to(tl.int64) * slb + h * slh + q0 + offs_m, mask=m_mask,
+        d_ok = (offs_d < HEAD_DIM)[None, :]
+        m_ok = offs_m < sq
+        q = _load(Q + b.to(tl.int64) * sqb + (q0 + offs_m).to(tl.int64)[:, None] * sqs
+                  + h * sqh + offs_d[None, :], m_ok[:, None], d_ok, True, EVEN_D)
+        do = _load(DO + b.to(tl.int64) * sdob + (q0 + offs_m).to(tl.int64)[:, None] * sdos
+                   + h * sdoh + offs_d[None, :], m_ok[:, None], d_ok, True, EVEN_D)
+        lse = tl.load(LSE + b.to(tl.int64) * slb + h * slh + q0 + offs_m, mask=m_ok,
                       other=float("inf"))
-        delta = tl.load(DELTA + b.to(tl.int64) * slb + h * slh + q0 + offs_m, mask=m_mask,
+        delta = tl.load(DELTA + b.to(tl.int64) * slb + h * slh + q0 + offs_m, mask=m_ok,
                         other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         shift = sk - sq
         lo = 0
         hi = sk
         if HAS_RIGHT:
-            hi = tl.minimum(sk, (pid_m + 1) * BLOCK_M + shift + right)
+            hi = tl.minimum(sk, m0 + BLOCK_M + shift + right)
         if HAS_LEFT:
-            lo = tl.maximum(0, pid_m * BLOCK_M + shift - left) // BLOCK_N * BLOCK_N
+            lo = tl.maximum(0, m0 + shift - left) // BLOCK_N * BLOCK_N
+        hi = tl.maximum(hi, lo)  # no key visible: empty ranges, never a negative start
+        a, c = _unmasked_key_blocks(m0, lo, hi, sk, shift, left, right, HAS_LEFT, HAS_RIGHT,
+                                    BLOCK_M, BLOCK_N)
         k_base = K + b.to(tl.int64) * skb + hk * skh
         v_base = V + b.to(tl.int64) * svb + hk * svh
-        for start_n in range(lo, hi, BLOCK_N):
-            cols = start_n + offs_n
-            kv_mask = (cols < sk)[:, None] & d_mask[None, :]
-            k = tl.load(k_base + (k0 + cols).to(tl.int64)[:, None] * sks + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            v = tl.load(v_base + (k0 + cols).to(tl.int64)[:, None] * svs + offs_d[None, :],
-                        mask=kv_mask, other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
-            valid = (cols < sk)[None, :] & m_mask[:, None]
-            if HAS_RIGHT:
-                valid = valid & (cols[None, :] <= offs_m[:, None] + shift + right)
-            if HAS_LEFT:
-                valid = valid & (cols[None, :] >= offs_m[:, None] + shift - left)
-            p = tl.where(valid, tl.exp2(s - lse[:, None] * 1.4426950408889634), 0.0)
-            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
-            ds = p * (dp - delta[:, None])
-            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        for start_n in range(lo, a, BLOCK_N):
+            dq = _attn_bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n,
+                                   offs_d, d_ok, k0, sks, svs, sk, shift, left, right, qk_scale,
+                                   True, HAS_LEFT, HAS_RIGHT, EVEN_D, PRECISION)
+        for start_n in range(a, c, BLOCK_N):
+            dq = _attn_bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n,
+                                   offs_d, d_ok, k0, sks, svs, sk, shift, left, right, qk_scale,
+                                   False, HAS_LEFT, HAS_RIGHT, EVEN_D, PRECISION)
+        for start_n in range(c, hi, BLOCK_N):
+            dq = _attn_bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n,
+                                   offs_d, d_ok, k0, sks, svs, sk, shift, left, right, qk_scale,
+                                   True, HAS_LEFT, HAS_RIGHT, EVEN_D, PRECISION)
         tl.store(DQ + b.to(tl.int64) * sdqb + (q0 + offs_m).to(tl.int64)[:, None] * sdqs
                  + h * sdqh + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-                 mask=m_mask[:, None] & d_mask[None, :])
+                 mask=m_ok[:, None] & d_ok)
 
 
 # ----------------------------------------------------------------------------- launchers

@@ -53,6 +53,39 @@ def test_flash_attn_cpu(case, dtype):
     assert aiter_dist.last_path("flash_attn").startswith("triton")
 
 
+SMALL_BLOCK_CASES = [
+    # b, sq, sk, h, hk, d, causal, window: many blocks, so interior blocks take the unmasked path
+    (1, 64, 64, 2, 1, 16, True, (-1, -1)),
+    (1, 70, 70, 2, 2, 24, True, (-1, -1)),     # partial last blocks, head dim padded
+    (1, 37, 90, 2, 1, 16, True, (-1, -1)),     # sq < sk
+    (1, 90, 37, 2, 2, 16, True, (-1, -1)),     # sq > sk
+    (1, 80, 80, 2, 2, 16, False, (-1, -1)),
+    (1, 77, 77, 2, 2, 16, False, (20, 9)),     # sliding window
+    (1, 64, 96, 2, 2, 16, False, (33, -1)),    # left window only
+]
+
+
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 32)], ids=str)
+@pytest.mark.parametrize("case", SMALL_BLOCK_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_small_blocks_unmasked_and_boundary_tiles(case, blocks):
+    from aiter_dist.kernels.flash_attn import flash_attn_bwd, flash_attn_fwd
+
+    b, sq, sk, h, hk, d, causal, window = case
+    q, k, v, do = _inputs(b, sq, sk, h, hk, d, torch.float32, "cpu", seed=sq + sk)
+    config = (*blocks, 1, 1)
+    scale = d ** -0.5
+    out, lse = flash_attn_fwd(q, k, v, scale, causal, window, config=config)
+    dq, dk, dv = flash_attn_bwd(do, q, k, v, out, lse, scale, causal, window, config=config)
+    ref = _grads(lambda q, k, v: attention_ref(q, k, v, None, causal, window)[0],
+                 *(t.double() for t in (q, k, v, do)))
+    _, ref_lse = attention_ref(q.double(), k.double(), v.double(), None, causal, window)
+    for name, got, want in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), ref):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5, msg=name)
+    finite = torch.isfinite(ref_lse)
+    torch.testing.assert_close(lse.double()[finite], ref_lse[finite], rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.isinf(lse), ~finite)
+
+
 def test_lse_and_empty_rows():
     q, k, v, _ = _inputs(1, 9, 4, 2, 2, 16, torch.float32, "cpu")
     out, lse = aiter_dist.flash_attn_func(q, k, v, causal=True, return_lse=True)
@@ -145,6 +178,9 @@ GPU_CASES = [
     (2, 777, 1500, 8, 8, 64, True, (-1, -1)),
     (1, 512, 512, 8, 2, 96, True, (128, 0)),
     (1, 512, 512, 4, 4, 256, True, (-1, -1)),
+    (2, 1, 1, 4, 4, 64, True, (-1, -1)),       # seqlen 1: ints Triton specializes as constants
+    (1, 1, 300, 4, 2, 128, True, (-1, -1)),
+    (1, 300, 100, 4, 4, 128, True, (-1, -1)),  # sq > sk: 200 rows see no key
 ]
 
 
