@@ -10,7 +10,8 @@ Forward: one program per (query block, batch x head), online softmax in base 2, 
 Every loop over blocks runs in three ranges: boundary blocks before and after, where keys may be
 out of range or outside the causal/sliding window and the scores are masked, and the interior,
 where no mask is computed or applied (``_unmasked_key_blocks``).
-Backward (deterministic, no atomics): ``delta = rowsum(dO * O)``, then one kernel per key block and
+Backward (deterministic, no atomics): ``delta = rowsum(dO * O)`` (a small kernel: one read of
+each), then one kernel per key block and
 KV head that loops over the query blocks of every query head in its GQA group (dK, dV), and one
 kernel per query block (dQ). Memory stays linear in sequence length.
 """
@@ -196,6 +197,35 @@ def _attn_fwd_kernel(
         lse = tl.where(empty, float("inf"),
                        (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
         tl.store(LSE + b.to(tl.int64) * slb + h * slh + q0 + offs_m, lse, mask=offs_m < sq)
+
+
+@triton.jit
+def _attn_bwd_delta_kernel(
+    O, DO, DELTA, CU_Q, sob, sos, soh, sdob, sdos, sdoh, slb, slh, seqlen_q, n_heads,
+    IS_VARLEN: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """delta_i = sum_d dO_id * O_id in fp32, laid out like lse: one read of each tensor."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // n_heads
+    h = pid_bh % n_heads
+    if IS_VARLEN:
+        q0 = tl.load(CU_Q + b)
+        sq = tl.load(CU_Q + b + 1) - q0
+    else:
+        q0 = 0
+        sq = seqlen_q
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_m < sq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    rows = (q0 + offs_m).to(tl.int64)[:, None]
+    o = tl.load(O + b.to(tl.int64) * sob + rows * sos + h * soh + offs_d[None, :], mask=mask,
+                other=0.0).to(tl.float32)
+    do = tl.load(DO + b.to(tl.int64) * sdob + rows * sdos + h * sdoh + offs_d[None, :], mask=mask,
+                 other=0.0).to(tl.float32)
+    tl.store(DELTA + b.to(tl.int64) * slb + h * slh + q0 + offs_m, tl.sum(o * do, axis=1),
+             mask=offs_m < sq)
 
 
 @triton.jit
@@ -563,10 +593,9 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
     left, right = _window(causal, window_size)
     if not runs_triton("flash_attn_bwd", q.device):
         return _torch_bwd(do, q, k, v, softmax_scale, left, right, cu_seqlens_q, cu_seqlens_k)
+    out = _last_dim_contiguous(out)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    # delta_i = sum_d dO_id * O_id, laid out like lse.
-    delta = (do.float() * out.float()).sum(-1)
-    delta = delta.permute(1, 0).contiguous() if varlen else delta.permute(0, 2, 1).contiguous()
+    delta = torch.empty_like(lse)  # rowsum(dO * O), laid out like lse
     if varlen:
         batch = cu_seqlens_q.numel() - 1
         sq, sk = max_seqlen_q, max_seqlen_k
@@ -578,6 +607,14 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
     block_m, block_n, warps, stages = config or _bwd_blocks(d, q.device, sq, sk)
     cu_q = cu_seqlens_q if varlen else lse
     cu_k = cu_seqlens_k if varlen else lse
+    if batch * h > 0 and sq > 0:
+        # 64 rows of any head dim keep the tile in registers (4 warps); the interpreter likes
+        # whole short sequences.
+        delta_rows = block_m if q.device.type == "cpu" else 64
+        _attn_bwd_delta_kernel[(triton.cdiv(sq, delta_rows), batch * h)](
+            out, do, delta, cu_q, *_strides(out, varlen), *_strides(do, varlen), *lse_strides,
+            sq, h, IS_VARLEN=varlen, HEAD_DIM=d, BLOCK_M=delta_rows,
+            BLOCK_D=triton.next_power_of_2(d), num_warps=4)
     common = dict(IS_VARLEN=varlen, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HEAD_DIM=d,
                   BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(d),
                   PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
