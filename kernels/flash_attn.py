@@ -11,9 +11,9 @@ Every loop over blocks runs in three ranges: boundary blocks before and after, w
 out of range or outside the causal/sliding window and the scores are masked, and the interior,
 where no mask is computed or applied (``_unmasked_key_blocks``).
 Backward (deterministic, no atomics): ``delta = rowsum(dO * O)`` (a small kernel: one read of
-each), then one kernel per key block and
-KV head that loops over the query blocks of every query head in its GQA group (dK, dV), and one
-kernel per query block (dQ). Memory stays linear in sequence length.
+each), then one kernel per key block and KV head that loops over the query blocks of every query
+head in its GQA group (dK, dV), and one kernel per query block (dQ). Memory stays linear in
+sequence length.
 """
 from __future__ import annotations
 
