@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install, GPU test tiers, benchmarks, and the 2-GPU training run.
-#   benchmarks/run_gpu.sh [stage ...]     stages: info tests multigpu norm attention collectives train (default: all)
+#   benchmarks/run_gpu.sh [stage ...]     stages: info tests multigpu norm attention collectives train
+#                                         (default: all), and worlds (multigpu tier and collective
+#                                         benchmarks at every world size 3..n-1 of an n-GPU machine)
 # Results (tables, logs) go to $OUT (default ./out). NVLink multicast stays off throughout.
+# Environment: NORM_ARGS, ATTN_ARGS, COLL_ARGS (benchmark flags), WORLDS, TRAIN_CONFIG, TRAIN_NPROC,
+# TRAIN_STEPS.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
@@ -22,8 +26,13 @@ for s in $stages; do
     norm) run bench_norm.log python3 benchmarks/bench_norm.py ${NORM_ARGS:-} ;;
     attention) run bench_attention.log python3 benchmarks/bench_attention.py ${ATTN_ARGS:-} ;;
     collectives) [ "$ngpu" -ge 2 ] && run bench_collectives.log torchrun --nproc-per-node "$ngpu" benchmarks/bench_collectives.py ${COLL_ARGS:-} ;;
+    worlds) for w in ${WORLDS:-$(seq 3 $((ngpu - 1)))}; do
+              devs=$(seq -s, 0 $((w - 1)))
+              run "pytest_multigpu_w$w.log" env CUDA_VISIBLE_DEVICES="$devs" python3 -m pytest -q -m multigpu tests
+              run "bench_collectives_w$w.log" env CUDA_VISIBLE_DEVICES="$devs" torchrun --nproc-per-node "$w" benchmarks/bench_collectives.py --ops all_reduce,all_gather ${COLL_ARGS:-}
+            done ;;
     train) [ "$ngpu" -ge 2 ] && for mode in "" "--no-fuse-norm" "--sequence-parallel" "--no-aiter"; do
-             run train_small.log torchrun --nproc-per-node 2 examples/train_llama.py --config small --steps ${TRAIN_STEPS:-60} $mode
+             run "train_${TRAIN_CONFIG:-small}.log" torchrun --nproc-per-node "${TRAIN_NPROC:-2}" examples/train_llama.py --config "${TRAIN_CONFIG:-small}" --steps ${TRAIN_STEPS:-60} $mode
            done ;;
   esac
 done

@@ -26,8 +26,9 @@ import triton
 import triton.language as tl
 
 from ..kernels._runtime import launch, record_path, runs_triton
-from .protocol import (DTYPE_CODE, OP_NAMES, _finish, _meet, _peer_buf, _start, after_launch,
-                       auto_table, check_comm_errors, check_comm_input, max_spins, resolve_group)
+from .protocol import (DTYPE_CODE, OP_NAMES, _finish, _meet, _peer_buf, _report_mismatch, _start,
+                       after_launch, auto_table, check_comm_errors, check_comm_input, max_spins,
+                       resolve_group)
 from .workspace import HEADER_BYTES, MAX_WORLD, get_workspace
 
 OP_ALL_REDUCE = 1
@@ -92,9 +93,9 @@ def _all_reduce_kernel(
     else:
         n_chunks = 1
         mine = 0
-    failed = _start(IN, BUF_PTRS, SIG_PTRS, ERR, numel, chunk, n_chunks, numel, total * 2 + TWO_SHOT,
-                    rank, world, max_spins, dtype_code, op_id,
-                    COPY_IN, MAX_PROGRAMS, MAX_WORLD_, HEADER, BLOCK)
+    failed, bad, bad_numel, bad_dtype = _start(
+        IN, BUF_PTRS, SIG_PTRS, ERR, numel, chunk, n_chunks, numel, total * 2 + TWO_SHOT,
+        rank, world, max_spins, dtype_code, op_id, COPY_IN, MAX_PROGRAMS, MAX_WORLD_, HEADER, BLOCK)
 
     # Reduce this rank's chunk in rank order, fp32 accumulation, one rounding.
     if failed == 0:
@@ -113,6 +114,7 @@ def _all_reduce_kernel(
                 for r in range(world):
                     tl.store(_peer_buf(BUF_PTRS, r, elem_ty, HEADER) + offs, total_, mask=mask)
 
+    _report_mismatch(ERR, op_id, bad, bad_numel, bad_dtype, numel, dtype_code)
     if TWO_SHOT:
         # Every peer's program pid has written its chunk's sums into this rank's buffer.
         if failed == 0:
@@ -171,8 +173,9 @@ def custom_all_reduce_raw(x: torch.Tensor, group=None, algo: str = "one_shot") -
     if ws.holds(x):
         _launch_all_reduce(xf, of, xf.numel(), ws, two_shot, copy_in=False)
         return out
-    # Two-shot pads each chunk to 64 elements: keep room for that.
-    cap = (ws.data_bytes // x.element_size()) // (64 * ws.world_size) * (64 * ws.world_size)         - (64 * ws.world_size if two_shot else 0)
+    # Pieces of whole 64-element blocks per rank. (Two-shot's padded chunks never touch the
+    # elements past the message: every access is masked by numel.)
+    cap = (ws.data_bytes // x.element_size()) // (64 * ws.world_size) * (64 * ws.world_size)
     for start in range(0, xf.numel(), cap):
         n = min(cap, xf.numel() - start)
         src, dst = (xf, of) if n == xf.numel() else (xf[start:start + n], of[start:start + n])

@@ -37,8 +37,8 @@ from ..kernels.rmsnorm import (_check_norm_inputs, add_rms_norm_bwd, add_rms_nor
                                rms_norm_bwd, rms_norm_fwd, rms_norm_ref)
 from .all_reduce import all_reduce_raw, auto_algo
 from .gather_scatter import all_gather_raw, reduce_scatter_raw
-from .protocol import (DTYPE_CODE, OP_NAMES, _finish, _peer_buf, _start, after_launch,
-                       check_comm_errors, check_comm_input, max_spins, resolve_group)
+from .protocol import (DTYPE_CODE, OP_NAMES, _finish, _peer_buf, _report_mismatch, _start,
+                       after_launch, check_comm_errors, check_comm_input, max_spins, resolve_group)
 from .workspace import HEADER_BYTES, MAX_WORLD, get_workspace
 
 OP_ALL_REDUCE_ADD_RMS_NORM, OP_REDUCE_SCATTER_ADD_RMS_NORM, OP_RMS_NORM_ALL_GATHER = 4, 5, 6
@@ -53,11 +53,14 @@ FUSED_MAX_N = 16384  # whole rows in registers; wider rows take the unfused path
 FP8_MIN_SCALE = 1e-12  # scale of an all-zero row (any positive value dequantizes it to 0)
 
 
-def _fp8_format(dtype: torch.dtype) -> tuple[float, int]:
+def _fp8_format(dtype: torch.dtype, device: torch.device | None = None) -> tuple[float, int]:
     """(largest finite value, exponent of the smallest normal) of an e4m3 format."""
     if dtype == torch.float8_e4m3fn:
         return 448.0, -6
     if dtype == torch.float8_e4m3fnuz:
+        if device is not None and device.type == "cuda" and not torch.version.hip:
+            raise TypeError("aiter_dist.all_reduce_add_rms_norm_fp8: float8_e4m3fnuz is AMD's "
+                            "(MI300) format; NVIDIA GPUs take torch.float8_e4m3fn")
         return 240.0, -7
     raise TypeError(f"aiter_dist.all_reduce_add_rms_norm_fp8: fp8_dtype must be "
                     f"torch.float8_e4m3fn or torch.float8_e4m3fnuz, got {dtype}")
@@ -156,7 +159,7 @@ def _fused_norm_kernel(
             y, rstd = _norm_rows(sf, w, N, eps)
             y = y.to(elem_ty)
             tl.store(my_buf + offs, y, mask=mask)
-            tl.store(Y + rank * M * N + offs, y, mask=mask)
+            tl.store(Y + tl.cast(rank, tl.int64) * M * N + offs, y, mask=mask)
             tl.store(RSTD + rows, rstd, mask=rows < M)
     else:
         if MODE == 1:
@@ -170,9 +173,9 @@ def _fused_norm_kernel(
                 mask = (rows < M)[:, None] & col_mask
                 tl.store(my_buf + offs, tl.load(X + offs, mask=mask), mask=mask)
 
-    failed = _start(X, BUF_PTRS, SIG_PTRS, ERR, 0, 0, 0, M * N, N * 4 + MODE,
-                    rank, world, max_spins, dtype_code, op_id,
-                    False, MAX_PROGRAMS, MAX_WORLD_, HEADER, 16)
+    failed, bad, bad_numel, bad_dtype = _start(
+        X, BUF_PTRS, SIG_PTRS, ERR, 0, 0, 0, M * N, N * 4 + MODE, rank, world, max_spins,
+        dtype_code, op_id, False, MAX_PROGRAMS, MAX_WORLD_, HEADER, 16)
 
     if failed == 0:
         for blk in range(pid, n_blocks, nprog):
@@ -184,11 +187,11 @@ def _fused_norm_kernel(
                 for r in range(world):
                     if r != rank:
                         src = _peer_buf(BUF_PTRS, r, elem_ty, HEADER)
-                        tl.store(Y + r * M * N + offs,
+                        tl.store(Y + tl.cast(r, tl.int64) * M * N + offs,
                                  tl.load(src + offs, mask=mask, cache_modifier=".cg"), mask=mask)
             else:
                 if MODE == 1:
-                    src_offs = offs + rank * M * N
+                    src_offs = offs + tl.cast(rank, tl.int64) * M * N
                 else:
                     src_offs = offs
                 acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -206,7 +209,9 @@ def _fused_norm_kernel(
                 tl.store(RSTD + rows, rstd, mask=row_mask)
                 if FP8_MAX > 0:
                     amax = tl.max(tl.abs(y), axis=1)
-                    scale = tl.maximum(amax / FP8_MAX, 1e-12)
+                    # Correctly rounded, as PyTorch divides (a plain "/" is approximate on GPUs).
+                    scale = tl.maximum(tl.div_rn(amax, tl.full(amax.shape, FP8_MAX, tl.float32)),
+                                       1e-12)
                     scale_b = scale[:, None] + tl.zeros_like(y)  # div_rn: operands of one shape
                     q = _round_to_fp8_grid(tl.div_rn(y, scale_b), FP8_MAX, FP8_MIN_EXP)
                     tl.store(Y + offs, q.to(Y.dtype.element_ty), mask=mask)
@@ -214,6 +219,7 @@ def _fused_norm_kernel(
                 else:
                     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
+    _report_mismatch(ERR, op_id, bad, bad_numel, bad_dtype, M * N, dtype_code)
     _finish(BUF_PTRS, SIG_PTRS, ERR, rank, world, max_spins, op_id, failed,
             MAX_PROGRAMS, MAX_WORLD_)
 
@@ -486,7 +492,7 @@ def all_reduce_add_rms_norm_fp8(x, residual, weight, eps=1e-6, group=None, *, fp
     ``torch._scaled_mm`` takes for rowwise scales). Only ``residual_out`` carries a gradient.
     """
     fp8_dtype = fp8_dtype or default_fp8_dtype()
-    _fp8_format(fp8_dtype)
+    _fp8_format(fp8_dtype, x.device if isinstance(x, torch.Tensor) else None)
     return AllReduceAddRMSNormFP8Func.apply(x, residual, weight, eps, group, algo, fp8_dtype)
 
 

@@ -20,8 +20,8 @@ import triton.language as tl
 
 from ..kernels._runtime import launch, record_path, runs_triton
 from .all_reduce import auto_algo
-from .protocol import (DTYPE_CODE, OP_NAMES, _finish, _peer_buf, _start, after_launch,
-                       check_comm_errors, check_comm_input, max_spins, resolve_group)
+from .protocol import (DTYPE_CODE, OP_NAMES, _finish, _peer_buf, _report_mismatch, _start,
+                       after_launch, check_comm_errors, check_comm_input, max_spins, resolve_group)
 from .workspace import HEADER_BYTES, MAX_WORLD, get_workspace
 
 OP_ALL_GATHER, OP_REDUCE_SCATTER = 2, 3
@@ -58,9 +58,9 @@ def _gather_scatter_kernel(
         n_chunks = world
     else:
         n_chunks = 1
-    failed = _start(IN, BUF_PTRS, SIG_PTRS, ERR, numel * n_chunks, numel, n_chunks, numel, total,
-                    rank, world, max_spins, dtype_code, op_id,
-                    COPY_IN, MAX_PROGRAMS, MAX_WORLD_, HEADER, BLOCK)
+    failed, bad, bad_numel, bad_dtype = _start(
+        IN, BUF_PTRS, SIG_PTRS, ERR, numel * n_chunks, numel, n_chunks, numel, total,
+        rank, world, max_spins, dtype_code, op_id, COPY_IN, MAX_PROGRAMS, MAX_WORLD_, HEADER, BLOCK)
     if failed == 0:
         for start in range(pid * BLOCK, numel, nprog * BLOCK):
             offs = start + offs0
@@ -69,14 +69,15 @@ def _gather_scatter_kernel(
                 acc = tl.zeros([BLOCK], dtype=tl.float32)
                 for r in range(world):
                     src = _peer_buf(BUF_PTRS, r, elem_ty, HEADER)
-                    acc += tl.load(src + rank * numel + offs, mask=mask, other=0.0,
-                                   cache_modifier=".cg").to(tl.float32)
+                    acc += tl.load(src + tl.cast(rank, tl.int64) * numel + offs, mask=mask,
+                                   other=0.0, cache_modifier=".cg").to(tl.float32)
                 tl.store(OUT + offs, acc.to(elem_ty), mask=mask)
             else:
                 for r in range(world):
                     src = _peer_buf(BUF_PTRS, r, elem_ty, HEADER)
-                    tl.store(OUT + r * numel + offs,
+                    tl.store(OUT + tl.cast(r, tl.int64) * numel + offs,
                              tl.load(src + offs, mask=mask, cache_modifier=".cg"), mask=mask)
+    _report_mismatch(ERR, op_id, bad, bad_numel, bad_dtype, numel, dtype_code)
     _finish(BUF_PTRS, SIG_PTRS, ERR, rank, world, max_spins, op_id, failed,
             MAX_PROGRAMS, MAX_WORLD_)
 

@@ -14,6 +14,9 @@ of each rank:
 Program ``p`` owns the same slices in every step, so a barrier per program is enough: with ``world``
 chunks of ``chunk`` elements, program ``p`` owns blocks ``p, p + nprog, ...`` of every chunk.
 
+Each rank issues all collectives of a workspace on one stream (or one captured graph): consecutive
+launches are then ordered, which is what lets a program reuse the buffer after its end barrier.
+
 Waits are bounded: a peer that never arrives, or one that launched a different message, is written
 into the workspace's error record (host memory), and :func:`check_comm_errors` raises a
 ``RuntimeError`` naming the op, the group and the rank.
@@ -28,7 +31,9 @@ import triton
 import triton.language as tl
 
 from ..kernels._runtime import FLOAT_DTYPES, check_tensor
-from .workspace import ERR_NONE, ERR_TIMEOUT
+from .workspace import ERR_NONE, ERR_TIMEOUT, SIGNAL_CHANNELS
+
+_CHANNELS = tl.constexpr(SIGNAL_CHANNELS)  # epoch counters follow the channels' signal slots
 
 # Op ids kernels write into the error record; each collective file registers its own.
 OP_NAMES: dict[int, str] = {}
@@ -36,8 +41,9 @@ DTYPE_CODE = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 _DTYPE_NAME = {code: str(dt).replace("torch.", "") for dt, code in DTYPE_CODE.items()}
 
 # Polls per second of a waiting program, used to turn the timeout into a spin bound. The GPU figure
-# is about one system-scope atomic round trip; the interpreter's is measured on a 2-core CPU.
-_POLLS_PER_S = {"cpu": 2e4, "cuda": 2e6}
+# is about one volatile load of local memory per half microsecond; the interpreter's is measured
+# on a 2-core CPU (2000-2500 polls/s with the peer asleep).
+_POLLS_PER_S = {"cpu": 2.5e3, "cuda": 2e6}
 
 # AITER_DIST_SYNC_CHECK=1: synchronize after every GPU collective and raise at once on a missing
 # peer (debugging); by default the error surfaces at the next collective or check_errors().
@@ -69,35 +75,41 @@ def _report(ERR, code, op_id, peer, program, peer_total, peer_dtype, my_total, m
 
 
 @triton.jit
-def _barrier(SIG_PTRS, ERR, slot_base, rank, world, max_spins, op_id, program):
-    """Signal every peer's slot ``slot_base + rank``, then wait for every peer in this rank's slots.
+def _barrier(SIG_PTRS, ERR, channel, rank, world, max_spins, op_id, program,
+             MAX_PROGRAMS: tl.constexpr, MAX_WORLD_: tl.constexpr):
+    """Meet program ``program`` of every peer on ``channel``. Returns 1 if some peer did not come.
 
-    Flags reset themselves: the sender waits for 0 and writes 1 (release), the receiver waits for
-    1 and writes 0 (acquire). Each wait gives up after ``max_spins`` polls and reports the peer.
-    Returns 1 if some peer did not arrive.
+    Monotone counters, no resets: a rank signals by adding 1 to its counter in every peer's pad
+    (one vector of fire-and-forget atomics, release: the round trips overlap), then waits until
+    every peer's counter in its own pad reaches this program's next epoch, and records the
+    epoch. A sender never waits for a receiver, and no flag value is ever reused, so a fast
+    rank cannot overwrite a signal a slow one has not read. Each wait gives up after
+    ``max_spins`` polls and reports the first peer missing.
     """
+    peers = tl.arange(0, MAX_WORLD_)
+    live = peers < world
+    slot = (channel * MAX_PROGRAMS + program) * MAX_WORLD_
+    pads = tl.load(SIG_PTRS + peers, mask=live, other=0).to(tl.pointer_type(tl.int32))
+    tl.atomic_add(pads + slot + rank, 1, mask=live, sem="release", scope="sys")
+    my_pad = tl.load(SIG_PTRS + rank).to(tl.pointer_type(tl.int32))
+    epoch_ptr = my_pad + _CHANNELS * MAX_PROGRAMS * MAX_WORLD_ + channel * MAX_PROGRAMS + program
+    epoch = tl.load(epoch_ptr) + 1
+    # Wait for each peer in turn (the signals travel in parallel, so the total wait is the
+    # latest arrival): poll with plain volatile loads, cheap on local memory, then one acquire
+    # RMW, which reads the counters' latest values and so synchronizes with every peer's release.
     failed = 0
     for r in range(world):
-        slot = tl.load(SIG_PTRS + r).to(tl.pointer_type(tl.int32)) + slot_base + rank
-        prev = tl.atomic_cas(slot, 0, 1, sem="release", scope="sys")
+        seen = tl.load(my_pad + slot + r, volatile=True)
         spins = 1
-        while (prev != 0) & (spins < max_spins):
-            prev = tl.atomic_cas(slot, 0, 1, sem="release", scope="sys")
+        while (seen - epoch < 0) & (spins < max_spins) & (failed == 0):
+            seen = tl.load(my_pad + slot + r, volatile=True)
             spins += 1
-        if (prev != 0) & (failed == 0):
+        if (seen - epoch < 0) & (failed == 0):  # differences: counters may wrap around
             failed = 1
             _report(ERR, 1, op_id, r, program, 0, 0, 0, 0)
     if failed == 0:
-        my_sig = tl.load(SIG_PTRS + rank).to(tl.pointer_type(tl.int32)) + slot_base
-        for r in range(world):
-            prev = tl.atomic_cas(my_sig + r, 1, 0, sem="acquire", scope="sys")
-            spins = 1
-            while (prev != 1) & (spins < max_spins):
-                prev = tl.atomic_cas(my_sig + r, 1, 0, sem="acquire", scope="sys")
-                spins += 1
-            if (prev != 1) & (failed == 0):
-                failed = 1
-                _report(ERR, 1, op_id, r, program, 0, 0, 0, 0)
+        tl.atomic_add(my_pad + slot + peers, 0, mask=live, sem="acquire", scope="sys")
+        tl.store(epoch_ptr, epoch)
     return failed
 
 
@@ -112,16 +124,25 @@ def _write_header(base, numel, dtype_code, nprog, extra):
 
 
 @triton.jit
-def _check_headers(BUF_PTRS, ERR, world, numel, dtype_code, nprog, extra, op_id, program):
-    """Report the first peer whose header differs from this rank's (after the start barrier)."""
+def _check_headers(BUF_PTRS, world, numel, dtype_code, nprog, extra):
+    """The first peer whose launch header differs from this rank's (-1: none), with its element
+    count and dtype code, for the error report."""
+    bad = tl.full((), -1, tl.int32)
+    bad_numel = tl.full((), 0, tl.int64)
+    bad_dtype = tl.full((), 0, tl.int64)
     for r in range(world):
         peer = tl.load(BUF_PTRS + r).to(tl.pointer_type(tl.int64))
         p_numel = tl.load(peer, volatile=True)
         p_dtype = tl.load(peer + 1, volatile=True)
         p_nprog = tl.load(peer + 2, volatile=True)
         p_extra = tl.load(peer + 3, volatile=True)
-        if (p_numel != numel) | (p_dtype != dtype_code) | (p_nprog != nprog) | (p_extra != extra):
-            _report(ERR, 2, op_id, r, program, p_numel, p_dtype, numel, dtype_code)
+        differs = (p_numel != numel) | (p_dtype != dtype_code) | (p_nprog != nprog) | \
+            (p_extra != extra)
+        first = differs & (bad < 0)
+        bad = tl.where(first, r, bad)
+        bad_numel = tl.where(first, p_numel, bad_numel)
+        bad_dtype = tl.where(first, p_dtype, bad_dtype)
+    return bad, bad_numel, bad_dtype
 
 
 @triton.jit
@@ -134,11 +155,11 @@ def _peer_buf(BUF_PTRS, r, elem_ty, HEADER: tl.constexpr):
 def _meet(BUF_PTRS, SIG_PTRS, ERR, rank, world, max_spins, op_id, channel,
           MAX_PROGRAMS: tl.constexpr, MAX_WORLD_: tl.constexpr):
     """Barrier of this program with program ``pid`` of every peer on ``channel``. Syncs the program
-    first and after: one thread signals for all, and all must see the peers' writes."""
+    before (all its writes precede the signal) and after (all its threads see the peers')."""
     pid = tl.program_id(0)
     tl.debug_barrier()
-    failed = _barrier(SIG_PTRS, ERR, (channel * MAX_PROGRAMS + pid) * MAX_WORLD_, rank, world,
-                      max_spins, op_id, pid)
+    failed = _barrier(SIG_PTRS, ERR, channel, rank, world, max_spins, op_id, pid,
+                      MAX_PROGRAMS, MAX_WORLD_)
     tl.debug_barrier()
     return failed
 
@@ -149,10 +170,14 @@ def _start(IN, BUF_PTRS, SIG_PTRS, ERR, n_in, chunk, n_chunks, header_numel, ext
            COPY_IN: tl.constexpr, MAX_PROGRAMS: tl.constexpr, MAX_WORLD_: tl.constexpr,
            HEADER: tl.constexpr, BLOCK: tl.constexpr):
     """Steps 1-3: header, copy in (``n_chunks`` chunks of ``chunk`` elements, ``n_in`` in all),
-    start barrier, header check. Returns 1 if a peer is missing (then skip the work)."""
+    start barrier, and (program 0) the peers' headers. Returns ``(failed, bad, bad_numel,
+    bad_dtype)``: failed is 1 if a peer is missing (skip the work); the first peer whose header
+    differs (-1: none) goes to ``_report_mismatch`` after the work, so the header loads overlap
+    the work instead of delaying it."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     my_base = tl.load(BUF_PTRS + rank)
+    extra = extra * 16 + op_id  # the op too: two ops can launch identical shapes
     if pid == 0:
         _write_header(my_base, header_numel, dtype_code, nprog, extra)
     if COPY_IN:
@@ -166,10 +191,21 @@ def _start(IN, BUF_PTRS, SIG_PTRS, ERR, n_in, chunk, n_chunks, header_numel, ext
     failed = _meet(BUF_PTRS, SIG_PTRS, ERR, rank, world, max_spins, op_id, 0,
                    MAX_PROGRAMS, MAX_WORLD_)
     # Peers wrote their headers before signalling program 0. Different sizes usually also mean
-    # different grids, so one rank's surplus programs time out; the first error recorded is this.
+    # different grids, so one rank's surplus programs time out, but only after the full wait:
+    # program 0 records the mismatch long before.
+    bad = tl.full((), -1, tl.int32)
+    bad_numel = tl.full((), 0, tl.int64)
+    bad_dtype = tl.full((), 0, tl.int64)
     if (pid == 0) & (failed == 0):
-        _check_headers(BUF_PTRS, ERR, world, header_numel, dtype_code, nprog, extra, op_id, pid)
-    return failed
+        bad, bad_numel, bad_dtype = _check_headers(BUF_PTRS, world, header_numel, dtype_code,
+                                                   nprog, extra)
+    return failed, bad, bad_numel, bad_dtype
+
+
+@triton.jit
+def _report_mismatch(ERR, op_id, bad, bad_numel, bad_dtype, my_numel, my_dtype):
+    if bad >= 0:
+        _report(ERR, 2, op_id, bad, 0, bad_numel, bad_dtype, my_numel, my_dtype)
 
 
 @triton.jit

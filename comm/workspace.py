@@ -9,9 +9,10 @@ calling process, and never learn which backend made them:
   its own file as soon as every rank has mapped it, so a crash leaves nothing behind. Triton's
   interpreter then runs the same kernels with real cross-process loads, stores and atomics.
 
-Signal pads hold int32 flags laid out as ``[channel][program][source rank]``
-(``SIGNAL_CHANNELS x max_programs x MAX_WORLD``). Flags are self-resetting: a sender waits for 0
-and writes 1 in the peer's pad, the receiver waits for 1 and writes 0 in its own.
+Signal pads hold int32 counters laid out as ``[channel][program][source rank]``
+(``SIGNAL_CHANNELS x max_programs x MAX_WORLD``), then this rank's epochs ``[channel][program]``.
+Counters only grow: a sender adds 1 in every peer's pad, a receiver waits until every peer's
+counter in its own pad reaches its next epoch, then records that epoch.
 
 Each workspace also carries an error record (host-readable, pinned on GPU) where kernels report a
 peer that never arrived or a peer that launched a different message.
@@ -36,6 +37,11 @@ DEFAULT_BYTES = {"cpu": 8 << 20, "cuda": 64 << 20}
 # code, this rank's elements, this rank's dtype code]; the first error of a launch wins.
 ERR_NONE, ERR_TIMEOUT, ERR_MISMATCH = 0, 1, 2
 ERR_FIELDS = 8
+
+
+def signal_pad_bytes(max_programs: int) -> int:
+    """Counters [channel][program][source rank], then epochs [channel][program]: int32 each."""
+    return SIGNAL_CHANNELS * max_programs * (MAX_WORLD + 1) * 4
 
 
 def group_name(group) -> str:
@@ -74,7 +80,7 @@ class SymmetricWorkspace:
 
     # ------------------------------------------------------------------ backends
     def _init_shm(self):
-        sig_bytes = self.signal_pad_bytes = SIGNAL_CHANNELS * self.max_programs_for("cpu") * MAX_WORLD * 4
+        sig_bytes = self.signal_pad_bytes = signal_pad_bytes(self.max_programs_for("cpu"))
         token = [uuid.uuid4().hex[:16] if self.rank == 0 else None]
         dist.broadcast_object_list(token, src=dist.get_global_rank(self.group, 0), group=self.group)
         names = [f"/dev/shm/aiter_dist-{token[0]}-r{r}" for r in range(self.world_size)]
@@ -115,7 +121,7 @@ class SymmetricWorkspace:
         self.buffer = symm_mem.empty(self.nbytes, dtype=torch.uint8, device=self.device)
         self._handle = symm_mem.rendezvous(self.buffer, self.group)
         self.signal_pad_bytes = self._handle.signal_pad_size
-        need = SIGNAL_CHANNELS * self.max_programs_for("cuda") * MAX_WORLD * 4
+        need = signal_pad_bytes(self.max_programs_for("cuda"))
         if need > self.signal_pad_bytes:
             raise RuntimeError(f"aiter_dist workspace: signal pad of {self.signal_pad_bytes} B "
                                f"holds fewer than the {need} B the collectives need")
@@ -135,14 +141,18 @@ class SymmetricWorkspace:
         return self.max_programs_for(self.device.type)
 
     def signal_pads_clean(self) -> bool:
-        """Whether every flag in this rank's signal pad is back to 0 (tests, and after errors)."""
+        """Whether every signal that reached this rank has been consumed: for every channel and
+        program, each peer's counter equals this rank's epoch (tests, and after errors)."""
+        n = signal_pad_bytes(self.max_programs) // 4
         if self.backend == "cpu":
             pad = torch.frombuffer(self._keepalive[self.rank], dtype=torch.int32,
-                                   offset=self.nbytes, count=self.signal_pad_bytes // 4)
+                                   offset=self.nbytes, count=n)
         else:
-            pad = self._handle.get_signal_pad(self.rank, (self.signal_pad_bytes // 4,),
-                                              dtype=torch.int32)
-        return bool((pad == 0).all())
+            pad = self._handle.get_signal_pad(self.rank, (n,), dtype=torch.int32).cpu()
+        slots = SIGNAL_CHANNELS * self.max_programs
+        counters = pad[:slots * MAX_WORLD].view(slots, MAX_WORLD)[:, :self.world_size]
+        epochs = pad[slots * MAX_WORLD:slots * (MAX_WORLD + 1)]
+        return bool((counters == epochs[:, None]).all())
 
     @property
     def data_ptr(self) -> int:

@@ -229,6 +229,15 @@ def _mismatched_messages(rank, world):
         with pytest.raises(RuntimeError, match="unusable after an earlier error"):
             aiter_dist.all_reduce(torch.ones(8), algo="one_shot")
         _recover_and_check(world)
+    # Two different ops with identical launch shapes: all-gather of 64 on rank 0, reduce-scatter
+    # of 128 (64 per rank) on rank 1.
+    with pytest.raises(RuntimeError, match=r"(all_gather|reduce_scatter): rank \d .* launched a "
+                                           r"different message"):
+        if rank == 0:
+            aiter_dist.all_gather(torch.ones(64), algo="one_shot")
+        else:
+            aiter_dist.reduce_scatter(torch.ones(128), algo="one_shot")
+    _recover_and_check(world)
     return True
 
 
