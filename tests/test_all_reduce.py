@@ -200,6 +200,11 @@ def _stress(rank, world, iters):
 def test_stress_with_random_delays_cpu():
     run_distributed(_stress, 3, 24)
 
+
+def test_eight_ranks_cpu():
+    """The largest group the kernels serve (MAX_WORLD): every collective, a few rounds."""
+    run_distributed(_stress, 8, 4, timeout=400)
+
 def _recover_and_check(world):
     """After an error every rank releases its workspace; the next collective works and leaves
     clean signal pads."""

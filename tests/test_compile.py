@@ -1,0 +1,104 @@
+"""Every GPU kernel compiles for Hopper (sm_90) with the installed Triton, on any machine.
+
+The CPU tier runs the kernels through the interpreter, which accepts code the compiler refuses
+(loop-carried types, scalar/tensor mixes, unsupported casts). Triton's compiler needs no GPU, so
+this test compiles each kernel family down to a cubin in a subprocess with the interpreter off.
+Kernel arguments follow one naming rule, which gives their types: UPPER-case names are pointers
+(bf16 unless listed) except the row and column counts M and N, lower-case ones int32 (float32 for
+scales and eps).
+"""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(r'''
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from aiter_dist.comm.all_reduce import _all_reduce_kernel
+    from aiter_dist.comm.fused_norm import _fused_norm_kernel
+    from aiter_dist.comm.gather_scatter import _gather_scatter_kernel
+    from aiter_dist.kernels import flash_attn as fa
+    from aiter_dist.kernels import rmsnorm as rn
+
+    FLOATS = {"qk_scale", "sm_scale", "eps"}
+    POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "RSTD": "*fp32", "SCALE": "*fp32",
+                "DW_PARTIAL": "*fp32", "CU_Q": "*i32", "CU_K": "*i32", "ERR": "*i32",
+                "BUF_PTRS": "*i64", "SIG_PTRS": "*i64"}
+    failures = []
+
+    def compile_for_hopper(name, fn, constexprs, num_warps=4, num_stages=2, **pointer_types):
+        sig = {}
+        for arg in fn.arg_names:
+            if arg in constexprs:
+                sig[arg] = "constexpr"
+            elif arg.isupper() and arg not in ("M", "N"):
+                sig[arg] = pointer_types.get(arg, POINTERS.get(arg, "*bf16"))
+            else:
+                sig[arg] = "fp32" if arg in FLOATS else "i32"
+        try:
+            triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": num_warps, "num_stages": num_stages})
+            print("compiled", name)
+        except Exception as e:  # report every failure, not just the first
+            failures.append(name)
+            print("FAILED", name, type(e).__name__, str(e)[:3000])
+
+    attn = dict(IS_VARLEN=False, HAS_LEFT=False, HAS_RIGHT=True, HEAD_DIM=128, BLOCK_M=64,
+                BLOCK_N=64, BLOCK_D=128, PRECISION="tf32")
+    window = dict(attn, IS_VARLEN=True, HAS_LEFT=True, HEAD_DIM=96)
+    for tag, c in (("causal hd128", attn), ("varlen window hd96", window)):
+        compile_for_hopper(f"attention fwd {tag}", fa._attn_fwd_kernel, c, 4, 3)
+        compile_for_hopper(f"attention dk/dv {tag}", fa._attn_bwd_dkdv_kernel, c)
+        compile_for_hopper(f"attention dq {tag}", fa._attn_bwd_dq_kernel, c)
+    compile_for_hopper("attention delta", fa._attn_bwd_delta_kernel,
+                       dict(IS_VARLEN=False, HEAD_DIM=128, BLOCK_M=64, BLOCK_D=128))
+    compile_for_hopper("attention fwd, seqlens of 1", fa._attn_fwd_kernel,
+                       dict(attn, seqlen_q=1, seqlen_k=1, HEAD_DIM=64, BLOCK_D=64))
+
+    for residual, even, chunks in ((True, True, 1), (False, False, 1), (True, False, 3)):
+        compile_for_hopper(f"rms_norm fwd residual={residual} even={even} chunks={chunks}",
+                           rn._rms_norm_fwd_kernel,
+                           dict(HAS_RESIDUAL=residual, BLOCK_M=4, BLOCK_N=4096,
+                                NUM_CHUNKS=chunks, EVEN=even, OFFSETS_64=chunks > 1), 8)
+    for dres, chunks in ((True, 1), (False, 3)):
+        compile_for_hopper(f"rms_norm bwd dres={dres} chunks={chunks}", rn._rms_norm_bwd_kernel,
+                           dict(HAS_DRES=dres, BLOCK_M=2, BLOCK_N=4096, NUM_CHUNKS=chunks), 8)
+
+    comm = dict(MAX_PROGRAMS=64, MAX_WORLD_=8, HEADER=256)
+    for two_shot in (False, True):
+        compile_for_hopper(f"all_reduce two_shot={two_shot}", _all_reduce_kernel,
+                           dict(comm, TWO_SHOT=two_shot, COPY_IN=True, BLOCK=2048), 8)
+    for reduce in (False, True):
+        compile_for_hopper(f"gather_scatter reduce={reduce}", _gather_scatter_kernel,
+                           dict(comm, REDUCE=reduce, COPY_IN=True, BLOCK=2048), 8)
+    for mode, fp8 in ((0, 0.0), (0, 448.0), (1, 0.0), (2, 0.0)):
+        types = {"Y": "*fp8e4nv"} if fp8 else {}
+        compile_for_hopper(f"fused norm mode={mode} fp8={bool(fp8)}", _fused_norm_kernel,
+                           dict(comm, MODE=mode, FP8_MAX=fp8, FP8_MIN_EXP=-6 if fp8 else 0,
+                                BLOCK_M=1, BLOCK_N=4096), 8, R="*fp32", RES_OUT="*fp32",
+                           **types)
+    if failures:
+        raise SystemExit(f"{len(failures)} kernel(s) failed to compile: {failures}")
+''')
+
+
+def _has_nvidia_backend() -> bool:
+    try:
+        from triton.backends import backends
+    except ImportError:
+        return False
+    return "nvidia" in backends
+
+
+@pytest.mark.skipif(not _has_nvidia_backend(), reason="this Triton has no NVIDIA backend")
+def test_kernels_compile_for_hopper():
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    p = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-6000:]
+    assert "FAILED" not in p.stdout
