@@ -63,8 +63,14 @@ def sweep(dev, dt):
                     print(f"sweep fwd d{d} causal={causal} {cfg}: {fl / ms / 1e9:.0f} TFLOP/s")
                 except Exception as e:
                     print(f"sweep fwd d{d} causal={causal} {cfg}: {type(e).__name__}")
+            # One config for both kernels, then one kernel's config varied with the other's
+            # default (dK/dV: BLOCK_N keys per program; dQ: BLOCK_M queries per program).
+            default = FA._bwd_blocks(d, q.device)
             for cfg in ((64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2),
-                        (128, 128, 8, 1), (64, 128, 4, 2), (32, 128, 4, 2)):
+                        (128, 128, 8, 1), (64, 128, 4, 2), (32, 128, 4, 2),
+                        ((32, 128, 8, 2), default), ((64, 128, 8, 3), default),
+                        (default, (128, 64, 8, 2)), (default, (128, 32, 8, 2)),
+                        ((32, 128, 4, 2), (128, 32, 8, 2))):
                 try:
                     ms = triton.testing.do_bench(lambda: FA.flash_attn_bwd(
                         do, q, k, v, out, lse, d ** -0.5, causal, (-1, -1), config=cfg),

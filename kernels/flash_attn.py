@@ -604,7 +604,11 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
         batch, sq = q.shape[:2]
         sk = k.shape[1]
         lse_strides = lse.stride()[:2]
-    block_m, block_n, warps, stages = config or _bwd_blocks(d, q.device, sq, sk)
+    # config: one (BLOCK_M, BLOCK_N, warps, stages) for both kernels, or a pair (dK/dV, dQ).
+    if config is None:
+        config = _bwd_blocks(d, q.device, sq, sk)
+    cfg_kv, cfg_q = (config, config) if isinstance(config[0], int) else config
+    block_m = cfg_q[0]
     cu_q = cu_seqlens_q if varlen else lse
     cu_k = cu_seqlens_k if varlen else lse
     if batch * h > 0 and sq > 0:
@@ -616,21 +620,24 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
             sq, h, IS_VARLEN=varlen, HEAD_DIM=d, BLOCK_M=delta_rows,
             BLOCK_D=triton.next_power_of_2(d), num_warps=4)
     common = dict(IS_VARLEN=varlen, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HEAD_DIM=d,
-                  BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(d),
-                  PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
+                  BLOCK_D=triton.next_power_of_2(d), PRECISION=_precision(q.dtype))
+
+    def blocks(cfg):
+        return dict(BLOCK_M=cfg[0], BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
+
     scales = (softmax_scale * LOG2E, softmax_scale, max(left, 0), max(right, 0))
     if batch * hk > 0 and sk > 0:
-        _attn_bwd_dkdv_kernel[(triton.cdiv(sk, block_n), batch * hk)](
+        _attn_bwd_dkdv_kernel[(triton.cdiv(sk, cfg_kv[1]), batch * hk)](
             q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
             *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides,
-            sq, sk, hk, h // hk, *scales, **common)
+            sq, sk, hk, h // hk, *scales, **common, **blocks(cfg_kv))
     if batch * h > 0 and sq > 0:
-        _attn_bwd_dq_kernel[(triton.cdiv(sq, block_m), batch * h)](
+        _attn_bwd_dq_kernel[(triton.cdiv(sq, cfg_q[0]), batch * h)](
             q, k, v, do, lse, delta, dq, cu_q, cu_k,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
             *_strides(do, varlen), *_strides(dq, varlen), *lse_strides,
-            sq, sk, h, h // hk, *scales, **common)
+            sq, sk, h, h // hk, *scales, **common, **blocks(cfg_q))
     return dq, dk, dv
 
 

@@ -65,17 +65,20 @@ SMALL_BLOCK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 32)], ids=str)
+@pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 32), ((16, 32), (32, 16))], ids=str)
 @pytest.mark.parametrize("case", SMALL_BLOCK_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_small_blocks_unmasked_and_boundary_tiles(case, blocks):
     from aiter_dist.kernels.flash_attn import flash_attn_bwd, flash_attn_fwd
 
     b, sq, sk, h, hk, d, causal, window = case
     q, k, v, do = _inputs(b, sq, sk, h, hk, d, torch.float32, "cpu", seed=sq + sk)
-    config = (*blocks, 1, 1)
+    if isinstance(blocks[0], int):
+        fwd_config = bwd_config = (*blocks, 1, 1)
+    else:  # the backward's two kernels with blocks of their own
+        fwd_config, bwd_config = (*blocks[0], 1, 1), tuple((*b, 1, 1) for b in blocks)
     scale = d ** -0.5
-    out, lse = flash_attn_fwd(q, k, v, scale, causal, window, config=config)
-    dq, dk, dv = flash_attn_bwd(do, q, k, v, out, lse, scale, causal, window, config=config)
+    out, lse = flash_attn_fwd(q, k, v, scale, causal, window, config=fwd_config)
+    dq, dk, dv = flash_attn_bwd(do, q, k, v, out, lse, scale, causal, window, config=bwd_config)
     ref = _grads(lambda q, k, v: attention_ref(q, k, v, None, causal, window)[0],
                  *(t.double() for t in (q, k, v, do)))
     _, ref_lse = attention_ref(q.double(), k.double(), v.double(), None, causal, window)
