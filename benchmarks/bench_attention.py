@@ -54,8 +54,12 @@ def sweep(dev, dt):
         for causal in (True, False):
             fl = flops(4, h, 4096, 4096, d, causal)
             out, lse = FA.flash_attn_fwd(q, k, v, d ** -0.5, causal, (-1, -1))
+            # A fifth element True: K and V through tensor descriptors (TMA). Triton 3.6's ptxas
+            # crashes on the 128x128 TMA variant (compiled offline for sm_90).
             for cfg in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
-                        (64, 64, 4, 3), (128, 64, 8, 4), (256, 64, 8, 3)):
+                        (64, 64, 4, 3), (128, 64, 8, 4), (256, 64, 8, 3),
+                        (64, 64, 4, 3, True), (64, 64, 4, 4, True), (128, 64, 8, 3, True),
+                        (128, 64, 8, 2, True)):
                 try:
                     ms = triton.testing.do_bench(lambda: FA.flash_attn_fwd(
                         q, k, v, d ** -0.5, causal, (-1, -1), config=cfg), warmup=10, rep=40,

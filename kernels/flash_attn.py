@@ -99,14 +99,20 @@ def _unmasked_key_blocks(m0, lo, hi, sk, shift, left, right, HAS_LEFT: tl.conste
 
 
 @triton.jit
-def _attn_fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, offs_d, d_ok,
+def _attn_fwd_tile(acc, l_i, m_i, q, k_base, v_base, b, hk, start_n, offs_m, offs_n, offs_d, d_ok,
                    k0, sks, svs, sk, shift, left, right, qk_scale,
                    MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                   EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
-    """One key block of the online softmax."""
+                   EVEN_D: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One key block of the online softmax. With USE_TMA, k_base and v_base are (batch, seq,
+    head, dim) tensor descriptors: the copy engine fetches the tiles (keys past the end read as
+    zeros, and the masked blocks mask them)."""
     cols = start_n + offs_n
-    kt = _load(k_base + (k0 + cols).to(tl.int64)[None, :] * sks + offs_d[:, None],
-               (cols < sk)[None, :], tl.trans(d_ok), MASKED, EVEN_D)
+    if USE_TMA:
+        kt = tl.trans(k_base.load([b, k0 + start_n, hk, 0]).reshape(BLOCK_N, BLOCK_D))
+    else:
+        kt = _load(k_base + (k0 + cols).to(tl.int64)[None, :] * sks + offs_d[:, None],
+                   (cols < sk)[None, :], tl.trans(d_ok), MASKED, EVEN_D)
     s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
     if MASKED:
         s = tl.where(_visible(offs_m[:, None], cols[None, :], sk, shift, left, right, HAS_LEFT,
@@ -119,8 +125,11 @@ def _attn_fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m, offs_n, of
     p = tl.exp2(s - m_safe[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
-    v = _load(v_base + (k0 + cols).to(tl.int64)[:, None] * svs + offs_d[None, :],
-              (cols < sk)[:, None], d_ok, MASKED, EVEN_D)
+    if USE_TMA:
+        v = v_base.load([b, k0 + start_n, hk, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        v = _load(v_base + (k0 + cols).to(tl.int64)[:, None] * svs + offs_d[None, :],
+                  (cols < sk)[:, None], d_ok, MASKED, EVEN_D)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
     return acc, l_i, m_new
 
@@ -132,8 +141,9 @@ def _attn_fwd_kernel(
     seqlen_q, seqlen_k, n_heads, group, qk_scale, left, right,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
+    # USE_TMA: K and V are tensor descriptors (dense layouts only), else pointers.
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
@@ -172,23 +182,27 @@ def _attn_fwd_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        k_base = K + b.to(tl.int64) * skb + hk * skh
-        v_base = V + b.to(tl.int64) * svb + hk * svh
+        if USE_TMA:
+            k_base = K
+            v_base = V
+        else:
+            k_base = K + b.to(tl.int64) * skb + hk * skh
+            v_base = V + b.to(tl.int64) * svb + hk * svh
         for start_n in range(lo, a, BLOCK_N):
-            acc, l_i, m_i = _attn_fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m,
-                                           offs_n, offs_d, d_ok, k0, sks, svs, sk, shift, left,
-                                           right, qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D,
-                                           PRECISION)
+            acc, l_i, m_i = _attn_fwd_tile(acc, l_i, m_i, q, k_base, v_base, b, hk, start_n,
+                                           offs_m, offs_n, offs_d, d_ok, k0, sks, svs, sk, shift,
+                                           left, right, qk_scale, True, HAS_LEFT, HAS_RIGHT,
+                                           EVEN_D, PRECISION, USE_TMA, BLOCK_N, BLOCK_D)
         for start_n in range(a, c, BLOCK_N):
-            acc, l_i, m_i = _attn_fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m,
-                                           offs_n, offs_d, d_ok, k0, sks, svs, sk, shift, left,
-                                           right, qk_scale, False, HAS_LEFT, HAS_RIGHT, EVEN_D,
-                                           PRECISION)
+            acc, l_i, m_i = _attn_fwd_tile(acc, l_i, m_i, q, k_base, v_base, b, hk, start_n,
+                                           offs_m, offs_n, offs_d, d_ok, k0, sks, svs, sk, shift,
+                                           left, right, qk_scale, False, HAS_LEFT, HAS_RIGHT,
+                                           EVEN_D, PRECISION, USE_TMA, BLOCK_N, BLOCK_D)
         for start_n in range(c, hi, BLOCK_N):
-            acc, l_i, m_i = _attn_fwd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, offs_m,
-                                           offs_n, offs_d, d_ok, k0, sks, svs, sk, shift, left,
-                                           right, qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D,
-                                           PRECISION)
+            acc, l_i, m_i = _attn_fwd_tile(acc, l_i, m_i, q, k_base, v_base, b, hk, start_n,
+                                           offs_m, offs_n, offs_d, d_ok, k0, sks, svs, sk, shift,
+                                           left, right, qk_scale, True, HAS_LEFT, HAS_RIGHT,
+                                           EVEN_D, PRECISION, USE_TMA, BLOCK_N, BLOCK_D)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         o_ptrs = O + b.to(tl.int64) * sob + (q0 + offs_m).to(tl.int64)[:, None] * sos + h * soh \
@@ -521,6 +535,13 @@ def _check(op, q, k, v, varlen, cu_seqlens_q=None, cu_seqlens_k=None):
                          f"numbers of sequences")
 
 
+def _tma_ready(*tensors) -> bool:
+    """Tensor descriptors need 16-byte aligned bases and strides (and a unit last stride)."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+               and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
+               for t in tensors)
+
+
 def _last_dim_contiguous(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
@@ -565,20 +586,31 @@ def flash_attn_fwd(q, k, v, softmax_scale, causal, window_size, cu_seqlens_q=Non
     if not runs_triton("flash_attn", q.device):
         return _torch_fwd(q, k, v, softmax_scale, left, right, cu_seqlens_q, cu_seqlens_k,
                           out, lse)
-    block_m, block_n, warps, stages = config or _fwd_blocks(d, q.device, sq, sk)
+    # config: (BLOCK_M, BLOCK_N, warps, stages[, use_tma]); TMA (tensor descriptors for K and V)
+    # is opt-in until measured, and serves dense layouts whose head dim is a power of 2.
+    block_m, block_n, warps, stages, *rest = config or _fwd_blocks(d, q.device, sq, sk)
+    block_d = triton.next_power_of_2(d)
+    use_tma = bool(rest and rest[0]) and not varlen and block_d == d and _tma_ready(k, v)
     grid = (triton.cdiv(max(sq, 1), block_m), batch * h)
     cu_q = cu_seqlens_q if varlen else lse  # unused placeholders when dense
     cu_k = cu_seqlens_k if varlen else lse
+    kk, vv = k, v
+    if use_tma and batch * h > 0 and sq > 0:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        kk, vv = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block_n, 1, block_d])
+                  for t in (k, v))
     if batch * h > 0 and sq > 0:
         _attn_fwd_kernel[grid](
-            q, k, v, out, lse, cu_q, cu_k,
+            q, kk, vv, out, lse, cu_q, cu_k,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
             *_strides(out, varlen), *lse_strides,
             sq, sk, h, h // hk, softmax_scale * LOG2E, max(left, 0), max(right, 0),
             IS_VARLEN=varlen, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HEAD_DIM=d,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=triton.next_power_of_2(d),
-            PRECISION=_precision(q.dtype), num_warps=warps, num_stages=stages)
-    record_path("flash_attn", "triton-interpreter" if INTERPRETED else "triton")
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            PRECISION=_precision(q.dtype), USE_TMA=use_tma, num_warps=warps, num_stages=stages)
+    record_path("flash_attn", ("triton-interpreter" if INTERPRETED else "triton")
+                + ("-tma" if use_tma else ""))
     return out, lse
 
 

@@ -32,6 +32,7 @@ SCRIPT = textwrap.dedent(r'''
     failures = []
 
     def compile_for_hopper(name, fn, constexprs, num_warps=4, num_stages=2, **pointer_types):
+        constexprs = {k: v for k, v in constexprs.items() if k in fn.arg_names}
         sig = {}
         for arg in fn.arg_names:
             if arg in constexprs:
@@ -49,12 +50,15 @@ SCRIPT = textwrap.dedent(r'''
             print("FAILED", name, type(e).__name__, str(e)[:3000])
 
     attn = dict(IS_VARLEN=False, HAS_LEFT=False, HAS_RIGHT=True, HEAD_DIM=128, BLOCK_M=64,
-                BLOCK_N=64, BLOCK_D=128, PRECISION="tf32")
+                BLOCK_N=64, BLOCK_D=128, PRECISION="tf32", USE_TMA=False)
     window = dict(attn, IS_VARLEN=True, HAS_LEFT=True, HEAD_DIM=96)
     for tag, c in (("causal hd128", attn), ("varlen window hd96", window)):
         compile_for_hopper(f"attention fwd {tag}", fa._attn_fwd_kernel, c, 4, 3)
         compile_for_hopper(f"attention dk/dv {tag}", fa._attn_bwd_dkdv_kernel, c)
         compile_for_hopper(f"attention dq {tag}", fa._attn_bwd_dq_kernel, c)
+    desc = "tensordesc<bf16[1, 64, 1, 128]>"
+    compile_for_hopper("attention fwd with tensor descriptors", fa._attn_fwd_kernel,
+                       dict(attn, USE_TMA=True), 4, 3, K=desc, V=desc)
     compile_for_hopper("attention delta", fa._attn_bwd_delta_kernel,
                        dict(IS_VARLEN=False, HEAD_DIM=128, BLOCK_M=64, BLOCK_D=128))
     compile_for_hopper("attention fwd, seqlens of 1", fa._attn_fwd_kernel,
