@@ -74,7 +74,10 @@ def sweep(dev, dt):
                         (128, 128, 8, 1), (64, 128, 4, 2), (32, 128, 4, 2),
                         ((32, 128, 8, 2), default), ((64, 128, 8, 3), default),
                         (default, (128, 64, 8, 2)), (default, (128, 32, 8, 2)),
-                        ((32, 128, 4, 2), (128, 32, 8, 2))):
+                        ((32, 128, 4, 2), (128, 32, 8, 2)),
+                        # TMA (fifth element); Triton 3.6's ptxas crashes on dQ with 2 stages
+                        ((64, 64, 4, 2, True), default), (default, (64, 64, 4, 3, True)),
+                        ((64, 64, 4, 2, True), (64, 64, 4, 3, True))):
                 try:
                     ms = triton.testing.do_bench(lambda: FA.flash_attn_bwd(
                         do, q, k, v, out, lse, d ** -0.5, causal, (-1, -1), config=cfg),

@@ -243,16 +243,22 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA, l_off, q0, start_m, offs_m0,
-                        offs_n, offs_d, d_ok, sq, sk, sqs, sdos, shift, left, right, qk_scale,
-                        MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                        EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
-    """One query block's contribution to a key block's dK and dV."""
+def _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA, l_off, b, h, q0, start_m,
+                        offs_m0, offs_n, offs_d, d_ok, sq, sk, sqs, sdos, shift, left, right,
+                        qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
+                        HAS_RIGHT: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
+                        USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One query block's contribution to a key block's dK and dV. With USE_TMA, q_base and
+    do_base are tensor descriptors (rows past the end read as zeros; lse masks them)."""
     offs_m = start_m + offs_m0
     m_ok = offs_m < sq
-    rows = (q0 + offs_m).to(tl.int64)[:, None]
-    q = _load(q_base + rows * sqs + offs_d[None, :], m_ok[:, None], d_ok, MASKED, EVEN_D)
-    do = _load(do_base + rows * sdos + offs_d[None, :], m_ok[:, None], d_ok, MASKED, EVEN_D)
+    if USE_TMA:
+        q = q_base.load([b, q0 + start_m, h, 0]).reshape(BLOCK_M, BLOCK_D)
+        do = do_base.load([b, q0 + start_m, h, 0]).reshape(BLOCK_M, BLOCK_D)
+    else:
+        rows = (q0 + offs_m).to(tl.int64)[:, None]
+        q = _load(q_base + rows * sqs + offs_d[None, :], m_ok[:, None], d_ok, MASKED, EVEN_D)
+        do = _load(do_base + rows * sdos + offs_d[None, :], m_ok[:, None], d_ok, MASKED, EVEN_D)
     if MASKED:
         lse = tl.load(LSE + l_off + offs_m, mask=m_ok, other=float("inf"))
         delta = tl.load(DELTA + l_off + offs_m, mask=m_ok, other=0.0)
@@ -281,9 +287,10 @@ def _attn_bwd_dkdv_kernel(
     seqlen_q, seqlen_k, n_heads_k, group, qk_scale, sm_scale, left, right,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # One key block of one KV head; loops over the query heads of its group and their blocks.
+    # USE_TMA: Q and DO are tensor descriptors (dense layouts only), else pointers.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads_k
@@ -335,24 +342,31 @@ def _attn_bwd_dkdv_kernel(
         c = tl.maximum(full_hi, a)
         for g in range(group):
             h = hk * group + g
-            q_base = Q + b.to(tl.int64) * sqb + h * sqh
-            do_base = DO + b.to(tl.int64) * sdob + h * sdoh
+            if USE_TMA:
+                q_base = Q
+                do_base = DO
+            else:
+                q_base = Q + b.to(tl.int64) * sqb + h * sqh
+                do_base = DO + b.to(tl.int64) * sdob + h * sdoh
             l_off = b.to(tl.int64) * slb + h * slh + q0
             for start_m in range(lo, a, BLOCK_M):
                 dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA,
-                                             l_off, q0, start_m, offs_m0, offs_n, offs_d, d_ok, sq,
-                                             sk, sqs, sdos, shift, left, right, qk_scale, True,
-                                             HAS_LEFT, HAS_RIGHT, EVEN_D, PRECISION)
+                                             l_off, b, h, q0, start_m, offs_m0, offs_n, offs_d,
+                                             d_ok, sq, sk, sqs, sdos, shift, left, right,
+                                             qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D,
+                                             PRECISION, USE_TMA, BLOCK_M, BLOCK_D)
             for start_m in range(a, c, BLOCK_M):
                 dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA,
-                                             l_off, q0, start_m, offs_m0, offs_n, offs_d, d_ok, sq,
-                                             sk, sqs, sdos, shift, left, right, qk_scale, False,
-                                             HAS_LEFT, HAS_RIGHT, EVEN_D, PRECISION)
+                                             l_off, b, h, q0, start_m, offs_m0, offs_n, offs_d,
+                                             d_ok, sq, sk, sqs, sdos, shift, left, right,
+                                             qk_scale, False, HAS_LEFT, HAS_RIGHT, EVEN_D,
+                                             PRECISION, USE_TMA, BLOCK_M, BLOCK_D)
             for start_m in range(c, hi, BLOCK_M):
                 dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA,
-                                             l_off, q0, start_m, offs_m0, offs_n, offs_d, d_ok, sq,
-                                             sk, sqs, sdos, shift, left, right, qk_scale, True,
-                                             HAS_LEFT, HAS_RIGHT, EVEN_D, PRECISION)
+                                             l_off, b, h, q0, start_m, offs_m0, offs_n, offs_d,
+                                             d_ok, sq, sk, sqs, sdos, shift, left, right,
+                                             qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D,
+                                             PRECISION, USE_TMA, BLOCK_M, BLOCK_D)
         kv_mask = n_ok & d_ok
         tl.store(DK + b.to(tl.int64) * sdkb + (k0 + offs_n).to(tl.int64)[:, None] * sdks
                  + hk * sdkh + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
@@ -362,16 +376,21 @@ def _attn_bwd_dkdv_kernel(
 
 
 @triton.jit
-def _attn_bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n, offs_d,
-                      d_ok, k0, sks, svs, sk, shift, left, right, qk_scale,
+def _attn_bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, b, hk, start_n, offs_m, offs_n,
+                      offs_d, d_ok, k0, sks, svs, sk, shift, left, right, qk_scale,
                       MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
-                      EVEN_D: tl.constexpr, PRECISION: tl.constexpr):
-    """One key block's contribution to a query block's dQ."""
+                      EVEN_D: tl.constexpr, PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One key block's contribution to a query block's dQ (USE_TMA: K and V descriptors)."""
     cols = start_n + offs_n
-    k = _load(k_base + (k0 + cols).to(tl.int64)[:, None] * sks + offs_d[None, :],
-              (cols < sk)[:, None], d_ok, MASKED, EVEN_D)
-    v = _load(v_base + (k0 + cols).to(tl.int64)[:, None] * svs + offs_d[None, :],
-              (cols < sk)[:, None], d_ok, MASKED, EVEN_D)
+    if USE_TMA:
+        k = k_base.load([b, k0 + start_n, hk, 0]).reshape(BLOCK_N, BLOCK_D)
+        v = v_base.load([b, k0 + start_n, hk, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        k = _load(k_base + (k0 + cols).to(tl.int64)[:, None] * sks + offs_d[None, :],
+                  (cols < sk)[:, None], d_ok, MASKED, EVEN_D)
+        v = _load(v_base + (k0 + cols).to(tl.int64)[:, None] * svs + offs_d[None, :],
+                  (cols < sk)[:, None], d_ok, MASKED, EVEN_D)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
     # Rows past the end load lse = +inf, so their p is 0 without a row mask.
     p = tl.exp2(s - lse[:, None] * 1.4426950408889634)
@@ -391,7 +410,7 @@ def _attn_bwd_dq_kernel(
     seqlen_q, seqlen_k, n_heads, group, qk_scale, sm_scale, left, right,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -435,20 +454,27 @@ def _attn_bwd_dq_kernel(
         hi = tl.maximum(hi, lo)  # no key visible: empty ranges, never a negative start
         a, c = _unmasked_key_blocks(m0, lo, hi, sk, shift, left, right, HAS_LEFT, HAS_RIGHT,
                                     BLOCK_M, BLOCK_N)
-        k_base = K + b.to(tl.int64) * skb + hk * skh
-        v_base = V + b.to(tl.int64) * svb + hk * svh
+        if USE_TMA:
+            k_base = K
+            v_base = V
+        else:
+            k_base = K + b.to(tl.int64) * skb + hk * skh
+            v_base = V + b.to(tl.int64) * svb + hk * svh
         for start_n in range(lo, a, BLOCK_N):
-            dq = _attn_bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n,
-                                   offs_d, d_ok, k0, sks, svs, sk, shift, left, right, qk_scale,
-                                   True, HAS_LEFT, HAS_RIGHT, EVEN_D, PRECISION)
+            dq = _attn_bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, b, hk, start_n, offs_m,
+                                   offs_n, offs_d, d_ok, k0, sks, svs, sk, shift, left, right,
+                                   qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D, PRECISION,
+                                   USE_TMA, BLOCK_N, BLOCK_D)
         for start_n in range(a, c, BLOCK_N):
-            dq = _attn_bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n,
-                                   offs_d, d_ok, k0, sks, svs, sk, shift, left, right, qk_scale,
-                                   False, HAS_LEFT, HAS_RIGHT, EVEN_D, PRECISION)
+            dq = _attn_bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, b, hk, start_n, offs_m,
+                                   offs_n, offs_d, d_ok, k0, sks, svs, sk, shift, left, right,
+                                   qk_scale, False, HAS_LEFT, HAS_RIGHT, EVEN_D, PRECISION,
+                                   USE_TMA, BLOCK_N, BLOCK_D)
         for start_n in range(c, hi, BLOCK_N):
-            dq = _attn_bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, start_n, offs_m, offs_n,
-                                   offs_d, d_ok, k0, sks, svs, sk, shift, left, right, qk_scale,
-                                   True, HAS_LEFT, HAS_RIGHT, EVEN_D, PRECISION)
+            dq = _attn_bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, b, hk, start_n, offs_m,
+                                   offs_n, offs_d, d_ok, k0, sks, svs, sk, shift, left, right,
+                                   qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D, PRECISION,
+                                   USE_TMA, BLOCK_N, BLOCK_D)
         tl.store(DQ + b.to(tl.int64) * sdqb + (q0 + offs_m).to(tl.int64)[:, None] * sdqs
                  + h * sdqh + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
                  mask=m_ok[:, None] & d_ok)
@@ -636,7 +662,10 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
         batch, sq = q.shape[:2]
         sk = k.shape[1]
         lse_strides = lse.stride()[:2]
-    # config: one (BLOCK_M, BLOCK_N, warps, stages) for both kernels, or a pair (dK/dV, dQ).
+    # config: one (BLOCK_M, BLOCK_N, warps, stages[, use_tma]) for both kernels, or a pair
+    # (dK/dV, dQ). TMA: the tiles each kernel loops over (Q, dO for dK/dV; K, V for dQ) come
+    # through tensor descriptors; opt-in until measured. Triton 3.6's ptxas crashes on the dQ
+    # kernel with descriptors and 2 stages (1 and 3 compile), and on the forward at 128x128.
     if config is None:
         config = _bwd_blocks(d, q.device, sq, sk)
     cfg_kv, cfg_q = (config, config) if isinstance(config[0], int) else config
@@ -657,19 +686,32 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
     def blocks(cfg):
         return dict(BLOCK_M=cfg[0], BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
 
+    def tma(cfg, rows, *tensors):
+        """Tensor descriptors of ``tensors`` with ``rows``-row tiles when the config's fifth
+        element asks for them and the layout allows, else the tensors themselves."""
+        if len(cfg) > 4 and cfg[4] and not varlen and block_d == d and _tma_ready(*tensors):
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            return True, [TensorDescriptor(t, list(t.shape), list(t.stride()),
+                                           [1, rows, 1, block_d]) for t in tensors]
+        return False, list(tensors)
+
+    block_d = triton.next_power_of_2(d)
     scales = (softmax_scale * LOG2E, softmax_scale, max(left, 0), max(right, 0))
     if batch * hk > 0 and sk > 0:
+        use_tma, (qq, dd) = tma(cfg_kv, cfg_kv[0], q, do)
         _attn_bwd_dkdv_kernel[(triton.cdiv(sk, cfg_kv[1]), batch * hk)](
-            q, k, v, do, lse, delta, dk, dv, cu_q, cu_k,
+            qq, k, v, dd, lse, delta, dk, dv, cu_q, cu_k,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
             *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides,
-            sq, sk, hk, h // hk, *scales, **common, **blocks(cfg_kv))
+            sq, sk, hk, h // hk, *scales, USE_TMA=use_tma, **common, **blocks(cfg_kv))
     if batch * h > 0 and sq > 0:
+        use_tma, (kk, vv) = tma(cfg_q, cfg_q[1], k, v)
         _attn_bwd_dq_kernel[(triton.cdiv(sq, cfg_q[0]), batch * h)](
-            q, k, v, do, lse, delta, dq, cu_q, cu_k,
+            q, kk, vv, do, lse, delta, dq, cu_q, cu_k,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
             *_strides(do, varlen), *_strides(dq, varlen), *lse_strides,
-            sq, sk, h, h // hk, *scales, **common, **blocks(cfg_q))
+            sq, sk, h, h // hk, *scales, USE_TMA=use_tma, **common, **blocks(cfg_q))
     return dq, dk, dv
 
 

@@ -59,6 +59,11 @@ SCRIPT = textwrap.dedent(r'''
     desc = "tensordesc<bf16[1, 64, 1, 128]>"
     compile_for_hopper("attention fwd with tensor descriptors", fa._attn_fwd_kernel,
                        dict(attn, USE_TMA=True), 4, 3, K=desc, V=desc)
+    compile_for_hopper("attention dk/dv with tensor descriptors", fa._attn_bwd_dkdv_kernel,
+                       dict(attn, USE_TMA=True), Q=desc, DO=desc)
+    # (Triton 3.6's ptxas crashes on this kernel with 2 stages; 1 and 3 compile.)
+    compile_for_hopper("attention dq with tensor descriptors", fa._attn_bwd_dq_kernel,
+                       dict(attn, USE_TMA=True), 4, 3, K=desc, V=desc)
     compile_for_hopper("attention delta", fa._attn_bwd_delta_kernel,
                        dict(IS_VARLEN=False, HEAD_DIM=128, BLOCK_M=64, BLOCK_D=128))
     compile_for_hopper("attention fwd, seqlens of 1", fa._attn_fwd_kernel,
@@ -92,11 +97,13 @@ SCRIPT = textwrap.dedent(r'''
 
 
 def _has_nvidia_backend() -> bool:
-    try:
-        from triton.backends import backends
-    except ImportError:
-        return False
-    return "nvidia" in backends
+    # Looked up on disk: importing triton here, before aiter_dist turns the interpreter on,
+    # would leave Triton's own jit functions compiled-mode for the rest of the session.
+    import importlib.util
+
+    spec = importlib.util.find_spec("triton")
+    return spec is not None and spec.origin is not None and os.path.isdir(
+        os.path.join(os.path.dirname(spec.origin), "backends", "nvidia"))
 
 
 @pytest.mark.skipif(not _has_nvidia_backend(), reason="this Triton has no NVIDIA backend")

@@ -94,8 +94,8 @@ def test_small_blocks_unmasked_and_boundary_tiles(case, blocks):
                                   (1, 64, 64, 2, 2, 16, False, (20, 9))],
                          ids=lambda c: "-".join(map(str, c)))
 def test_forward_with_tensor_descriptors(case):
-    """The opt-in TMA forward (K and V through tensor descriptors) against float64."""
-    from aiter_dist.kernels.flash_attn import flash_attn_fwd
+    """The opt-in TMA paths (tiles through tensor descriptors) against float64."""
+    from aiter_dist.kernels.flash_attn import flash_attn_bwd, flash_attn_fwd
 
     b, sq, sk, h, hk, d, causal, window = case
     q, k, v, _ = _inputs(b, sq, sk, h, hk, d, torch.float32, "cpu", seed=5)
@@ -103,6 +103,13 @@ def test_forward_with_tensor_descriptors(case):
     assert aiter_dist.last_path("flash_attn") == "triton-interpreter-tma"
     ref, ref_lse = attention_ref(q.double(), k.double(), v.double(), None, causal, window)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-5)
+    do = torch.randn_like(q)
+    grads = flash_attn_bwd(do, q, k, v, out, lse, d ** -0.5, causal, window,
+                           config=((16, 32, 1, 1, True), (32, 16, 1, 1, True)))
+    ref_grads = _grads(lambda q, k, v: attention_ref(q, k, v, None, causal, window)[0],
+                       *(t.double() for t in (q, k, v, do)))[1:]
+    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5, msg=name)
     finite = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse.double()[finite], ref_lse[finite], rtol=1e-5, atol=1e-5)
     # A head dim that is not a power of 2 keeps the pointer path, visibly.
