@@ -9,7 +9,7 @@ key output 0 and carry lse = +inf (their gradient is 0).
 Forward: one program per (query block, batch x head), online softmax in base 2, fp32 statistics.
 Every loop over blocks runs in three ranges: boundary blocks before and after, where keys may be
 out of range or outside the causal/sliding window and the scores are masked, and the interior,
-where no mask is computed or applied (``_unmasked_key_blocks``).
+where no mask is computed or applied (``_key_blocks``).
 Backward (deterministic, no atomics): ``delta = rowsum(dO * O)`` (a small kernel: one read of
 each), then one kernel per key block and KV head that loops over the query blocks of every query
 head in its GQA group (dK, dV), and one kernel per query block (dQ). Memory stays linear in
@@ -80,12 +80,30 @@ def _visible(rows, cols, sk, shift, left, right, HAS_LEFT: tl.constexpr, HAS_RIG
 
 
 @triton.jit
-def _unmasked_key_blocks(m0, lo, hi, sk, shift, left, right, HAS_LEFT: tl.constexpr,
-                         HAS_RIGHT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """For query rows [m0, m0 + BLOCK_M) and key blocks starting at lo, lo + BLOCK_N, ... < hi:
-    (a, c) such that blocks in [a, c) need no mask (every key exists and every row sees it);
-    [lo, a) and [c, hi) are boundary blocks. Skipping the masks there saves the softmax path's
-    integer work on all but the diagonal and edge blocks."""
+def _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+    """(q0, sq, k0, sk): first token and length of sequence ``b``'s queries and keys. Varlen
+    launches pass batch strides of 0, so token offsets carry the sequence."""
+    if IS_VARLEN:
+        q0 = tl.load(CU_Q + b)
+        k0 = tl.load(CU_K + b)
+        return q0, tl.load(CU_Q + b + 1) - q0, k0, tl.load(CU_K + b + 1) - k0
+    return 0, seqlen_q, 0, seqlen_k
+
+
+@triton.jit
+def _key_blocks(m0, sk, shift, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The key blocks query rows [m0, m0 + BLOCK_M) visit, as (lo, a, c, hi): boundary blocks
+    start in [lo, a) and [c, hi), where keys may be past the end or outside the window and the
+    scores are masked; interior blocks in [a, c), where every row sees every key and no mask is
+    computed. Skipping the masks there saves the softmax path's integer work."""
+    lo = 0
+    hi = sk
+    if HAS_RIGHT:
+        hi = tl.minimum(sk, m0 + BLOCK_M + shift + right)
+    if HAS_LEFT:
+        lo = tl.maximum(0, m0 + shift - left) // BLOCK_N * BLOCK_N
+    hi = tl.maximum(hi, lo)  # no key visible: empty ranges, never a negative start
     full_hi = sk
     if HAS_RIGHT:
         full_hi = tl.minimum(full_hi, m0 + shift + right + 1)
@@ -95,7 +113,7 @@ def _unmasked_key_blocks(m0, lo, hi, sk, shift, left, right, HAS_LEFT: tl.conste
         full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 + shift - left, 0),
                                          BLOCK_N) * BLOCK_N)
     a = tl.minimum(full_lo, hi)
-    return a, tl.maximum(full_hi, a)
+    return lo, a, tl.maximum(full_hi, a), hi
 
 
 @triton.jit
@@ -150,16 +168,7 @@ def _attn_fwd_kernel(
     h = pid_bh % n_heads
     hk = h // group
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    if IS_VARLEN:
-        q0 = tl.load(CU_Q + b)
-        sq = tl.load(CU_Q + b + 1) - q0
-        k0 = tl.load(CU_K + b)
-        sk = tl.load(CU_K + b + 1) - k0
-    else:  # varlen launches pass batch strides of 0: token offsets carry the sequence
-        q0 = 0
-        sq = seqlen_q
-        k0 = 0
-        sk = seqlen_k
+    q0, sq, k0, sk = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
     if pid_m * BLOCK_M < sq:
         m0 = pid_m * BLOCK_M
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -170,15 +179,8 @@ def _attn_fwd_kernel(
             + offs_d[None, :]
         q = _load(q_ptrs, (offs_m < sq)[:, None], d_ok, True, EVEN_D)
         shift = sk - sq  # bottom-right alignment
-        lo = 0
-        hi = sk
-        if HAS_RIGHT:
-            hi = tl.minimum(sk, m0 + BLOCK_M + shift + right)
-        if HAS_LEFT:
-            lo = tl.maximum(0, m0 + shift - left) // BLOCK_N * BLOCK_N
-        hi = tl.maximum(hi, lo)  # no key visible: empty ranges, never a negative start
-        a, c = _unmasked_key_blocks(m0, lo, hi, sk, shift, left, right, HAS_LEFT, HAS_RIGHT,
-                                    BLOCK_M, BLOCK_N)
+        lo, a, c, hi = _key_blocks(m0, sk, shift, left, right, HAS_LEFT, HAS_RIGHT, BLOCK_M,
+                                   BLOCK_N)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -224,12 +226,7 @@ def _attn_bwd_delta_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
-    if IS_VARLEN:
-        q0 = tl.load(CU_Q + b)
-        sq = tl.load(CU_Q + b + 1) - q0
-    else:
-        q0 = 0
-        sq = seqlen_q
+    q0, sq, _, _ = _sequence(CU_Q, CU_Q, b, seqlen_q, seqlen_q, IS_VARLEN)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < sq)[:, None] & (offs_d < HEAD_DIM)[None, :]
@@ -296,16 +293,7 @@ def _attn_bwd_dkdv_kernel(
     b = pid_bh // n_heads_k
     hk = pid_bh % n_heads_k
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    if IS_VARLEN:
-        q0 = tl.load(CU_Q + b)
-        sq = tl.load(CU_Q + b + 1) - q0
-        k0 = tl.load(CU_K + b)
-        sk = tl.load(CU_K + b + 1) - k0
-    else:  # varlen launches pass batch strides of 0: token offsets carry the sequence
-        q0 = 0
-        sq = seqlen_q
-        k0 = 0
-        sk = seqlen_k
+    q0, sq, k0, sk = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
     if pid_n * BLOCK_N < sk:
         n0 = pid_n * BLOCK_N
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -418,16 +406,7 @@ def _attn_bwd_dq_kernel(
     h = pid_bh % n_heads
     hk = h // group
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-    if IS_VARLEN:
-        q0 = tl.load(CU_Q + b)
-        sq = tl.load(CU_Q + b + 1) - q0
-        k0 = tl.load(CU_K + b)
-        sk = tl.load(CU_K + b + 1) - k0
-    else:  # varlen launches pass batch strides of 0: token offsets carry the sequence
-        q0 = 0
-        sq = seqlen_q
-        k0 = 0
-        sk = seqlen_k
+    q0, sq, k0, sk = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
     if pid_m * BLOCK_M < sq:
         m0 = pid_m * BLOCK_M
         offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -445,15 +424,8 @@ def _attn_bwd_dq_kernel(
                         other=0.0)
         dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
         shift = sk - sq
-        lo = 0
-        hi = sk
-        if HAS_RIGHT:
-            hi = tl.minimum(sk, m0 + BLOCK_M + shift + right)
-        if HAS_LEFT:
-            lo = tl.maximum(0, m0 + shift - left) // BLOCK_N * BLOCK_N
-        hi = tl.maximum(hi, lo)  # no key visible: empty ranges, never a negative start
-        a, c = _unmasked_key_blocks(m0, lo, hi, sk, shift, left, right, HAS_LEFT, HAS_RIGHT,
-                                    BLOCK_M, BLOCK_N)
+        lo, a, c, hi = _key_blocks(m0, sk, shift, left, right, HAS_LEFT, HAS_RIGHT, BLOCK_M,
+                                   BLOCK_N)
         if USE_TMA:
             k_base = K
             v_base = V
