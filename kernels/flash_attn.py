@@ -80,6 +80,15 @@ def _visible(rows, cols, sk, shift, left, right, HAS_LEFT: tl.constexpr, HAS_RIG
 
 
 @triton.jit
+def _query_block(HAS_RIGHT: tl.constexpr):
+    """This program's query block. With a causal (right-bounded) window the last blocks see the
+    most keys: they go first, so the short ones fill the tail of each head's wave."""
+    if HAS_RIGHT:
+        return tl.num_programs(0) - 1 - tl.program_id(0)
+    return tl.program_id(0)
+
+
+@triton.jit
 def _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
     """(q0, sq, k0, sk): first token and length of sequence ``b``'s queries and keys. Varlen
     launches pass batch strides of 0, so token offsets carry the sequence."""
@@ -162,7 +171,7 @@ def _attn_fwd_kernel(
     PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # USE_TMA: K and V are tensor descriptors (dense layouts only), else pointers.
-    pid_m = tl.program_id(0)
+    pid_m = _query_block(HAS_RIGHT)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
@@ -400,7 +409,7 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    pid_m = _query_block(HAS_RIGHT)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads
     h = pid_bh % n_heads
