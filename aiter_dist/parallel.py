@@ -132,33 +132,28 @@ def _sequence_parallel_block_forward(block, x):
 def _fused_model_forward(model, tokens):
     """The model's forward with (normed, residual) carried between blocks: each row-parallel
     output is reduced together with the residual add and the next norm."""
-    emb, layers, final_norm, head = model._aiter_layout
+    emb, first_norm, steps, head = model._aiter_layout
     group, sp = model._aiter_group, model._aiter_sequence_parallel
     x = emb(tokens)
     shape = x.shape
-    norms = [blk.mlp_norm for blk in layers]
-    nexts = [layers[i + 1].attn_norm for i in range(len(layers) - 1)] + [final_norm]
     if sp:
         # Tokens along dim 0, this rank's share of them in the residual stream.
         res = split_first_dim(x.reshape(-1, shape[-1]), group)
-        first = layers[0].attn_norm
-        h = rms_norm_all_gather(res, first.weight, first.eps, group).view(shape)
+        h = rms_norm_all_gather(res, first_norm.weight, first_norm.eps, group).view(shape)
     else:
         res = x
-        h = layers[0].attn_norm(x)
-    for i, blk in enumerate(layers):
-        for sub, norm, last in ((blk.attn, norms[i], False),
-                                (blk.mlp, nexts[i], i == len(layers) - 1)):
-            partial = sub(h)
-            if sp:
-                out, res = reduce_scatter_add_rms_norm(partial.reshape(-1, shape[-1]), res,
-                                                       norm.weight, norm.eps, group)
-                # Into tensor-parallel layers the gather's backward sums their partial input
-                # gradients; into the replicated head every rank's gradient is already whole.
-                h = (gather_first_dim(out, group) if last else all_gather(out, 0, group))
-                h = h.view(*shape[:-1], h.shape[-1])
-            else:
-                h, res = all_reduce_add_rms_norm(partial, res, norm.weight, norm.eps, group)
+        h = first_norm(x)
+    for sub, norm, last in steps:
+        partial = sub(h)
+        if sp:
+            out, res = reduce_scatter_add_rms_norm(partial.reshape(-1, shape[-1]), res,
+                                                   norm.weight, norm.eps, group)
+            # Into tensor-parallel layers the gather's backward sums their partial input
+            # gradients; into the replicated head every rank's gradient is already whole.
+            h = gather_first_dim(out, group) if last else all_gather(out, 0, group)
+            h = h.view(*shape[:-1], h.shape[-1])
+        else:
+            h, res = all_reduce_add_rms_norm(partial, res, norm.weight, norm.eps, group)
     return head(h)
 
 
@@ -177,7 +172,12 @@ def _install_fused_forward(model, group, sequence_parallel: bool) -> str | None:
             blk.forward = types.MethodType(_sequence_parallel_block_forward, blk)
         else:
             blk.forward = types.MethodType(_fused_block_forward, blk)
-    model._aiter_layout = layout
+    emb, layers, final_norm, head = layout
+    # (row-parallel sublayer, the norm its reduced output meets, whether the head comes next)
+    nexts = [blk.attn_norm for blk in layers[1:]] + [final_norm]
+    steps = [step for blk, nxt in zip(layers, nexts)
+             for step in ((blk.attn, blk.mlp_norm, False), (blk.mlp, nxt, nxt is final_norm))]
+    model._aiter_layout = (emb, layers[0].attn_norm, steps, head)
     model._aiter_group = group
     model._aiter_sequence_parallel = sequence_parallel
     model.forward = types.MethodType(_fused_model_forward, model)

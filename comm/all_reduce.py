@@ -62,6 +62,21 @@ def auto_algo(device: torch.device, world: int, nbytes: int) -> str:
     return "fallback"
 
 
+def pick_algo(op: str, device: torch.device, world: int, nbytes: int,
+              algo: str) -> tuple[str, str | None]:
+    """What a call of any collective here takes: ``algo`` itself, the auto table's choice, or
+    ``"fallback"`` (torch.distributed), with the reason when a kernel cannot serve at all."""
+    if algo == "fallback":
+        return "fallback", None
+    if world > MAX_WORLD:
+        return "fallback", f"world size {world} > {MAX_WORLD}"
+    if not runs_triton(op, device):
+        return "fallback", "CPU tensor on a GPU machine"
+    if algo != "auto":
+        return algo, None
+    return auto_algo(device, world, nbytes), None
+
+
 # ----------------------------------------------------------------------------- reference
 
 def all_reduce_ref(xs):
@@ -161,10 +176,9 @@ def _launch_all_reduce(x_flat, out_flat, total, ws, two_shot, copy_in):
     after_launch(ws, x_flat.device)
 
 
-def custom_all_reduce_raw(x: torch.Tensor, group=None, algo: str = "one_shot") -> torch.Tensor:
-    """The one-shot or two-shot kernel, no autograd. Messages larger than the workspace go in
-    pieces; an input that is the group's workspace tensor skips the copy in."""
-    _check_all_reduce_input(x)
+def _custom_all_reduce(x: torch.Tensor, group, algo: str) -> torch.Tensor:
+    """The one-shot or two-shot kernel on a checked input. Messages larger than the workspace go
+    in pieces; an input that is the group's workspace tensor skips the copy in."""
     ws = get_workspace(group, x.device)
     check_comm_errors(ws)
     out = torch.empty_like(x)
@@ -183,6 +197,12 @@ def custom_all_reduce_raw(x: torch.Tensor, group=None, algo: str = "one_shot") -
     return out
 
 
+def custom_all_reduce_raw(x: torch.Tensor, group=None, algo: str = "one_shot") -> torch.Tensor:
+    """The one-shot or two-shot kernel, no autograd, whatever the auto table says."""
+    _check_all_reduce_input(x)
+    return _custom_all_reduce(x, group, algo)
+
+
 def one_shot_all_reduce_raw(x: torch.Tensor, group=None) -> torch.Tensor:
     return custom_all_reduce_raw(x, group, "one_shot")
 
@@ -197,19 +217,6 @@ def fallback_all_reduce_raw(x: torch.Tensor, group=None):
     return out
 
 
-def _pick_algo(x: torch.Tensor, world: int, algo: str) -> tuple[str, str | None]:
-    """(algorithm, reason it is not a custom kernel or None)."""
-    if algo == "fallback":
-        return "fallback", None
-    if world > MAX_WORLD:
-        return "fallback", f"world size {world} > {MAX_WORLD}"
-    if not runs_triton("all_reduce", x.device):
-        return "fallback", "CPU tensor on a GPU machine"
-    if algo != "auto":
-        return algo, None
-    return auto_algo(x.device, world, x.numel() * x.element_size()), None
-
-
 def all_reduce_raw(x: torch.Tensor, group=None, algo: str = "auto") -> torch.Tensor:
     """Sum of ``x`` over ``group`` into a new tensor, no autograd."""
     if algo not in ALGOS:
@@ -221,10 +228,10 @@ def all_reduce_raw(x: torch.Tensor, group=None, algo: str = "auto") -> torch.Ten
     if world == 1:
         record_path("all_reduce", "identity")
         return x.clone()
-    chosen, reason = _pick_algo(x, world, algo)
+    chosen, reason = pick_algo("all_reduce", x.device, world, x.numel() * x.element_size(), algo)
     if chosen != "fallback":
         record_path("all_reduce", chosen)
-        return custom_all_reduce_raw(x, group, chosen)
+        return _custom_all_reduce(x, group, chosen)
     record_path("all_reduce", "torch.distributed", reason)
     return fallback_all_reduce_raw(x, group)
 

@@ -32,10 +32,10 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ..kernels._runtime import launch, record_path, runs_triton
+from ..kernels._runtime import launch, record_path
 from ..kernels.rmsnorm import (_check_norm_inputs, add_rms_norm_bwd, add_rms_norm_ref,
                                rms_norm_bwd, rms_norm_fwd, rms_norm_ref)
-from .all_reduce import all_reduce_raw, auto_algo
+from .all_reduce import all_reduce_raw, pick_algo
 from .gather_scatter import all_gather_raw, reduce_scatter_raw
 from .protocol import (DTYPE_CODE, OP_NAMES, _finish, _peer_buf, _report_mismatch, _start,
                        after_launch, check_comm_errors, check_comm_input, max_spins, resolve_group)
@@ -229,20 +229,17 @@ def _fused_norm_kernel(
 def _use_fused(op, x2, rows_in_buffer, world, algo, group, in_pieces=False):
     """(workspace or None, reason for the unfused path or None). ``in_pieces``: the caller can
     launch the kernel on row pieces, so only one row has to fit in the workspace."""
-    if algo == "fallback" or world == 1:
+    if world == 1:
         return None, None
-    if world > MAX_WORLD:
-        return None, f"world size {world} > {MAX_WORLD}"
-    if not runs_triton(op, x2.device):
-        return None, "CPU tensor on a GPU machine"
-    ws = get_workspace(group, x2.device)
     nbytes = rows_in_buffer * x2.shape[1] * x2.element_size()
+    chosen, reason = pick_algo(op, x2.device, world, nbytes, algo)
+    if chosen == "fallback":
+        return None, reason  # reason None: asked for, or measured faster at this size
+    ws = get_workspace(group, x2.device)
     need = x2.shape[1] * x2.element_size() if in_pieces else nbytes
     if x2.shape[1] > FUSED_MAX_N or need > ws.data_bytes:
         return None, (f"rows of {x2.shape[1]} or {nbytes} B exceed the fused kernel's limits "
                       f"({FUSED_MAX_N} columns, a {ws.data_bytes} B workspace)")
-    if algo == "auto" and auto_algo(x2.device, world, nbytes) == "fallback":
-        return None, None  # measured: the unfused ops are faster at this size
     return ws, None
 
 
@@ -336,7 +333,7 @@ def reduce_scatter_add_rms_norm_fwd(x, residual, weight, eps, group, algo="auto"
     _check_fused_inputs(op, x, weight, residual)
     _check_tokens_first(op, x)
     group = resolve_group(group)
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    world = dist.get_world_size(group)
     if x.shape[0] % world:
         raise ValueError(f"aiter_dist.{op}: x.shape[0]={x.shape[0]} is not divisible by the world "
                          f"size {world}; pad the sequence to a multiple of {world}")

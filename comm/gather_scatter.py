@@ -18,8 +18,8 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ..kernels._runtime import launch, record_path, runs_triton
-from .all_reduce import auto_algo
+from ..kernels._runtime import launch, record_path
+from .all_reduce import pick_algo
 from .protocol import (DTYPE_CODE, OP_NAMES, _finish, _peer_buf, _report_mismatch, _start,
                        after_launch, check_comm_errors, check_comm_input, max_spins, resolve_group)
 from .workspace import HEADER_BYTES, MAX_WORLD, get_workspace
@@ -155,17 +155,10 @@ def _fallback_reduce_scatter(x2, group, rank):
 
 
 def _use_kernel(op, x, world, algo):
-    if algo == "fallback":
-        return False, None
-    if world > MAX_WORLD:
-        return False, f"world size {world} > {MAX_WORLD}"
-    if not runs_triton(op, x.device):
-        return False, "CPU tensor on a GPU machine"
-    if algo == "one_shot":
-        return True, None
     # Not yet measured for these ops: the all-reduce's table (same protocol, same costs); either
     # of its kernels means "this size is worth a kernel".
-    return auto_algo(x.device, world, x.numel() * x.element_size()) != "fallback", None
+    chosen, reason = pick_algo(op, x.device, world, x.numel() * x.element_size(), algo)
+    return chosen != "fallback", reason
 
 
 def _check(op, x, dim, algo):

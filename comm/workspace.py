@@ -20,6 +20,7 @@ peer that never arrived or a peer that launched a different message.
 from __future__ import annotations
 
 import ctypes
+import math
 import mmap
 import os
 import uuid
@@ -162,10 +163,7 @@ class SymmetricWorkspace:
     def tensor(self, shape, dtype: torch.dtype) -> torch.Tensor:
         """A tensor over this rank's data region (see :func:`workspace_tensor`)."""
         shape = tuple(shape)
-        numel = 1
-        for d in shape:
-            numel *= d
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes > self.data_bytes:
             raise ValueError(f"aiter_dist.workspace_tensor: {shape} of {dtype} needs {nbytes} B but "
                              f"the workspace of {self.describe()} holds {self.data_bytes} B; "

@@ -69,6 +69,13 @@ def _load(ptrs, row_ok, d_ok, MASKED: tl.constexpr, EVEN_D: tl.constexpr):
 
 
 @triton.jit
+def _tile(BASE, b, head, t0, offs_t, offs_d, s_batch, s_seq, s_head):
+    """Pointers to tokens ``t0 + offs_t`` (rows) of ``head`` in sequence ``b``, dims ``offs_d``."""
+    return BASE + b.to(tl.int64) * s_batch + (t0 + offs_t).to(tl.int64)[:, None] * s_seq \
+        + head * s_head + offs_d[None, :]
+
+
+@triton.jit
 def _visible(rows, cols, sk, shift, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Which (row, col) pairs a boundary block may use: key in range and inside the window."""
     valid = cols < sk
@@ -80,12 +87,16 @@ def _visible(rows, cols, sk, shift, left, right, HAS_LEFT: tl.constexpr, HAS_RIG
 
 
 @triton.jit
-def _query_block(HAS_RIGHT: tl.constexpr):
-    """This program's query block. With a causal (right-bounded) window the last blocks see the
-    most keys: they go first, so the short ones fill the tail of each head's wave."""
+def _query_program(n_heads, group, HAS_RIGHT: tl.constexpr):
+    """(query block, sequence, head, KV head) of a program of a (query blocks, batch x heads)
+    grid. With a causal (right-bounded) window the last query blocks see the most keys: they go
+    first, so the short ones fill the tail of each head's wave."""
+    pid_bh = tl.program_id(1)
+    h = pid_bh % n_heads
+    pid_m = tl.program_id(0)
     if HAS_RIGHT:
-        return tl.num_programs(0) - 1 - tl.program_id(0)
-    return tl.program_id(0)
+        pid_m = tl.num_programs(0) - 1 - pid_m
+    return pid_m, pid_bh // n_heads, h, h // group
 
 
 @triton.jit
@@ -171,11 +182,7 @@ def _attn_fwd_kernel(
     PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
     # USE_TMA: K and V are tensor descriptors (dense layouts only), else pointers.
-    pid_m = _query_block(HAS_RIGHT)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    hk = h // group
+    pid_m, b, h, hk = _query_program(n_heads, group, HAS_RIGHT)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     q0, sq, k0, sk = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
     if pid_m * BLOCK_M < sq:
@@ -184,9 +191,8 @@ def _attn_fwd_kernel(
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = (offs_d < HEAD_DIM)[None, :]
-        q_ptrs = Q + b.to(tl.int64) * sqb + (q0 + offs_m).to(tl.int64)[:, None] * sqs + h * sqh \
-            + offs_d[None, :]
-        q = _load(q_ptrs, (offs_m < sq)[:, None], d_ok, True, EVEN_D)
+        q = _load(_tile(Q, b, h, q0, offs_m, offs_d, sqb, sqs, sqh), (offs_m < sq)[:, None],
+                  d_ok, True, EVEN_D)
         shift = sk - sq  # bottom-right alignment
         lo, a, c, hi = _key_blocks(m0, sk, shift, left, right, HAS_LEFT, HAS_RIGHT, BLOCK_M,
                                    BLOCK_N)
@@ -216,9 +222,8 @@ def _attn_fwd_kernel(
                                            EVEN_D, PRECISION, USE_TMA, BLOCK_N, BLOCK_D)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
-        o_ptrs = O + b.to(tl.int64) * sob + (q0 + offs_m).to(tl.int64)[:, None] * sos + h * soh \
-            + offs_d[None, :]
-        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(offs_m < sq)[:, None] & d_ok)
+        tl.store(_tile(O, b, h, q0, offs_m, offs_d, sob, sos, soh), out.to(O.dtype.element_ty),
+                 mask=(offs_m < sq)[:, None] & d_ok)
         lse = tl.where(empty, float("inf"),
                        (m_i + tl.log2(tl.where(empty, 1.0, l_i))) / 1.4426950408889634)
         tl.store(LSE + b.to(tl.int64) * slb + h * slh + q0 + offs_m, lse, mask=offs_m < sq)
@@ -239,10 +244,9 @@ def _attn_bwd_delta_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < sq)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    rows = (q0 + offs_m).to(tl.int64)[:, None]
-    o = tl.load(O + b.to(tl.int64) * sob + rows * sos + h * soh + offs_d[None, :], mask=mask,
+    o = tl.load(_tile(O, b, h, q0, offs_m, offs_d, sob, sos, soh), mask=mask,
                 other=0.0).to(tl.float32)
-    do = tl.load(DO + b.to(tl.int64) * sdob + rows * sdos + h * sdoh + offs_d[None, :], mask=mask,
+    do = tl.load(_tile(DO, b, h, q0, offs_m, offs_d, sdob, sdos, sdoh), mask=mask,
                  other=0.0).to(tl.float32)
     tl.store(DELTA + b.to(tl.int64) * slb + h * slh + q0 + offs_m, tl.sum(o * do, axis=1),
              mask=offs_m < sq)
@@ -310,10 +314,8 @@ def _attn_bwd_dkdv_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = (offs_d < HEAD_DIM)[None, :]
         n_ok = (offs_n < sk)[:, None]
-        k = _load(K + b.to(tl.int64) * skb + (k0 + offs_n).to(tl.int64)[:, None] * sks
-                  + hk * skh + offs_d[None, :], n_ok, d_ok, True, EVEN_D)
-        v = _load(V + b.to(tl.int64) * svb + (k0 + offs_n).to(tl.int64)[:, None] * svs
-                  + hk * svh + offs_d[None, :], n_ok, d_ok, True, EVEN_D)
+        k = _load(_tile(K, b, hk, k0, offs_n, offs_d, skb, sks, skh), n_ok, d_ok, True, EVEN_D)
+        v = _load(_tile(V, b, hk, k0, offs_n, offs_d, svb, svs, svh), n_ok, d_ok, True, EVEN_D)
         dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
         shift = sk - sq
@@ -365,11 +367,10 @@ def _attn_bwd_dkdv_kernel(
                                              qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D,
                                              PRECISION, USE_TMA, BLOCK_M, BLOCK_D)
         kv_mask = n_ok & d_ok
-        tl.store(DK + b.to(tl.int64) * sdkb + (k0 + offs_n).to(tl.int64)[:, None] * sdks
-                 + hk * sdkh + offs_d[None, :], (dk * sm_scale).to(DK.dtype.element_ty),
-                 mask=kv_mask)
-        tl.store(DV + b.to(tl.int64) * sdvb + (k0 + offs_n).to(tl.int64)[:, None] * sdvs
-                 + hk * sdvh + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
+        tl.store(_tile(DK, b, hk, k0, offs_n, offs_d, sdkb, sdks, sdkh),
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
+        tl.store(_tile(DV, b, hk, k0, offs_n, offs_d, sdvb, sdvs, sdvh),
+                 dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -409,11 +410,7 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
 ):
-    pid_m = _query_block(HAS_RIGHT)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads
-    h = pid_bh % n_heads
-    hk = h // group
+    pid_m, b, h, hk = _query_program(n_heads, group, HAS_RIGHT)
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     q0, sq, k0, sk = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
     if pid_m * BLOCK_M < sq:
@@ -423,10 +420,10 @@ def _attn_bwd_dq_kernel(
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = (offs_d < HEAD_DIM)[None, :]
         m_ok = offs_m < sq
-        q = _load(Q + b.to(tl.int64) * sqb + (q0 + offs_m).to(tl.int64)[:, None] * sqs
-                  + h * sqh + offs_d[None, :], m_ok[:, None], d_ok, True, EVEN_D)
-        do = _load(DO + b.to(tl.int64) * sdob + (q0 + offs_m).to(tl.int64)[:, None] * sdos
-                   + h * sdoh + offs_d[None, :], m_ok[:, None], d_ok, True, EVEN_D)
+        q = _load(_tile(Q, b, h, q0, offs_m, offs_d, sqb, sqs, sqh), m_ok[:, None], d_ok, True,
+                  EVEN_D)
+        do = _load(_tile(DO, b, h, q0, offs_m, offs_d, sdob, sdos, sdoh), m_ok[:, None], d_ok,
+                   True, EVEN_D)
         lse = tl.load(LSE + b.to(tl.int64) * slb + h * slh + q0 + offs_m, mask=m_ok,
                       other=float("inf"))
         delta = tl.load(DELTA + b.to(tl.int64) * slb + h * slh + q0 + offs_m, mask=m_ok,
@@ -456,9 +453,8 @@ def _attn_bwd_dq_kernel(
                                    offs_n, offs_d, d_ok, k0, sks, svs, sk, shift, left, right,
                                    qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D, PRECISION,
                                    USE_TMA, BLOCK_N, BLOCK_D)
-        tl.store(DQ + b.to(tl.int64) * sdqb + (q0 + offs_m).to(tl.int64)[:, None] * sdqs
-                 + h * sdqh + offs_d[None, :], (dq * sm_scale).to(DQ.dtype.element_ty),
-                 mask=m_ok[:, None] & d_ok)
+        tl.store(_tile(DQ, b, h, q0, offs_m, offs_d, sdqb, sdqs, sdqh),
+                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -542,11 +538,20 @@ def _check(op, q, k, v, varlen, cu_seqlens_q=None, cu_seqlens_k=None):
                          f"numbers of sequences")
 
 
-def _tma_ready(*tensors) -> bool:
-    """Tensor descriptors need 16-byte aligned bases and strides (and a unit last stride)."""
-    return all(t.data_ptr() % 16 == 0 and t.stride(-1) == 1
-               and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1])
-               for t in tensors)
+def _tiles(config, rows: int, varlen: bool, *tensors):
+    """``(use_tma, args)``: tensor descriptors of ``tensors`` (batch, seq, head, dim) with
+    ``rows``-row tiles when the config's fifth element asks for them and the layout allows
+    (dense, not empty, head dim a power of 2, 16-byte aligned base and strides), else the
+    tensors."""
+    d = tensors[0].shape[-1]
+    if len(config) > 4 and config[4] and not varlen and d == triton.next_power_of_2(d) and all(
+            t.numel() > 0 and t.data_ptr() % 16 == 0 and t.stride(-1) == 1
+            and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in tensors):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        return True, [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, d])
+                      for t in tensors]
+    return False, list(tensors)
 
 
 def _last_dim_contiguous(t):
@@ -595,18 +600,13 @@ def flash_attn_fwd(q, k, v, softmax_scale, causal, window_size, cu_seqlens_q=Non
                           out, lse)
     # config: (BLOCK_M, BLOCK_N, warps, stages[, use_tma]); TMA (tensor descriptors for K and V)
     # is opt-in until measured, and serves dense layouts whose head dim is a power of 2.
-    block_m, block_n, warps, stages, *rest = config or _fwd_blocks(d, q.device, sq, sk)
+    config = config or _fwd_blocks(d, q.device, sq, sk)
+    block_m, block_n, warps, stages = config[:4]
     block_d = triton.next_power_of_2(d)
-    use_tma = bool(rest and rest[0]) and not varlen and block_d == d and _tma_ready(k, v)
     grid = (triton.cdiv(max(sq, 1), block_m), batch * h)
     cu_q = cu_seqlens_q if varlen else lse  # unused placeholders when dense
     cu_k = cu_seqlens_k if varlen else lse
-    kk, vv = k, v
-    if use_tma and batch * h > 0 and sq > 0:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
-        kk, vv = (TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block_n, 1, block_d])
-                  for t in (k, v))
+    use_tma, (kk, vv) = _tiles(config, block_n, varlen, k, v)
     if batch * h > 0 and sq > 0:
         _attn_fwd_kernel[grid](
             q, kk, vv, out, lse, cu_q, cu_k,
@@ -667,27 +667,16 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
     def blocks(cfg):
         return dict(BLOCK_M=cfg[0], BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
 
-    def tma(cfg, rows, *tensors):
-        """Tensor descriptors of ``tensors`` with ``rows``-row tiles when the config's fifth
-        element asks for them and the layout allows, else the tensors themselves."""
-        if len(cfg) > 4 and cfg[4] and not varlen and block_d == d and _tma_ready(*tensors):
-            from triton.tools.tensor_descriptor import TensorDescriptor
-
-            return True, [TensorDescriptor(t, list(t.shape), list(t.stride()),
-                                           [1, rows, 1, block_d]) for t in tensors]
-        return False, list(tensors)
-
-    block_d = triton.next_power_of_2(d)
     scales = (softmax_scale * LOG2E, softmax_scale, max(left, 0), max(right, 0))
     if batch * hk > 0 and sk > 0:
-        use_tma, (qq, dd) = tma(cfg_kv, cfg_kv[0], q, do)
+        use_tma, (qq, dd) = _tiles(cfg_kv, cfg_kv[0], varlen, q, do)
         _attn_bwd_dkdv_kernel[(triton.cdiv(sk, cfg_kv[1]), batch * hk)](
             qq, k, v, dd, lse, delta, dk, dv, cu_q, cu_k,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
             *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides,
             sq, sk, hk, h // hk, *scales, USE_TMA=use_tma, **common, **blocks(cfg_kv))
     if batch * h > 0 and sq > 0:
-        use_tma, (kk, vv) = tma(cfg_q, cfg_q[1], k, v)
+        use_tma, (kk, vv) = _tiles(cfg_q, cfg_q[1], varlen, k, v)
         _attn_bwd_dq_kernel[(triton.cdiv(sq, cfg_q[0]), batch * h)](
             q, kk, vv, do, lse, delta, dq, cu_q, cu_k,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),

@@ -1,7 +1,6 @@
 """All-reduce over the symmetric workspace: CPU ranks through /dev/shm (CPU tier) and GPUs
 through torch symmetric memory (multigpu tier) run the same Triton kernels (one-shot, two-shot)."""
 import glob
-import os
 
 import pytest
 import torch

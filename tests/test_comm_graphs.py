@@ -2,7 +2,6 @@
 place between replays; every replay's outputs must be right (multigpu tier)."""
 import pytest
 import torch
-import torch.distributed as dist
 
 import aiter_dist
 from aiter_dist.testing import capture_graph, run_distributed
