@@ -1,6 +1,7 @@
 """Flash attention: aiter_dist vs torch SDPA (cuDNN backend, flash backend), bf16, one process.
 
     python benchmarks/bench_attention.py [--quick]
+    python benchmarks/bench_attention.py --sweep [--sweep-dims 128,64] [--sweep-kinds fwd,bwd]
 
 Shapes as in FlashAttention-3's benchmark: batch * seqlen = 16384, nheads * headdim = 2048,
 seqlen 1k ... 16k, headdim 64 and 128, causal and full; plus GQA (32 q heads, 8 kv heads) and a
@@ -44,57 +45,80 @@ def sdpa(backend, causal, gqa):
     return run
 
 
-def sweep(dev, dt):
-    """Forward and backward block configs (BLOCK_M, BLOCK_N, warps, stages) at b4 s4096 h16."""
+# Configs tried by --sweep: (BLOCK_M, BLOCK_N, warps, stages[, tma]). Forward: BLOCK_M queries
+# per program, BLOCK_N keys per step. One-kernel backward: BLOCK_N keys per program, BLOCK_M
+# queries per step. Triton 3.6's ptxas crashes on TMA forwards with 2 stages (compiled offline
+# for sm_90), so TMA variants use 3 or 4.
+FWD_SWEEP = {
+    128: ((64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3, True), (64, 64, 4, 4, True),
+          (128, 64, 8, 3), (128, 64, 8, 3, True), (128, 64, 8, 4, True), (128, 128, 8, 2),
+          (64, 128, 4, 2)),
+    64: ((128, 64, 8, 3), (128, 64, 8, 3, True), (128, 128, 8, 3), (64, 64, 4, 3),
+         (64, 64, 4, 3, True), (128, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 4, True)),
+}
+_BWD = ((64, 128, 8, 2), (64, 128, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2), (64, 128, 8, 3),
+        (64, 128, 8, 1), (64, 128, 8, 2, True), (32, 64, 4, 2))
+BWD_SWEEP = {128: _BWD, 64: _BWD + ((128, 128, 8, 2),)}  # hd128 128x128 needs 263 KB of smem
+
+
+def sweep(dev, dt, dims, kinds):
+    """Time block configs at b4 s4096, nheads * headdim 2048; print the best of each kernel."""
+    import time
+
     from aiter_dist.kernels import flash_attn as FA
 
-    for d in (128, 64):
+    t0 = time.time()
+    best = {}
+
+    def bench(tag, fn, fl):
+        try:
+            ms = triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median")
+            tf = fl / ms / 1e9
+            print(f"sweep {tag}: {tf:.0f} TFLOP/s  [{time.time() - t0:.0f} s]", flush=True)
+            return tf
+        except Exception as e:  # a config the compiler refuses is reported, not fatal
+            print(f"sweep {tag}: {type(e).__name__} {str(e)[:200]}", flush=True)
+            return 0.0
+
+    for d in dims:
         h = 2048 // d
         q, k, v, do = (torch.randn(4, 4096, h, d, device=dev, dtype=dt) for _ in range(4))
-        for causal in (True, False):
-            fl = flops(4, h, 4096, 4096, d, causal)
-            out, lse = FA.flash_attn_fwd(q, k, v, d ** -0.5, causal, (-1, -1))
-            # A fifth element True: K and V through tensor descriptors (TMA). Triton 3.6's ptxas
-            # crashes on the 128x128 TMA variant (compiled offline for sm_90).
-            for cfg in ((128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (128, 128, 8, 2),
-                        (64, 64, 4, 3), (128, 64, 8, 4), (256, 64, 8, 3),
-                        (64, 64, 4, 3, True), (64, 64, 4, 4, True), (128, 64, 8, 3, True),
-                        (128, 64, 8, 2, True)):
-                try:
-                    ms = triton.testing.do_bench(lambda: FA.flash_attn_fwd(
-                        q, k, v, d ** -0.5, causal, (-1, -1), config=cfg), warmup=10, rep=40,
-                        return_mode="median")
-                    print(f"sweep fwd d{d} causal={causal} {cfg}: {fl / ms / 1e9:.0f} TFLOP/s")
-                except Exception as e:
-                    print(f"sweep fwd d{d} causal={causal} {cfg}: {type(e).__name__}")
-            # One config for both kernels, then one kernel's config varied with the other's
-            # default (dK/dV: BLOCK_N keys per program; dQ: BLOCK_M queries per program).
-            default = FA._bwd_blocks(d, q.device)
-            for cfg in ((64, 64, 4, 2), (64, 128, 8, 2), (128, 64, 8, 2), (64, 64, 8, 2),
-                        (128, 128, 8, 1), (64, 128, 4, 2), (32, 128, 4, 2),
-                        ((32, 128, 8, 2), default), ((64, 128, 8, 3), default),
-                        (default, (128, 64, 8, 2)), (default, (128, 32, 8, 2)),
-                        ((32, 128, 4, 2), (128, 32, 8, 2)),
-                        # TMA (fifth element); Triton 3.6's ptxas crashes on dQ with 2 stages
-                        ((64, 64, 4, 2, True), default), (default, (64, 64, 4, 3, True)),
-                        ((64, 64, 4, 2, True), (64, 64, 4, 3, True))):
-                try:
-                    ms = triton.testing.do_bench(lambda: FA.flash_attn_bwd(
-                        do, q, k, v, out, lse, d ** -0.5, causal, (-1, -1), config=cfg),
-                        warmup=10, rep=40, return_mode="median")
-                    print(f"sweep bwd d{d} causal={causal} {cfg}: {2.5 * fl / ms / 1e9:.0f} TFLOP/s")
-                except Exception as e:
-                    print(f"sweep bwd d{d} causal={causal} {cfg}: {type(e).__name__}")
+        scale = d ** -0.5
+        for kind in kinds:
+            configs = FWD_SWEEP[d] if kind == "fwd" else (
+                ("det", FA._bwd_blocks(d, q.device, deterministic=True)),) + tuple(
+                    ("one", c) for c in BWD_SWEEP[d])
+            for cfg in configs:
+                total = 0.0
+                for causal in (True, False):
+                    fl = flops(4, h, 4096, 4096, d, causal)
+                    if kind == "fwd":
+                        total += bench(f"fwd d{d} causal={causal} {cfg}", lambda: FA.flash_attn_fwd(
+                            q, k, v, scale, causal, (-1, -1), config=cfg), fl)
+                    else:
+                        mode, c = cfg
+                        out, lse = FA.flash_attn_fwd(q, k, v, scale, causal, (-1, -1))
+                        total += bench(f"bwd {mode} d{d} causal={causal} {c}",
+                                       lambda: FA.flash_attn_bwd(
+                                           do, q, k, v, out, lse, scale, causal, (-1, -1),
+                                           deterministic=mode == "det", config=c), 2.5 * fl)
+                if total > best.get((d, kind), (0.0, None))[0]:
+                    best[(d, kind)] = (total, cfg)
+    for (d, kind), (total, cfg) in best.items():
+        print(f"sweep best {kind} d{d}: {cfg} (causal + full {total:.0f} TFLOP/s)")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="only time block configs at b4 s4096")
+    ap.add_argument("--sweep-dims", default="128,64", help="head dims to sweep")
+    ap.add_argument("--sweep-kinds", default="fwd,bwd", help="fwd, bwd or both")
     args = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16
     if args.sweep:
-        return sweep(dev, dt)
+        return sweep(dev, dt, [int(x) for x in args.sweep_dims.split(",")],
+                     args.sweep_kinds.split(","))
     cases = []
     for d in (128, 64):
         for s in ((2048, 8192) if args.quick else (1024, 2048, 4096, 8192, 16384)):
@@ -109,6 +133,8 @@ def main():
         fl = flops(b, h, s, s, d, causal)
         res = {}
         impls = {"ours": lambda q, k, v: aiter_dist.flash_attn_func(q, k, v, causal=causal),
+                 "ours_det": lambda q, k, v: aiter_dist.flash_attn_func(q, k, v, causal=causal,
+                                                                        deterministic=True),
                  "cudnn": sdpa(SDPBackend.CUDNN_ATTENTION, causal, h != hk),
                  "fa2": sdpa(SDPBackend.FLASH_ATTENTION, causal, h != hk)}
         for name, fn in impls.items():
@@ -120,8 +146,8 @@ def main():
                 print(f"{name} b{b} s{s} h{h}/{hk} d{d}: {type(e).__name__}: {str(e)[:120]}")
         tag = f"b{b} s{s} h{h}/{hk} d{d} {'causal' if causal else 'full'}"
         rows.append((tag, res["ours"][0], res["cudnn"][0], res["fa2"][0],
-                     res["ours"][0] / res["cudnn"][0], res["ours"][1], res["cudnn"][1],
-                     res["fa2"][1], res["ours"][1] / res["cudnn"][1]))
+                     res["ours"][0] / res["cudnn"][0], res["ours"][1], res["ours_det"][1],
+                     res["cudnn"][1], res["fa2"][1], res["ours"][1] / res["cudnn"][1]))
         summary[tag] = res
         print(tag, {k: (round(a), round(b_)) for k, (a, b_) in res.items()}, flush=True)
     # varlen: ragged lengths summing to 16384 tokens, causal, hd128
@@ -129,14 +155,30 @@ def main():
     cu = torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32, device=dev)
     q = torch.randn(sum(lens), 16, 128, device=dev, dtype=dt)
     fl = sum(flops(1, 16, n, n, 128, True) for n in lens)
-    f_ms, b_ms = time_fwd_bwd(lambda q, k, v: aiter_dist.flash_attn_varlen_func(
-        q, k, v, cu, cu, max(lens), max(lens), causal=True), q, q.clone(), q.clone())
-    rows.append(("varlen 8 seqs 16384 tok h16 d128 causal", fl / f_ms / 1e9, float("nan"),
-                 float("nan"), float("nan"), 2.5 * fl / b_ms / 1e9, float("nan"), float("nan"),
-                 float("nan")))
+    res = {}
+    for det in (False, True):
+        res[det] = time_fwd_bwd(lambda q, k, v: aiter_dist.flash_attn_varlen_func(
+            q, k, v, cu, cu, max(lens), max(lens), causal=True, deterministic=det),
+            q, q.clone(), q.clone())
+
+    def per_sequence(backend):  # SDPA has no varlen entry: one call per sequence
+        def run(q, k, v):
+            return torch.cat([sdpa(backend, True, False)(q[None, a:b], k[None, a:b],
+                                                         v[None, a:b])[0]
+                              for a, b in zip(cu[:-1].tolist(), cu[1:].tolist())])
+        return run
+
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("fa2", SDPBackend.FLASH_ATTENTION)):
+        res[name] = time_fwd_bwd(per_sequence(backend), q, q.clone(), q.clone())
+    tf = {name: (fl / f / 1e9, 2.5 * fl / b / 1e9) for name, (f, b) in res.items()}
+    rows.append(("varlen 8 seqs 16384 tok h16 d128 causal (SDPA: a call per sequence)",
+                 tf[False][0], tf["cudnn"][0], tf["fa2"][0], tf[False][0] / tf["cudnn"][0],
+                 tf[False][1], tf[True][1], tf["cudnn"][1], tf["fa2"][1],
+                 tf[False][1] / tf["cudnn"][1]))
     emit("Flash attention bf16 (TFLOP/s)",
-         ["shape", "ours fwd", "cuDNN fwd", "FA2 fwd", "fwd ours/cuDNN", "ours bwd", "cuDNN bwd",
-          "FA2 bwd", "bwd ours/cuDNN"], rows, summary, "bench_attention.md")
+         ["shape", "ours fwd", "cuDNN fwd", "FA2 fwd", "fwd ours/cuDNN", "ours bwd",
+          "ours bwd deterministic", "cuDNN bwd", "FA2 bwd", "bwd ours/cuDNN"], rows, summary,
+         "bench_attention.md")
 
 
 if __name__ == "__main__":

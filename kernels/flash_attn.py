@@ -10,14 +10,16 @@ Forward: one program per (query block, batch x head), online softmax in base 2, 
 Every loop over blocks runs in three ranges: boundary blocks before and after, where keys may be
 out of range or outside the causal/sliding window and the scores are masked, and the interior,
 where no mask is computed or applied (``_key_blocks``).
-Backward (deterministic, no atomics): ``delta = rowsum(dO * O)`` (a small kernel: one read of
-each), then one kernel per key block and KV head that loops over the query blocks of every query
-head in its GQA group (dK, dV), and one kernel per query block (dQ). Memory stays linear in
-sequence length.
+Backward: ``delta = rowsum(dO * O)`` (a small kernel: one read of each), then one kernel per key
+block and KV head that loops over the query blocks of every query head in its GQA group: it sums
+dK and dV in registers and adds each tile's share of dQ into an fp32 buffer with atomics. With
+``deterministic=True`` dQ comes from a second kernel, one per query block, instead (no atomics,
+fixed order, P recomputed). Memory stays linear in sequence length.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import triton
@@ -151,16 +153,19 @@ def _attn_fwd_tile(acc, l_i, m_i, q, k_base, v_base, b, hk, start_n, offs_m, off
     else:
         kt = _load(k_base + (k0 + cols).to(tl.int64)[None, :] * sks + offs_d[:, None],
                    (cols < sk)[None, :], tl.trans(d_ok), MASKED, EVEN_D)
-    s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+    # Raw scores; the scale is folded into the exponent's FMA (qk_scale > 0, so the row max of
+    # the scaled scores is the scaled row max).
+    s = tl.dot(q, kt, input_precision=PRECISION)
     if MASKED:
         s = tl.where(_visible(offs_m[:, None], cols[None, :], sk, shift, left, right, HAS_LEFT,
-                              HAS_RIGHT), s, float("-inf"))
+                              HAS_RIGHT), s * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet
+        p = tl.exp2(s - m_safe[:, None])
     else:  # every score is finite here
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1) * qk_scale)
         m_safe = m_new
-    p = tl.exp2(s - m_safe[:, None])
+        p = tl.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if USE_TMA:
@@ -168,7 +173,8 @@ def _attn_fwd_tile(acc, l_i, m_i, q, k_base, v_base, b, hk, start_n, offs_m, off
     else:
         v = _load(v_base + (k0 + cols).to(tl.int64)[:, None] * svs + offs_d[None, :],
                   (cols < sk)[:, None], d_ok, MASKED, EVEN_D)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    # Rescale, then let the tensor cores accumulate into acc in place.
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
     return acc, l_i, m_new
 
 
@@ -253,13 +259,16 @@ def _attn_bwd_delta_kernel(
 
 
 @triton.jit
-def _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA, l_off, b, h, q0, start_m,
-                        offs_m0, offs_n, offs_d, d_ok, sq, sk, sqs, sdos, shift, left, right,
-                        qk_scale, MASKED: tl.constexpr, HAS_LEFT: tl.constexpr,
-                        HAS_RIGHT: tl.constexpr, EVEN_D: tl.constexpr, PRECISION: tl.constexpr,
-                        USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """One query block's contribution to a key block's dK and dV. With USE_TMA, q_base and
-    do_base are tensor descriptors (rows past the end read as zeros; lse masks them)."""
+def _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, dq_base, LSE, DELTA, l_off, b, h, q0,
+                        start_m, offs_m0, offs_n, offs_d, d_ok, sq, sk, sqs, sdos, sdqs, shift,
+                        left, right, qk_scale, sm_scale, MASKED: tl.constexpr,
+                        HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
+                        PRECISION: tl.constexpr, USE_TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One query block's contribution to a key block's dK and dV, and with ATOMIC_DQ this key
+    block's share of the query block's dQ, added into the fp32 accumulator at dq_base. With
+    USE_TMA, q_base and do_base are tensor descriptors (rows past the end read as zeros; lse
+    masks them)."""
     offs_m = start_m + offs_m0
     m_ok = offs_m < sq
     if USE_TMA:
@@ -284,23 +293,34 @@ def _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA, l_off, b, h, 
         pt = tl.where(valid, pt, 0.0)
     dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
     dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
-    dst = pt * (dpt - delta[None, :])
-    dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+    dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+    dk += tl.dot(dst, q, input_precision=PRECISION)
+    if ATOMIC_DQ:  # fp32 adds from every key block in no fixed order: not bitwise reproducible
+        dq = tl.dot(tl.trans(dst), k, input_precision=PRECISION) * sm_scale
+        dq_ptrs = dq_base + (q0 + offs_m).to(tl.int64)[:, None] * sdqs + offs_d[None, :]
+        if MASKED:
+            tl.atomic_add(dq_ptrs, dq, mask=m_ok[:, None] & d_ok, sem="relaxed")
+        elif EVEN_D:
+            tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+        else:
+            tl.atomic_add(dq_ptrs, dq, mask=d_ok, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC, CU_Q, CU_K,
     sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh,
-    sdkb, sdks, sdkh, sdvb, sdvs, sdvh, slb, slh,
+    sdkb, sdks, sdkh, sdvb, sdvs, sdvh, sdqb, sdqs, sdqh, slb, slh,
     seqlen_q, seqlen_k, n_heads_k, group, qk_scale, sm_scale, left, right,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
 ):
     # One key block of one KV head; loops over the query heads of its group and their blocks.
     # USE_TMA: Q and DO are tensor descriptors (dense layouts only), else pointers.
+    # ATOMIC_DQ: dQ is summed here too, into the fp32 DQ_ACC (the one-kernel backward: five
+    # matrix products per tile instead of seven over two kernels).
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // n_heads_k
@@ -348,24 +368,28 @@ def _attn_bwd_dkdv_kernel(
                 q_base = Q + b.to(tl.int64) * sqb + h * sqh
                 do_base = DO + b.to(tl.int64) * sdob + h * sdoh
             l_off = b.to(tl.int64) * slb + h * slh + q0
+            dq_base = DQ_ACC + b.to(tl.int64) * sdqb + h * sdqh
             for start_m in range(lo, a, BLOCK_M):
-                dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA,
-                                             l_off, b, h, q0, start_m, offs_m0, offs_n, offs_d,
-                                             d_ok, sq, sk, sqs, sdos, shift, left, right,
-                                             qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D,
-                                             PRECISION, USE_TMA, BLOCK_M, BLOCK_D)
+                dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, dq_base, LSE,
+                                             DELTA, l_off, b, h, q0, start_m, offs_m0, offs_n,
+                                             offs_d, d_ok, sq, sk, sqs, sdos, sdqs, shift, left,
+                                             right, qk_scale, sm_scale, True, HAS_LEFT,
+                                             HAS_RIGHT, EVEN_D, PRECISION, USE_TMA, ATOMIC_DQ,
+                                             BLOCK_M, BLOCK_D)
             for start_m in range(a, c, BLOCK_M):
-                dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA,
-                                             l_off, b, h, q0, start_m, offs_m0, offs_n, offs_d,
-                                             d_ok, sq, sk, sqs, sdos, shift, left, right,
-                                             qk_scale, False, HAS_LEFT, HAS_RIGHT, EVEN_D,
-                                             PRECISION, USE_TMA, BLOCK_M, BLOCK_D)
+                dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, dq_base, LSE,
+                                             DELTA, l_off, b, h, q0, start_m, offs_m0, offs_n,
+                                             offs_d, d_ok, sq, sk, sqs, sdos, sdqs, shift, left,
+                                             right, qk_scale, sm_scale, False, HAS_LEFT,
+                                             HAS_RIGHT, EVEN_D, PRECISION, USE_TMA, ATOMIC_DQ,
+                                             BLOCK_M, BLOCK_D)
             for start_m in range(c, hi, BLOCK_M):
-                dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, LSE, DELTA,
-                                             l_off, b, h, q0, start_m, offs_m0, offs_n, offs_d,
-                                             d_ok, sq, sk, sqs, sdos, shift, left, right,
-                                             qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D,
-                                             PRECISION, USE_TMA, BLOCK_M, BLOCK_D)
+                dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, dq_base, LSE,
+                                             DELTA, l_off, b, h, q0, start_m, offs_m0, offs_n,
+                                             offs_d, d_ok, sq, sk, sqs, sdos, sdqs, shift, left,
+                                             right, qk_scale, sm_scale, True, HAS_LEFT,
+                                             HAS_RIGHT, EVEN_D, PRECISION, USE_TMA, ATOMIC_DQ,
+                                             BLOCK_M, BLOCK_D)
         kv_mask = n_ok & d_ok
         tl.store(_tile(DK, b, hk, k0, offs_n, offs_d, sdkb, sdks, sdkh),
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -459,36 +483,50 @@ def _attn_bwd_dq_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _cpu_blocks(sq: int, sk: int):
+class Blocks(NamedTuple):
+    """One kernel's launch config; plain tuples of 4 or 5 items are accepted too."""
+    block_m: int   # query rows per program (forward, dQ) or per step (dK/dV)
+    block_n: int   # keys per step (forward, dQ) or per program (dK/dV)
+    warps: int
+    stages: int
+    tma: bool = False  # the looped-over tiles come through tensor descriptors (Hopper)
+
+
+def _cpu_blocks(sq: int, sk: int) -> Blocks:
     # The interpreter pays per program and per op, not per element: whole short sequences per
     # block (few programs, few loop trips), capped so one block's numpy arrays stay small.
-    return (min(128, max(16, triton.next_power_of_2(sq))),
-            min(128, max(16, triton.next_power_of_2(sk))), 1, 1)
+    return Blocks(min(128, max(16, triton.next_power_of_2(sq))),
+                  min(128, max(16, triton.next_power_of_2(sk))), 1, 1)
 
 
-def _fwd_blocks(d: int, device: torch.device, sq: int = 0, sk: int = 0):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the forward."""
+def _fwd_blocks(d: int, device: torch.device, sq: int = 0, sk: int = 0) -> Blocks:
+    """The forward's config."""
     if device.type == "cpu":
         return _cpu_blocks(sq, sk)
     # H200 sweep (bench_attention.py --sweep, b4 s4096, bf16, TFLOP/s causal/full): hd64
     # 128x64 with 8 warps 297/384 (4 warps: 292/368); hd128 64x64 with 4 warps 354/429
     # (128x64, 8 warps: 311/379; 128x128, 8 warps: 332/441).
     if d <= 64:
-        return 128, 64, 8, 3
+        return Blocks(128, 64, 8, 3)
     if d <= 128:
-        return 64, 64, 4, 3
-    return 64, 32, 4, 2
+        return Blocks(64, 64, 4, 3)
+    return Blocks(64, 32, 4, 2)
 
 
-def _bwd_blocks(d: int, device: torch.device, sq: int = 0, sk: int = 0):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for both backward kernels."""
+def _bwd_blocks(d: int, device: torch.device, sq: int = 0, sk: int = 0,
+                deterministic: bool = False):
+    """The backward's config: one Blocks for the one-kernel backward, or for both kernels of
+    the deterministic one (which also takes a (dK/dV, dQ) pair)."""
     if device.type == "cpu":
         return _cpu_blocks(sq, sk)
-    # H200 sweep (same shapes): 64x64 with 4 warps was best of the seven configs tried at hd64
-    # and hd128 (hd128 275/328 TFLOP/s causal/full; 128x128 with 8 warps 210/254).
+    if deterministic:
+        # H200 sweep (same shapes): 64x64 with 4 warps was best of the seven configs tried at
+        # hd64 and hd128 (hd128 275/328 TFLOP/s causal/full; 128x128 with 8 warps 210/254).
+        return Blocks(64, 64, 4, 2) if d <= 128 else Blocks(32, 32, 4, 1)
+    # One kernel: 128 keys per program halve the dQ atomics per key of 64-key programs.
     if d <= 128:
-        return 64, 64, 4, 2
-    return 32, 32, 4, 1
+        return Blocks(64, 128, 8, 2)
+    return Blocks(32, 64, 4, 1)
 
 
 def _check(op, q, k, v, varlen, cu_seqlens_q=None, cu_seqlens_k=None):
@@ -538,13 +576,12 @@ def _check(op, q, k, v, varlen, cu_seqlens_q=None, cu_seqlens_k=None):
                          f"numbers of sequences")
 
 
-def _tiles(config, rows: int, varlen: bool, *tensors):
+def _tiles(config: Blocks, rows: int, varlen: bool, *tensors):
     """``(use_tma, args)``: tensor descriptors of ``tensors`` (batch, seq, head, dim) with
-    ``rows``-row tiles when the config's fifth element asks for them and the layout allows
-    (dense, not empty, head dim a power of 2, 16-byte aligned base and strides), else the
-    tensors."""
+    ``rows``-row tiles when the config asks for them and the layout allows (dense, not empty,
+    head dim a power of 2, 16-byte aligned base and strides), else the tensors."""
     d = tensors[0].shape[-1]
-    if len(config) > 4 and config[4] and not varlen and d == triton.next_power_of_2(d) and all(
+    if config.tma and not varlen and d == triton.next_power_of_2(d) and all(
             t.numel() > 0 and t.data_ptr() % 16 == 0 and t.stride(-1) == 1
             and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in tensors):
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -598,9 +635,8 @@ def flash_attn_fwd(q, k, v, softmax_scale, causal, window_size, cu_seqlens_q=Non
     if not runs_triton("flash_attn", q.device):
         return _torch_fwd(q, k, v, softmax_scale, left, right, cu_seqlens_q, cu_seqlens_k,
                           out, lse)
-    # config: (BLOCK_M, BLOCK_N, warps, stages[, use_tma]); TMA (tensor descriptors for K and V)
-    # is opt-in until measured, and serves dense layouts whose head dim is a power of 2.
-    config = config or _fwd_blocks(d, q.device, sq, sk)
+    # TMA (tensor descriptors for K and V) serves dense layouts whose head dim is a power of 2.
+    config = Blocks(*(config or _fwd_blocks(d, q.device, sq, sk)))
     block_m, block_n, warps, stages = config[:4]
     block_d = triton.next_power_of_2(d)
     grid = (triton.cdiv(max(sq, 1), block_m), batch * h)
@@ -622,8 +658,15 @@ def flash_attn_fwd(q, k, v, softmax_scale, causal, window_size, cu_seqlens_q=Non
 
 
 def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu_seqlens_q=None,
-                   cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *, config=None):
-    """Backward launcher: (dq, dk, dv). Deterministic: no atomics, fixed reduction order."""
+                   cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *,
+                   deterministic=False, config=None):
+    """Backward launcher: (dq, dk, dv).
+
+    Default: one kernel per key block computes dK, dV and adds its share of dQ into an fp32
+    buffer with atomics (five matrix products per tile; the adds land in no fixed order, so dQ
+    may differ in its last bits between runs). ``deterministic=True``: dK/dV and dQ in two
+    kernels with fixed reduction orders (seven products per tile), bitwise reproducible.
+    """
     varlen = cu_seqlens_q is not None
     do = _last_dim_contiguous(do)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
@@ -633,7 +676,7 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
     if not runs_triton("flash_attn_bwd", q.device):
         return _torch_bwd(do, q, k, v, softmax_scale, left, right, cu_seqlens_q, cu_seqlens_k)
     out = _last_dim_contiguous(out)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)  # rowsum(dO * O), laid out like lse
     if varlen:
         batch = cu_seqlens_q.numel() - 1
@@ -643,20 +686,24 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
         batch, sq = q.shape[:2]
         sk = k.shape[1]
         lse_strides = lse.stride()[:2]
-    # config: one (BLOCK_M, BLOCK_N, warps, stages[, use_tma]) for both kernels, or a pair
-    # (dK/dV, dQ). TMA: the tiles each kernel loops over (Q, dO for dK/dV; K, V for dQ) come
-    # through tensor descriptors; opt-in until measured. Triton 3.6's ptxas crashes on the dQ
-    # kernel with descriptors and 2 stages (1 and 3 compile), and on the forward at 128x128.
+    # config: Blocks for the one kernel; for the deterministic pair, Blocks for both kernels or
+    # a (dK/dV, dQ) pair. TMA: the tiles each kernel loops over (Q, dO for dK/dV; K, V for dQ)
+    # come through tensor descriptors. Triton 3.6's ptxas crashes on the dQ kernel with
+    # descriptors and 2 stages (1 and 3 compile).
     if config is None:
-        config = _bwd_blocks(d, q.device, sq, sk)
-    cfg_kv, cfg_q = (config, config) if isinstance(config[0], int) else config
-    block_m = cfg_q[0]
+        config = _bwd_blocks(d, q.device, sq, sk, deterministic)
+    if isinstance(config[0], int):
+        cfg_kv = cfg_q = Blocks(*config)
+    elif deterministic:
+        cfg_kv, cfg_q = (Blocks(*c) for c in config)
+    else:
+        raise ValueError("flash_attn_bwd: a (dK/dV, dQ) config pair needs deterministic=True")
     cu_q = cu_seqlens_q if varlen else lse
     cu_k = cu_seqlens_k if varlen else lse
     if batch * h > 0 and sq > 0:
         # 64 rows of any head dim keep the tile in registers (4 warps); the interpreter likes
         # whole short sequences.
-        delta_rows = block_m if q.device.type == "cpu" else 64
+        delta_rows = cfg_q.block_m if q.device.type == "cpu" else 64
         _attn_bwd_delta_kernel[(triton.cdiv(sq, delta_rows), batch * h)](
             out, do, delta, cu_q, *_strides(out, varlen), *_strides(do, varlen), *lse_strides,
             sq, h, IS_VARLEN=varlen, HEAD_DIM=d, BLOCK_M=delta_rows,
@@ -665,23 +712,34 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
                   BLOCK_D=triton.next_power_of_2(d), PRECISION=_precision(q.dtype))
 
     def blocks(cfg):
-        return dict(BLOCK_M=cfg[0], BLOCK_N=cfg[1], num_warps=cfg[2], num_stages=cfg[3])
+        return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.warps,
+                    num_stages=cfg.stages)
 
     scales = (softmax_scale * LOG2E, softmax_scale, max(left, 0), max(right, 0))
+    # dQ: summed by atomics into fp32 (zeros where no key is seen), or written once per row.
+    dq = torch.empty_like(q) if deterministic else torch.zeros(q.shape, dtype=torch.float32,
+                                                               device=q.device)
+    engine = "triton-interpreter" if INTERPRETED else "triton"
+    use_tma = False
     if batch * hk > 0 and sk > 0:
-        use_tma, (qq, dd) = _tiles(cfg_kv, cfg_kv[0], varlen, q, do)
-        _attn_bwd_dkdv_kernel[(triton.cdiv(sk, cfg_kv[1]), batch * hk)](
-            qq, k, v, dd, lse, delta, dk, dv, cu_q, cu_k,
+        use_tma, (qq, dd) = _tiles(cfg_kv, cfg_kv.block_m, varlen, q, do)
+        _attn_bwd_dkdv_kernel[(triton.cdiv(sk, cfg_kv.block_n), batch * hk)](
+            qq, k, v, dd, lse, delta, dk, dv, dq, cu_q, cu_k,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-            *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen), *lse_strides,
-            sq, sk, hk, h // hk, *scales, USE_TMA=use_tma, **common, **blocks(cfg_kv))
+            *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
+            *_strides(dq, varlen), *lse_strides, sq, sk, hk, h // hk, *scales,
+            USE_TMA=use_tma, ATOMIC_DQ=not deterministic, **common, **blocks(cfg_kv))
+    if not deterministic:
+        record_path("flash_attn_bwd", engine + "-atomic-dq" + ("-tma" if use_tma else ""))
+        return dq.to(q.dtype), dk, dv
     if batch * h > 0 and sq > 0:
-        use_tma, (kk, vv) = _tiles(cfg_q, cfg_q[1], varlen, k, v)
-        _attn_bwd_dq_kernel[(triton.cdiv(sq, cfg_q[0]), batch * h)](
+        use_tma, (kk, vv) = _tiles(cfg_q, cfg_q.block_n, varlen, k, v)
+        _attn_bwd_dq_kernel[(triton.cdiv(sq, cfg_q.block_m), batch * h)](
             q, kk, vv, do, lse, delta, dq, cu_q, cu_k,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
             *_strides(do, varlen), *_strides(dq, varlen), *lse_strides,
             sq, sk, h, h // hk, *scales, USE_TMA=use_tma, **common, **blocks(cfg_q))
+    record_path("flash_attn_bwd", engine + "-deterministic" + ("-tma" if use_tma else ""))
     return dq, dk, dv
 
 
@@ -725,21 +783,21 @@ def _torch_bwd(do, q, k, v, scale, left, right, cu_q, cu_k):
 class FlashAttnFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, softmax_scale, causal, window_size, cu_seqlens_q, cu_seqlens_k,
-                max_seqlen_q, max_seqlen_k):
+                max_seqlen_q, max_seqlen_k, deterministic):
         out, lse = flash_attn_fwd(q, k, v, softmax_scale, causal, window_size, cu_seqlens_q,
                                   cu_seqlens_k, max_seqlen_q, max_seqlen_k)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.args = (softmax_scale, causal, window_size, max_seqlen_q, max_seqlen_k)
+        ctx.args = (softmax_scale, causal, window_size, max_seqlen_q, max_seqlen_k, deterministic)
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
-        scale, causal, window, max_q, max_k = ctx.args
+        scale, causal, window, max_q, max_k, deterministic = ctx.args
         dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, window, cu_q, cu_k,
-                                    max_q, max_k)
-        return dq, dk, dv, None, None, None, None, None, None, None
+                                    max_q, max_k, deterministic=deterministic)
+        return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- functional API
@@ -751,21 +809,27 @@ def _common_args(op, dropout_p, softmax_scale, window_size, d):
     if len(window_size) != 2 or any(w < -1 for w in window_size):
         raise ValueError(f"aiter_dist.{op}: window_size must be (left, right) with -1 for "
                          f"unbounded, got {window_size}")
-    return softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    if softmax_scale is None:
+        return 1.0 / math.sqrt(d)
+    if not softmax_scale > 0:  # the kernels fold the scale into the row max
+        raise ValueError(f"aiter_dist.{op}: softmax_scale must be positive, got {softmax_scale}")
+    return float(softmax_scale)
 
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                     window_size=(-1, -1), deterministic=False, return_lse=False):
     """Attention over (batch, seqlen, nheads, headdim) tensors; GQA when k/v have fewer heads.
 
-    The backward is always deterministic (``deterministic`` is accepted for compatibility).
+    ``deterministic=True`` makes the backward bitwise reproducible (two kernels, seven matrix
+    products per tile instead of five); by default dQ is summed with fp32 atomics in no fixed
+    order.
     Returns ``out``, or ``(out, lse)`` with ``return_lse=True`` (lse fp32, (batch, nheads,
     seqlen_q)).
     """
     _check("flash_attn_func", q, k, v, varlen=False)
     scale = _common_args("flash_attn_func", dropout_p, softmax_scale, window_size, q.shape[-1])
     out, lse = FlashAttnFunction.apply(q, k, v, scale, causal, tuple(window_size), None, None,
-                                       None, None)
+                                       None, None, bool(deterministic))
     return (out, lse) if return_lse else out
 
 
@@ -780,5 +844,6 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     scale = _common_args("flash_attn_varlen_func", dropout_p, softmax_scale, window_size,
                          q.shape[-1])
     out, lse = FlashAttnFunction.apply(q, k, v, scale, causal, tuple(window_size), cu_seqlens_q,
-                                       cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k))
+                                       cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
+                                       bool(deterministic))
     return (out, lse) if return_lse else out

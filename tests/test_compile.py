@@ -5,7 +5,8 @@ The CPU tier runs the kernels through the interpreter, which accepts code the co
 this test compiles each kernel family down to a cubin in a subprocess with the interpreter off.
 Kernel arguments follow one naming rule, which gives their types: UPPER-case names are pointers
 (bf16 unless listed) except the row and column counts M and N, lower-case ones int32 (float32 for
-scales and eps).
+scales and eps). Pointers and strides are marked 16-divisible, as Triton's launcher marks them
+for aligned tensors, so the loads take the pipelined (asynchronous copy) path of real launches.
 """
 import os
 import subprocess
@@ -26,9 +27,9 @@ SCRIPT = textwrap.dedent(r'''
     from aiter_dist.kernels import rmsnorm as rn
 
     FLOATS = {"qk_scale", "sm_scale", "eps"}
-    POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "RSTD": "*fp32", "SCALE": "*fp32",
-                "DW_PARTIAL": "*fp32", "CU_Q": "*i32", "CU_K": "*i32", "ERR": "*i32",
-                "BUF_PTRS": "*i64", "SIG_PTRS": "*i64"}
+    POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "RSTD": "*fp32",
+                "SCALE": "*fp32", "DW_PARTIAL": "*fp32", "CU_Q": "*i32", "CU_K": "*i32",
+                "ERR": "*i32", "BUF_PTRS": "*i64", "SIG_PTRS": "*i64"}
     failures = []
 
     def compile_for_hopper(name, fn, constexprs, num_warps=4, num_stages=2, **pointer_types):
@@ -41,8 +42,11 @@ SCRIPT = textwrap.dedent(r'''
                 sig[arg] = pointer_types.get(arg, POINTERS.get(arg, "*bf16"))
             else:
                 sig[arg] = "fp32" if arg in FLOATS else "i32"
+        aligned = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names)
+                   if sig[arg].startswith("*") or (sig[arg] == "i32" and arg[0] == "s")}
         try:
-            triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
+            triton.compile(ASTSource(fn, sig, constexprs, aligned),
+                           target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": num_warps, "num_stages": num_stages})
             print("compiled", name)
         except Exception as e:  # report every failure, not just the first
@@ -50,11 +54,14 @@ SCRIPT = textwrap.dedent(r'''
             print("FAILED", name, type(e).__name__, str(e)[:3000])
 
     attn = dict(IS_VARLEN=False, HAS_LEFT=False, HAS_RIGHT=True, HEAD_DIM=128, BLOCK_M=64,
-                BLOCK_N=64, BLOCK_D=128, PRECISION="tf32", USE_TMA=False)
+                BLOCK_N=64, BLOCK_D=128, PRECISION="tf32", USE_TMA=False, ATOMIC_DQ=True)
     window = dict(attn, IS_VARLEN=True, HAS_LEFT=True, HEAD_DIM=96)
     for tag, c in (("causal hd128", attn), ("varlen window hd96", window)):
         compile_for_hopper(f"attention fwd {tag}", fa._attn_fwd_kernel, c, 4, 3)
-        compile_for_hopper(f"attention dk/dv {tag}", fa._attn_bwd_dkdv_kernel, c)
+        compile_for_hopper(f"attention dk/dv + atomic dq {tag}", fa._attn_bwd_dkdv_kernel,
+                           dict(c, BLOCK_N=128), 8)
+        compile_for_hopper(f"attention dk/dv {tag}", fa._attn_bwd_dkdv_kernel,
+                           dict(c, ATOMIC_DQ=False))
         compile_for_hopper(f"attention dq {tag}", fa._attn_bwd_dq_kernel, c)
     desc = "tensordesc<bf16[1, 64, 1, 128]>"
     compile_for_hopper("attention fwd with tensor descriptors", fa._attn_fwd_kernel,

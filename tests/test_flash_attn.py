@@ -21,10 +21,11 @@ def _grads(fn, q, k, v, do):
     return out.detach(), q.grad, k.grad, v.grad
 
 
-def _check_against_ref(b, sq, sk, h, hk, d, causal, window, dtype, device, factor=2.0):
+def _check_against_ref(b, sq, sk, h, hk, d, causal, window, dtype, device, factor=2.0,
+                       deterministic=False):
     q, k, v, do = _inputs(b, sq, sk, h, hk, d, dtype, device)
-    ours = _grads(lambda q, k, v: aiter_dist.flash_attn_func(q, k, v, causal=causal,
-                                                             window_size=window), q, k, v, do)
+    ours = _grads(lambda q, k, v: aiter_dist.flash_attn_func(
+        q, k, v, causal=causal, window_size=window, deterministic=deterministic), q, k, v, do)
     ref = _grads(lambda q, k, v: attention_ref(q, k, v, None, causal, window)[0],
                  *(t.double() for t in (q, k, v, do)))
     low = _grads(lambda q, k, v: attention_ref(q, k, v, None, causal, window)[0], q, k, v, do)
@@ -68,6 +69,8 @@ SMALL_BLOCK_CASES = [
 @pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 32), ((16, 32), (32, 16))], ids=str)
 @pytest.mark.parametrize("case", SMALL_BLOCK_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_small_blocks_unmasked_and_boundary_tiles(case, blocks):
+    """Both backwards: the one kernel (dQ by atomics) and the deterministic pair (which alone
+    takes a config per kernel)."""
     from aiter_dist.kernels.flash_attn import flash_attn_bwd, flash_attn_fwd
 
     b, sq, sk, h, hk, d, causal, window = case
@@ -78,7 +81,11 @@ def test_small_blocks_unmasked_and_boundary_tiles(case, blocks):
         fwd_config, bwd_config = (*blocks[0], 1, 1), tuple((*b, 1, 1) for b in blocks)
     scale = d ** -0.5
     out, lse = flash_attn_fwd(q, k, v, scale, causal, window, config=fwd_config)
-    dq, dk, dv = flash_attn_bwd(do, q, k, v, out, lse, scale, causal, window, config=bwd_config)
+    deterministic = not isinstance(blocks[0], int) or (sq + len(blocks)) % 2 == 1
+    dq, dk, dv = flash_attn_bwd(do, q, k, v, out, lse, scale, causal, window, config=bwd_config,
+                                deterministic=deterministic)
+    assert aiter_dist.last_path("flash_attn_bwd") == (
+        "triton-interpreter-deterministic" if deterministic else "triton-interpreter-atomic-dq")
     ref = _grads(lambda q, k, v: attention_ref(q, k, v, None, causal, window)[0],
                  *(t.double() for t in (q, k, v, do)))
     _, ref_lse = attention_ref(q.double(), k.double(), v.double(), None, causal, window)
@@ -104,12 +111,15 @@ def test_forward_with_tensor_descriptors(case):
     ref, ref_lse = attention_ref(q.double(), k.double(), v.double(), None, causal, window)
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=2e-5)
     do = torch.randn_like(q)
-    grads = flash_attn_bwd(do, q, k, v, out, lse, d ** -0.5, causal, window,
-                           config=((16, 32, 1, 1, True), (32, 16, 1, 1, True)))
     ref_grads = _grads(lambda q, k, v: attention_ref(q, k, v, None, causal, window)[0],
                        *(t.double() for t in (q, k, v, do)))[1:]
-    for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
-        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5, msg=name)
+    for deterministic, config in ((True, ((16, 32, 1, 1, True), (32, 16, 1, 1, True))),
+                                  (False, (16, 32, 1, 1, True))):
+        grads = flash_attn_bwd(do, q, k, v, out, lse, d ** -0.5, causal, window, config=config,
+                               deterministic=deterministic)
+        assert aiter_dist.last_path("flash_attn_bwd").endswith("-tma")
+        for name, got, want in zip(("dq", "dk", "dv"), grads, ref_grads):
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-5, msg=name)
     finite = torch.isfinite(ref_lse)
     torch.testing.assert_close(lse.double()[finite], ref_lse[finite], rtol=1e-5, atol=1e-5)
     # A head dim that is not a power of 2 keeps the pointer path, visibly.
@@ -193,6 +203,13 @@ def test_bad_input():
         f(q, q, q, dropout_p=0.1)
     with pytest.raises(ValueError, match="window_size"):
         f(q, q, q, window_size=(-2, 0))
+    for scale in (0.0, -0.5):
+        with pytest.raises(ValueError, match="softmax_scale must be positive"):
+            f(q, q, q, softmax_scale=scale)
+    from aiter_dist.kernels.flash_attn import flash_attn_bwd
+    with pytest.raises(ValueError, match="needs deterministic=True"):
+        flash_attn_bwd(q, q, q, q, q, torch.zeros(1, 4, 4), 0.25, True, (-1, -1),
+                       config=((16, 16, 1, 1), (16, 16, 1, 1)))
     qv = torch.randn(6, 4, 16)
     cu = torch.tensor([0, 6])
     with pytest.raises(TypeError, match="cu_seqlens_q must be a 1-D int32 tensor"):
@@ -221,6 +238,14 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_flash_attn_gpu(case, dtype):
     _check_against_ref(*case, dtype=dtype, device="cuda", factor=3.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES[::2], ids=lambda c: "-".join(map(str, c)))
+def test_deterministic_path_gpu(case):
+    _check_against_ref(*case, dtype=torch.bfloat16, device="cuda", factor=3.0,
+                       deterministic=True)
+    assert aiter_dist.last_path("flash_attn_bwd").startswith("triton-deterministic")
 
 
 @pytest.mark.gpu
