@@ -45,20 +45,24 @@ def sdpa(backend, causal, gqa):
     return run
 
 
-# Configs tried by --sweep: (BLOCK_M, BLOCK_N, warps, stages[, tma]). Forward: BLOCK_M queries
-# per program, BLOCK_N keys per step. One-kernel backward: BLOCK_N keys per program, BLOCK_M
-# queries per step. Triton 3.6's ptxas crashes on TMA forwards with 2 stages (compiled offline
-# for sm_90), so TMA variants use 3 or 4.
+# Configs tried by --sweep: (BLOCK_M, BLOCK_N, warps, stages[, tma[, tma_dq]]). Forward: BLOCK_M
+# queries per program, BLOCK_N keys per step. One-kernel backward: BLOCK_N keys per program,
+# BLOCK_M queries per step; tma_dq: dQ added by the copy engine. A pair: the two-kernel
+# backward (dK/dV, dQ). Triton 3.6's ptxas crashes on TMA forwards with 2 stages, on the dQ
+# kernel with TMA and 2 stages, and on the one-kernel backward with TMA loads of Q and dO
+# without a causal mask (compiled offline for sm_90), so none of those are tried.
 FWD_SWEEP = {
-    128: ((64, 64, 4, 3), (64, 64, 4, 2), (64, 64, 4, 3, True), (64, 64, 4, 4, True),
-          (128, 64, 8, 3), (128, 64, 8, 3, True), (128, 64, 8, 4, True), (128, 128, 8, 2),
-          (64, 128, 4, 2)),
-    64: ((128, 64, 8, 3), (128, 64, 8, 3, True), (128, 128, 8, 3), (64, 64, 4, 3),
-         (64, 64, 4, 3, True), (128, 64, 4, 3), (64, 128, 4, 3), (128, 64, 8, 4, True)),
+    128: ((64, 64, 4, 3, True), (64, 32, 4, 3, True), (64, 32, 4, 4, True), (64, 64, 4, 3),
+          (128, 64, 8, 3, True)),
+    64: ((64, 64, 4, 3, True), (64, 64, 4, 4, True), (64, 128, 4, 3, True), (128, 64, 8, 3),
+         (128, 128, 8, 3, True)),
 }
-_BWD = ((64, 128, 8, 2), (64, 128, 4, 2), (64, 64, 4, 2), (32, 128, 4, 2), (64, 128, 8, 3),
-        (64, 128, 8, 1), (64, 128, 8, 2, True), (32, 64, 4, 2))
-BWD_SWEEP = {128: _BWD, 64: _BWD + ((128, 128, 8, 2),)}  # hd128 128x128 needs 263 KB of smem
+BWD_SWEEP = (
+    (64, 128, 8, 2), (64, 128, 8, 3), (64, 128, 8, 2, False, True), (64, 128, 8, 3, False, True),
+    (64, 64, 4, 2, False, True), (64, 128, 8, 1, False, True), (32, 128, 8, 2, False, True),
+    (64, 64, 4, 2), ((64, 128, 8, 2), (128, 64, 8, 2)), ((64, 128, 8, 2), (64, 64, 4, 3, True)),
+    ((64, 64, 4, 2), (64, 64, 4, 3, True)), ((64, 128, 8, 3), (64, 64, 4, 2)),
+)
 
 
 def sweep(dev, dt, dims, kinds):
@@ -85,9 +89,7 @@ def sweep(dev, dt, dims, kinds):
         q, k, v, do = (torch.randn(4, 4096, h, d, device=dev, dtype=dt) for _ in range(4))
         scale = d ** -0.5
         for kind in kinds:
-            configs = FWD_SWEEP[d] if kind == "fwd" else (
-                ("det", FA._bwd_blocks(d, q.device, deterministic=True)),) + tuple(
-                    ("one", c) for c in BWD_SWEEP[d])
+            configs = FWD_SWEEP[d] if kind == "fwd" else BWD_SWEEP
             for cfg in configs:
                 total = 0.0
                 for causal in (True, False):
@@ -96,16 +98,36 @@ def sweep(dev, dt, dims, kinds):
                         total += bench(f"fwd d{d} causal={causal} {cfg}", lambda: FA.flash_attn_fwd(
                             q, k, v, scale, causal, (-1, -1), config=cfg), fl)
                     else:
-                        mode, c = cfg
                         out, lse = FA.flash_attn_fwd(q, k, v, scale, causal, (-1, -1))
-                        total += bench(f"bwd {mode} d{d} causal={causal} {c}",
+                        total += bench(f"bwd d{d} causal={causal} {cfg}",
                                        lambda: FA.flash_attn_bwd(
                                            do, q, k, v, out, lse, scale, causal, (-1, -1),
-                                           deterministic=mode == "det", config=c), 2.5 * fl)
+                                           config=cfg), 2.5 * fl)
                 if total > best.get((d, kind), (0.0, None))[0]:
                     best[(d, kind)] = (total, cfg)
     for (d, kind), (total, cfg) in best.items():
         print(f"sweep best {kind} d{d}: {cfg} (causal + full {total:.0f} TFLOP/s)")
+    return {key: cfg for key, (_, cfg) in best.items()}
+
+
+def use_configs(best):
+    """Make the launchers use the sweep's best configs for the head dims swept (--then-table:
+    the table then shows what those configs give, to be made the defaults)."""
+    from aiter_dist.kernels import flash_attn as FA
+
+    fwd, bwd = FA._fwd_blocks, FA._bwd_blocks
+
+    def fwd_blocks(d, device, sq=0, sk=0):
+        return best.get((d, "fwd")) or fwd(d, device, sq, sk)
+
+    def bwd_blocks(d, device, sq=0, sk=0, deterministic=False):
+        cfg = best.get((d, "bwd"))
+        if cfg is None or (deterministic and isinstance(cfg[0], int)):
+            return bwd(d, device, sq, sk, deterministic)
+        return cfg
+
+    FA._fwd_blocks, FA._bwd_blocks = fwd_blocks, bwd_blocks
+    print("table configs:", best, flush=True)
 
 
 def main():
@@ -114,11 +136,16 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="only time block configs at b4 s4096")
     ap.add_argument("--sweep-dims", default="128,64", help="head dims to sweep")
     ap.add_argument("--sweep-kinds", default="fwd,bwd", help="fwd, bwd or both")
+    ap.add_argument("--then-table", action="store_true",
+                    help="after --sweep, run the table with the best configs found")
     args = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16
     if args.sweep:
-        return sweep(dev, dt, [int(x) for x in args.sweep_dims.split(",")],
+        best = sweep(dev, dt, [int(x) for x in args.sweep_dims.split(",")],
                      args.sweep_kinds.split(","))
+        if not args.then_table:
+            return
+        use_configs(best)
     cases = []
     for d in (128, 64):
         for s in ((2048, 8192) if args.quick else (1024, 2048, 4096, 8192, 16384)):

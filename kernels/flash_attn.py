@@ -264,11 +264,12 @@ def _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, dq_base, LSE, DELTA, l_of
                         left, right, qk_scale, sm_scale, MASKED: tl.constexpr,
                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, EVEN_D: tl.constexpr,
                         PRECISION: tl.constexpr, USE_TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                        DQ_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     """One query block's contribution to a key block's dK and dV, and with ATOMIC_DQ this key
     block's share of the query block's dQ, added into the fp32 accumulator at dq_base. With
     USE_TMA, q_base and do_base are tensor descriptors (rows past the end read as zeros; lse
-    masks them)."""
+    masks them); with DQ_TMA, dq_base is the accumulator's tensor descriptor and the copy engine
+    does the adds (a bulk reduce; rows past the end are clipped)."""
     offs_m = start_m + offs_m0
     m_ok = offs_m < sq
     if USE_TMA:
@@ -297,13 +298,16 @@ def _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, dq_base, LSE, DELTA, l_of
     dk += tl.dot(dst, q, input_precision=PRECISION)
     if ATOMIC_DQ:  # fp32 adds from every key block in no fixed order: not bitwise reproducible
         dq = tl.dot(tl.trans(dst), k, input_precision=PRECISION) * sm_scale
-        dq_ptrs = dq_base + (q0 + offs_m).to(tl.int64)[:, None] * sdqs + offs_d[None, :]
-        if MASKED:
-            tl.atomic_add(dq_ptrs, dq, mask=m_ok[:, None] & d_ok, sem="relaxed")
-        elif EVEN_D:
-            tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+        if DQ_TMA:
+            dq_base.atomic_add([b, q0 + start_m, h, 0], dq.reshape(1, BLOCK_M, 1, BLOCK_D))
         else:
-            tl.atomic_add(dq_ptrs, dq, mask=d_ok, sem="relaxed")
+            dq_ptrs = dq_base + (q0 + offs_m).to(tl.int64)[:, None] * sdqs + offs_d[None, :]
+            if MASKED:
+                tl.atomic_add(dq_ptrs, dq, mask=m_ok[:, None] & d_ok, sem="relaxed")
+            elif EVEN_D:
+                tl.atomic_add(dq_ptrs, dq, sem="relaxed")
+            else:
+                tl.atomic_add(dq_ptrs, dq, mask=d_ok, sem="relaxed")
     return dk, dv
 
 
@@ -316,6 +320,7 @@ def _attn_bwd_dkdv_kernel(
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, USE_TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+    DQ_TMA: tl.constexpr,
 ):
     # One key block of one KV head; loops over the query heads of its group and their blocks.
     # USE_TMA: Q and DO are tensor descriptors (dense layouts only), else pointers.
@@ -368,28 +373,31 @@ def _attn_bwd_dkdv_kernel(
                 q_base = Q + b.to(tl.int64) * sqb + h * sqh
                 do_base = DO + b.to(tl.int64) * sdob + h * sdoh
             l_off = b.to(tl.int64) * slb + h * slh + q0
-            dq_base = DQ_ACC + b.to(tl.int64) * sdqb + h * sdqh
+            if DQ_TMA:
+                dq_base = DQ_ACC
+            else:
+                dq_base = DQ_ACC + b.to(tl.int64) * sdqb + h * sdqh
             for start_m in range(lo, a, BLOCK_M):
                 dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, dq_base, LSE,
                                              DELTA, l_off, b, h, q0, start_m, offs_m0, offs_n,
                                              offs_d, d_ok, sq, sk, sqs, sdos, sdqs, shift, left,
                                              right, qk_scale, sm_scale, True, HAS_LEFT,
                                              HAS_RIGHT, EVEN_D, PRECISION, USE_TMA, ATOMIC_DQ,
-                                             BLOCK_M, BLOCK_D)
+                                             DQ_TMA, BLOCK_M, BLOCK_D)
             for start_m in range(a, c, BLOCK_M):
                 dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, dq_base, LSE,
                                              DELTA, l_off, b, h, q0, start_m, offs_m0, offs_n,
                                              offs_d, d_ok, sq, sk, sqs, sdos, sdqs, shift, left,
                                              right, qk_scale, sm_scale, False, HAS_LEFT,
                                              HAS_RIGHT, EVEN_D, PRECISION, USE_TMA, ATOMIC_DQ,
-                                             BLOCK_M, BLOCK_D)
+                                             DQ_TMA, BLOCK_M, BLOCK_D)
             for start_m in range(c, hi, BLOCK_M):
                 dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, dq_base, LSE,
                                              DELTA, l_off, b, h, q0, start_m, offs_m0, offs_n,
                                              offs_d, d_ok, sq, sk, sqs, sdos, sdqs, shift, left,
                                              right, qk_scale, sm_scale, True, HAS_LEFT,
                                              HAS_RIGHT, EVEN_D, PRECISION, USE_TMA, ATOMIC_DQ,
-                                             BLOCK_M, BLOCK_D)
+                                             DQ_TMA, BLOCK_M, BLOCK_D)
         kv_mask = n_ok & d_ok
         tl.store(_tile(DK, b, hk, k0, offs_n, offs_d, sdkb, sdks, sdkh),
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -484,12 +492,13 @@ def _attn_bwd_dq_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 class Blocks(NamedTuple):
-    """One kernel's launch config; plain tuples of 4 or 5 items are accepted too."""
+    """One kernel's launch config; plain tuples of 4 to 6 items are accepted too."""
     block_m: int   # query rows per program (forward, dQ) or per step (dK/dV)
     block_n: int   # keys per step (forward, dQ) or per program (dK/dV)
     warps: int
     stages: int
-    tma: bool = False  # the looped-over tiles come through tensor descriptors (Hopper)
+    tma: bool = False     # the looped-over tiles come through tensor descriptors (Hopper)
+    tma_dq: bool = False  # one-kernel backward: the copy engine adds dQ (compiled runs only)
 
 
 def _cpu_blocks(sq: int, sk: int) -> Blocks:
@@ -515,8 +524,8 @@ def _fwd_blocks(d: int, device: torch.device, sq: int = 0, sk: int = 0) -> Block
 
 def _bwd_blocks(d: int, device: torch.device, sq: int = 0, sk: int = 0,
                 deterministic: bool = False):
-    """The backward's config: one Blocks for the one-kernel backward, or for both kernels of
-    the deterministic one (which also takes a (dK/dV, dQ) pair)."""
+    """The backward's config: Blocks for the one-kernel backward (or for both kernels of the
+    deterministic one), or a (dK/dV, dQ) pair, which picks the two-kernel backward."""
     if device.type == "cpu":
         return _cpu_blocks(sq, sk)
     if deterministic:
@@ -576,12 +585,12 @@ def _check(op, q, k, v, varlen, cu_seqlens_q=None, cu_seqlens_k=None):
                          f"numbers of sequences")
 
 
-def _tiles(config: Blocks, rows: int, varlen: bool, *tensors):
+def _tiles(wanted: bool, rows: int, varlen: bool, *tensors):
     """``(use_tma, args)``: tensor descriptors of ``tensors`` (batch, seq, head, dim) with
-    ``rows``-row tiles when the config asks for them and the layout allows (dense, not empty,
-    head dim a power of 2, 16-byte aligned base and strides), else the tensors."""
+    ``rows``-row tiles when wanted and the layout allows (dense, not empty, head dim a power of
+    2, 16-byte aligned base and strides), else the tensors."""
     d = tensors[0].shape[-1]
-    if config.tma and not varlen and d == triton.next_power_of_2(d) and all(
+    if wanted and not varlen and d == triton.next_power_of_2(d) and all(
             t.numel() > 0 and t.data_ptr() % 16 == 0 and t.stride(-1) == 1
             and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in tensors):
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -642,7 +651,7 @@ def flash_attn_fwd(q, k, v, softmax_scale, causal, window_size, cu_seqlens_q=Non
     grid = (triton.cdiv(max(sq, 1), block_m), batch * h)
     cu_q = cu_seqlens_q if varlen else lse  # unused placeholders when dense
     cu_k = cu_seqlens_k if varlen else lse
-    use_tma, (kk, vv) = _tiles(config, block_n, varlen, k, v)
+    use_tma, (kk, vv) = _tiles(config.tma, block_n, varlen, k, v)
     if batch * h > 0 and sq > 0:
         _attn_fwd_kernel[grid](
             q, kk, vv, out, lse, cu_q, cu_k,
@@ -686,18 +695,18 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
         batch, sq = q.shape[:2]
         sk = k.shape[1]
         lse_strides = lse.stride()[:2]
-    # config: Blocks for the one kernel; for the deterministic pair, Blocks for both kernels or
-    # a (dK/dV, dQ) pair. TMA: the tiles each kernel loops over (Q, dO for dK/dV; K, V for dQ)
-    # come through tensor descriptors. Triton 3.6's ptxas crashes on the dQ kernel with
-    # descriptors and 2 stages (1 and 3 compile).
+    # config: Blocks for the one kernel (or for both kernels when deterministic), or a (dK/dV,
+    # dQ) pair, which takes the two-kernel path either way (where the tuning found it faster).
+    # TMA: the tiles each kernel loops over (Q, dO for dK/dV; K, V for dQ) come through tensor
+    # descriptors. Triton 3.6's ptxas crashes on the dQ kernel with descriptors and 2 stages
+    # (1 and 3 compile).
     if config is None:
         config = _bwd_blocks(d, q.device, sq, sk, deterministic)
     if isinstance(config[0], int):
         cfg_kv = cfg_q = Blocks(*config)
-    elif deterministic:
-        cfg_kv, cfg_q = (Blocks(*c) for c in config)
     else:
-        raise ValueError("flash_attn_bwd: a (dK/dV, dQ) config pair needs deterministic=True")
+        cfg_kv, cfg_q = (Blocks(*c) for c in config)
+        deterministic = True
     cu_q = cu_seqlens_q if varlen else lse
     cu_k = cu_seqlens_k if varlen else lse
     if batch * h > 0 and sq > 0:
@@ -720,20 +729,25 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
     dq = torch.empty_like(q) if deterministic else torch.zeros(q.shape, dtype=torch.float32,
                                                                device=q.device)
     engine = "triton-interpreter" if INTERPRETED else "triton"
-    use_tma = False
+    use_tma = dq_tma = False
     if batch * hk > 0 and sk > 0:
-        use_tma, (qq, dd) = _tiles(cfg_kv, cfg_kv.block_m, varlen, q, do)
+        use_tma, (qq, dd) = _tiles(cfg_kv.tma, cfg_kv.block_m, varlen, q, do)
+        # The interpreter has no bulk reduce: CPU runs keep the pointer atomics.
+        dq_tma, (dq_arg,) = _tiles(cfg_kv.tma_dq and not deterministic and not INTERPRETED,
+                                   cfg_kv.block_m, varlen, dq)
         _attn_bwd_dkdv_kernel[(triton.cdiv(sk, cfg_kv.block_n), batch * hk)](
-            qq, k, v, dd, lse, delta, dk, dv, dq, cu_q, cu_k,
+            qq, k, v, dd, lse, delta, dk, dv, dq_arg, cu_q, cu_k,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
             *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
             *_strides(dq, varlen), *lse_strides, sq, sk, hk, h // hk, *scales,
-            USE_TMA=use_tma, ATOMIC_DQ=not deterministic, **common, **blocks(cfg_kv))
+            USE_TMA=use_tma, ATOMIC_DQ=not deterministic, DQ_TMA=dq_tma, **common,
+            **blocks(cfg_kv))
     if not deterministic:
-        record_path("flash_attn_bwd", engine + "-atomic-dq" + ("-tma" if use_tma else ""))
+        record_path("flash_attn_bwd", engine + "-atomic-dq" + ("-tma" if use_tma else "")
+                    + ("-bulk" if dq_tma else ""))
         return dq.to(q.dtype), dk, dv
     if batch * h > 0 and sq > 0:
-        use_tma, (kk, vv) = _tiles(cfg_q, cfg_q.block_n, varlen, k, v)
+        use_tma, (kk, vv) = _tiles(cfg_q.tma, cfg_q.block_n, varlen, k, v)
         _attn_bwd_dq_kernel[(triton.cdiv(sq, cfg_q.block_m), batch * h)](
             q, kk, vv, do, lse, delta, dq, cu_q, cu_k,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),

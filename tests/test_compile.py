@@ -54,7 +54,8 @@ SCRIPT = textwrap.dedent(r'''
             print("FAILED", name, type(e).__name__, str(e)[:3000])
 
     attn = dict(IS_VARLEN=False, HAS_LEFT=False, HAS_RIGHT=True, HEAD_DIM=128, BLOCK_M=64,
-                BLOCK_N=64, BLOCK_D=128, PRECISION="tf32", USE_TMA=False, ATOMIC_DQ=True)
+                BLOCK_N=64, BLOCK_D=128, PRECISION="tf32", USE_TMA=False, ATOMIC_DQ=True,
+                DQ_TMA=False)
     window = dict(attn, IS_VARLEN=True, HAS_LEFT=True, HEAD_DIM=96)
     for tag, c in (("causal hd128", attn), ("varlen window hd96", window)):
         compile_for_hopper(f"attention fwd {tag}", fa._attn_fwd_kernel, c, 4, 3)
@@ -68,6 +69,9 @@ SCRIPT = textwrap.dedent(r'''
                        dict(attn, USE_TMA=True), 4, 3, K=desc, V=desc)
     compile_for_hopper("attention dk/dv with tensor descriptors", fa._attn_bwd_dkdv_kernel,
                        dict(attn, USE_TMA=True), Q=desc, DO=desc)
+    compile_for_hopper("attention dk/dv + dq by bulk reduce", fa._attn_bwd_dkdv_kernel,
+                       dict(attn, BLOCK_N=128, DQ_TMA=True), 8,
+                       DQ_ACC="tensordesc<fp32[1, 64, 1, 128]>")
     # (Triton 3.6's ptxas crashes on this kernel with 2 stages; 1 and 3 compile.)
     compile_for_hopper("attention dq with tensor descriptors", fa._attn_bwd_dq_kernel,
                        dict(attn, USE_TMA=True), 4, 3, K=desc, V=desc)

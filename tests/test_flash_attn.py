@@ -69,8 +69,8 @@ SMALL_BLOCK_CASES = [
 @pytest.mark.parametrize("blocks", [(16, 16), (32, 16), (16, 32), ((16, 32), (32, 16))], ids=str)
 @pytest.mark.parametrize("case", SMALL_BLOCK_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_small_blocks_unmasked_and_boundary_tiles(case, blocks):
-    """Both backwards: the one kernel (dQ by atomics) and the deterministic pair (which alone
-    takes a config per kernel)."""
+    """Both backwards: the one kernel (dQ by atomics) and the deterministic pair (a config per
+    kernel picks it too)."""
     from aiter_dist.kernels.flash_attn import flash_attn_bwd, flash_attn_fwd
 
     b, sq, sk, h, hk, d, causal, window = case
@@ -81,11 +81,12 @@ def test_small_blocks_unmasked_and_boundary_tiles(case, blocks):
         fwd_config, bwd_config = (*blocks[0], 1, 1), tuple((*b, 1, 1) for b in blocks)
     scale = d ** -0.5
     out, lse = flash_attn_fwd(q, k, v, scale, causal, window, config=fwd_config)
-    deterministic = not isinstance(blocks[0], int) or (sq + len(blocks)) % 2 == 1
+    deterministic = (sq + len(blocks)) % 2 == 1
     dq, dk, dv = flash_attn_bwd(do, q, k, v, out, lse, scale, causal, window, config=bwd_config,
                                 deterministic=deterministic)
+    two_kernels = deterministic or not isinstance(blocks[0], int)  # a pair picks two kernels
     assert aiter_dist.last_path("flash_attn_bwd") == (
-        "triton-interpreter-deterministic" if deterministic else "triton-interpreter-atomic-dq")
+        "triton-interpreter-deterministic" if two_kernels else "triton-interpreter-atomic-dq")
     ref = _grads(lambda q, k, v: attention_ref(q, k, v, None, causal, window)[0],
                  *(t.double() for t in (q, k, v, do)))
     _, ref_lse = attention_ref(q.double(), k.double(), v.double(), None, causal, window)
@@ -206,10 +207,7 @@ def test_bad_input():
     for scale in (0.0, -0.5):
         with pytest.raises(ValueError, match="softmax_scale must be positive"):
             f(q, q, q, softmax_scale=scale)
-    from aiter_dist.kernels.flash_attn import flash_attn_bwd
-    with pytest.raises(ValueError, match="needs deterministic=True"):
-        flash_attn_bwd(q, q, q, q, q, torch.zeros(1, 4, 4), 0.25, True, (-1, -1),
-                       config=((16, 16, 1, 1), (16, 16, 1, 1)))
+
     qv = torch.randn(6, 4, 16)
     cu = torch.tensor([0, 6])
     with pytest.raises(TypeError, match="cu_seqlens_q must be a 1-D int32 tensor"):
@@ -254,3 +252,28 @@ def test_deterministic_backward_gpu():
     f = lambda q, k, v: aiter_dist.flash_attn_func(q, k, v, causal=True, deterministic=True)  # noqa
     first, second = _grads(f, q, k, v, do), _grads(f, q, k, v, do)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [(64, 128, 8, 2), (64, 128, 8, 2, False, True),
+                                    (64, 64, 4, 2, False, True)], ids=str)
+@pytest.mark.parametrize("case", [(2, 777, 1500, 8, 8, 64, True, (-1, -1)),
+                                  (1, 1024, 1024, 16, 4, 128, False, (-1, -1)),
+                                  (1, 300, 100, 4, 4, 128, True, (-1, -1))],
+                         ids=lambda c: "-".join(map(str, c)))
+def test_one_kernel_backward_gpu(case, config):
+    """The one-kernel backward with dQ added by atomics and by the copy engine's bulk reduce,
+    whichever the default config picks."""
+    from aiter_dist.kernels.flash_attn import flash_attn_bwd, flash_attn_fwd
+
+    b, sq, sk, h, hk, d, causal, window = case
+    q, k, v, do = _inputs(b, sq, sk, h, hk, d, torch.bfloat16, "cuda")
+    out, lse = flash_attn_fwd(q, k, v, d ** -0.5, causal, window)
+    grads = flash_attn_bwd(do, q, k, v, out, lse, d ** -0.5, causal, window, config=config)
+    assert aiter_dist.last_path("flash_attn_bwd") == "triton-atomic-dq" + (
+        "-bulk" if len(config) > 5 else "")
+    ref = _grads(lambda q, k, v: attention_ref(q, k, v, None, causal, window)[0],
+                 *(t.double() for t in (q, k, v, do)))[1:]
+    low = _grads(lambda q, k, v: attention_ref(q, k, v, None, causal, window)[0], q, k, v, do)[1:]
+    for name, o, r, t in zip(("dq", "dk", "dv"), grads, ref, low):
+        assert_close_to_ref(f"{name} {case} {config}", o, r, t, factor=3.0)
