@@ -512,30 +512,35 @@ def _fwd_blocks(d: int, device: torch.device, sq: int = 0, sk: int = 0) -> Block
     """The forward's config."""
     if device.type == "cpu":
         return _cpu_blocks(sq, sk)
-    # H200 sweep (bench_attention.py --sweep, b4 s4096, bf16, TFLOP/s causal/full): hd64
-    # 128x64 with 8 warps 297/384 (4 warps: 292/368); hd128 64x64 with 4 warps 354/429
-    # (128x64, 8 warps: 311/379; 128x128, 8 warps: 332/441).
-    if d <= 64:
-        return Blocks(128, 64, 8, 3)
+    # H200 sweep (bench_attention.py --sweep, b4 s4096, bf16, TFLOP/s causal/full): K and V
+    # through TMA with 64x64 tiles, 4 warps, 3 stages won at hd128 (472/522; pointers 398/416;
+    # 128x64 with 8 warps 409/455; 4 stages 340/380, as 148 KB of smem leave one program per
+    # SM) and hd64 (391/440; 128x64 pointers 372/426). Head dims that are not a power of 2 take
+    # the pointer path with the same tiles.
     if d <= 128:
-        return Blocks(64, 64, 4, 3)
+        return Blocks(64, 64, 4, 3, True)
     return Blocks(64, 32, 4, 2)
 
 
 def _bwd_blocks(d: int, device: torch.device, sq: int = 0, sk: int = 0,
-                deterministic: bool = False):
+                deterministic: bool = False, group: int = 1):
     """The backward's config: Blocks for the one-kernel backward (or for both kernels of the
     deterministic one), or a (dK/dV, dQ) pair, which picks the two-kernel backward."""
     if device.type == "cpu":
         return _cpu_blocks(sq, sk)
-    if deterministic:
-        # H200 sweep (same shapes): 64x64 with 4 warps was best of the seven configs tried at
-        # hd64 and hd128 (hd128 275/328 TFLOP/s causal/full; 128x128 with 8 warps 210/254).
-        return Blocks(64, 64, 4, 2) if d <= 128 else Blocks(32, 32, 4, 1)
-    # One kernel: 128 keys per program halve the dQ atomics per key of 64-key programs.
-    if d <= 128:
-        return Blocks(64, 128, 8, 2)
-    return Blocks(32, 64, 4, 1)
+    if d > 128:
+        return Blocks(32, 32, 4, 1)
+    # H200 sweep (same shapes, TFLOP/s causal/full). hd128: the one kernel with 128 keys per
+    # program, 8 warps, 3 stages and dQ added by the copy engine 336/380 (pointer atomics
+    # 321/373; 64 keys per program 216/236); the two kernels at 64x64, 4 warps 306/410. With
+    # GQA (32/8 heads, causal) the one kernel loops over the group with 4x fewer programs and
+    # fell to 283, the two kernels 331. hd64: two kernels with dQ's K and V through TMA 275/358
+    # (one kernel at best 281/299).
+    if d <= 64:
+        return (Blocks(64, 64, 4, 2), Blocks(64, 64, 4, 3, True))
+    if deterministic or group > 1:
+        return (Blocks(64, 64, 4, 2), Blocks(64, 64, 4, 2))
+    return Blocks(64, 128, 8, 3, False, True)
 
 
 def _check(op, q, k, v, varlen, cu_seqlens_q=None, cu_seqlens_k=None):
@@ -701,7 +706,7 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
     # descriptors. Triton 3.6's ptxas crashes on the dQ kernel with descriptors and 2 stages
     # (1 and 3 compile).
     if config is None:
-        config = _bwd_blocks(d, q.device, sq, sk, deterministic)
+        config = _bwd_blocks(d, q.device, sq, sk, deterministic, h // hk)
     if isinstance(config[0], int):
         cfg_kv = cfg_q = Blocks(*config)
     else:
