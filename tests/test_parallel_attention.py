@@ -175,5 +175,5 @@ def test_example_llama_flash_matches_sdpa_gpu_bf16():
         aiter_dist.parallelize(model)
         flash_loss = nn.functional.cross_entropy(model(tokens).float().flatten(0, 1),
                                                  targets.flatten())
-    assert aiter_dist.last_path("flash_attn") == "triton"
+    assert aiter_dist.last_path("flash_attn").startswith("triton")  # "-tma": K, V by TMA
     torch.testing.assert_close(flash_loss, sdpa_loss, rtol=2e-3, atol=2e-3)
