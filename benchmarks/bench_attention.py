@@ -120,10 +120,10 @@ def use_configs(best):
     def fwd_blocks(d, device, sq=0, sk=0):
         return best.get((d, "fwd")) or fwd(d, device, sq, sk)
 
-    def bwd_blocks(d, device, sq=0, sk=0, deterministic=False, group=1):
+    def bwd_blocks(d, device, sq=0, sk=0, deterministic=False, group=1, causal=True):
         cfg = best.get((d, "bwd"))
         if cfg is None or (deterministic and isinstance(cfg[0], int)):
-            return bwd(d, device, sq, sk, deterministic, group)
+            return bwd(d, device, sq, sk, deterministic, group, causal)
         return cfg
 
     FA._fwd_blocks, FA._bwd_blocks = fwd_blocks, bwd_blocks

@@ -523,7 +523,7 @@ def _fwd_blocks(d: int, device: torch.device, sq: int = 0, sk: int = 0) -> Block
 
 
 def _bwd_blocks(d: int, device: torch.device, sq: int = 0, sk: int = 0,
-                deterministic: bool = False, group: int = 1):
+                deterministic: bool = False, group: int = 1, causal: bool = True):
     """The backward's config: Blocks for the one-kernel backward (or for both kernels of the
     deterministic one), or a (dK/dV, dQ) pair, which picks the two-kernel backward."""
     if device.type == "cpu":
@@ -532,13 +532,14 @@ def _bwd_blocks(d: int, device: torch.device, sq: int = 0, sk: int = 0,
         return Blocks(32, 32, 4, 1)
     # H200 sweep (same shapes, TFLOP/s causal/full). hd128: the one kernel with 128 keys per
     # program, 8 warps, 3 stages and dQ added by the copy engine 336/380 (pointer atomics
-    # 321/373; 64 keys per program 216/236); the two kernels at 64x64, 4 warps 306/410. With
-    # GQA (32/8 heads, causal) the one kernel loops over the group with 4x fewer programs and
-    # fell to 283, the two kernels 331. hd64: two kernels with dQ's K and V through TMA 275/358
+    # 321/373; 64 keys per program 216/236); the two kernels at 64x64, 4 warps 306/410. The
+    # full table agreed at every length (one kernel ahead causal, 1.07-1.16x; behind full,
+    # 0.95-0.97x). With GQA (32/8 heads, causal) the one kernel loops over the group with 4x
+    # fewer programs: 283 against 331. hd64: two kernels with dQ's K and V through TMA 275/358
     # (one kernel at best 281/299).
     if d <= 64:
         return (Blocks(64, 64, 4, 2), Blocks(64, 64, 4, 3, True))
-    if deterministic or group > 1:
+    if deterministic or group > 1 or not causal:
         return (Blocks(64, 64, 4, 2), Blocks(64, 64, 4, 2))
     return Blocks(64, 128, 8, 3, False, True)
 
@@ -706,7 +707,7 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
     # descriptors. Triton 3.6's ptxas crashes on the dQ kernel with descriptors and 2 stages
     # (1 and 3 compile).
     if config is None:
-        config = _bwd_blocks(d, q.device, sq, sk, deterministic, h // hk)
+        config = _bwd_blocks(d, q.device, sq, sk, deterministic, h // hk, right >= 0)
     if isinstance(config[0], int):
         cfg_kv = cfg_q = Blocks(*config)
     else:
