@@ -225,8 +225,6 @@ def parallelize(model: nn.Module, group=None, attention: str = "flash", fuse_nor
                          "RMSNorm in the model; nothing to parallelize")
     fused = None
     if sequence_parallel or fuse_norm:
-        if group is None:
-            group = dist.group.WORLD if dist.is_initialized() else None
         reason = _install_fused_forward(model, group, sequence_parallel) if group is not None \
             else "no process group"
         if reason is not None and sequence_parallel:

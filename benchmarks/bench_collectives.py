@@ -176,6 +176,13 @@ def _compiled_norms():
     return torch.compile(add_norm), torch.compile(norm)
 
 
+def _graph_and_eager(fns, iters, eager=()):
+    """``{"<name> graph": us}`` for every callable, ``"<name> eager"`` for those in ``eager``."""
+    res = {f"{name} graph": time_graph(fn, iters) for name, fn in fns.items()}
+    res.update({f"{name} eager": time_eager(fns[name], iters) for name in eager})
+    return res
+
+
 def bench_fused(tokens, hiddens, dev, world, summary, sequence_parallel: bool):
     add_norm, norm = _compiled_norms()
     rows = []
@@ -187,7 +194,6 @@ def bench_fused(tokens, hiddens, dev, world, summary, sequence_parallel: bool):
             x = torch.randn(m, h, device=dev, dtype=torch.bfloat16)
             nbytes = x.numel() * 2
             it = _iters(nbytes)
-            res = {}
             if not sequence_parallel:
                 r = torch.randn(m, h, device=dev, dtype=torch.bfloat16)
                 ours = lambda: aiter_dist.all_reduce_add_rms_norm(x, r, w, algo="one_shot")  # noqa
@@ -198,12 +204,8 @@ def bench_fused(tokens, hiddens, dev, world, summary, sequence_parallel: bool):
                 def base():
                     dist.all_reduce(y)
                     return add_norm(y, r, w)
-                res["fused graph"] = time_graph(ours, it)
-                res["fp8 graph"] = time_graph(fp8, it)
-                res["auto graph"] = time_graph(auto, it)
-                res["fused eager"] = time_eager(ours, it)
-                res["base graph"] = time_graph(base, it)
-                res["base eager"] = time_eager(base, it)
+                res = _graph_and_eager({"fused": ours, "fp8": fp8, "auto": auto, "base": base},
+                                       it, eager=("fused", "base"))
                 rows.append((f"{m}x{h}", res["fused graph"], res["auto graph"], res["base graph"],
                              _ratio(res["base graph"], min(res["fused graph"], res["auto graph"])),
                              res["fp8 graph"], res["fused eager"], res["base eager"]))
@@ -221,12 +223,8 @@ def bench_fused(tokens, hiddens, dev, world, summary, sequence_parallel: bool):
                 def base_ag():
                     dist.all_gather_into_tensor(gathered, norm(r, w))
                     return gathered
-                res["rs graph"] = time_graph(rs, it)
-                res["base rs graph"] = time_graph(base_rs, it)
-                res["ag graph"] = time_graph(ag, it)
-                res["base ag graph"] = time_graph(base_ag, it)
-                res["rs eager"] = time_eager(rs, it)
-                res["base rs eager"] = time_eager(base_rs, it)
+                res = _graph_and_eager({"rs": rs, "base rs": base_rs, "ag": ag,
+                                        "base ag": base_ag}, it, eager=("rs", "base rs"))
                 rows.append((f"{m}x{h}", res["rs graph"], res["base rs graph"],
                              _ratio(res["base rs graph"], res["rs graph"]), res["ag graph"],
                              res["base ag graph"], _ratio(res["base ag graph"], res["ag graph"]),

@@ -191,9 +191,9 @@ def _custom_all_reduce(x: torch.Tensor, group, algo: str) -> torch.Tensor:
     # elements past the message: every access is masked by numel.)
     cap = (ws.data_bytes // x.element_size()) // (64 * ws.world_size) * (64 * ws.world_size)
     for start in range(0, xf.numel(), cap):
-        n = min(cap, xf.numel() - start)
-        src, dst = (xf, of) if n == xf.numel() else (xf[start:start + n], of[start:start + n])
-        _launch_all_reduce(src, dst, xf.numel(), ws, two_shot, copy_in=True)
+        stop = start + cap
+        _launch_all_reduce(xf[start:stop], of[start:stop], xf.numel(), ws, two_shot,
+                           copy_in=True)
     return out
 
 
@@ -205,10 +205,6 @@ def custom_all_reduce_raw(x: torch.Tensor, group=None, algo: str = "one_shot") -
 
 def one_shot_all_reduce_raw(x: torch.Tensor, group=None) -> torch.Tensor:
     return custom_all_reduce_raw(x, group, "one_shot")
-
-
-def two_shot_all_reduce_raw(x: torch.Tensor, group=None) -> torch.Tensor:
-    return custom_all_reduce_raw(x, group, "two_shot")
 
 
 def fallback_all_reduce_raw(x: torch.Tensor, group=None):

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from .gather_scatter import all_gather_raw
+from .protocol import resolve_group
 
 
 def _split_raw(x: torch.Tensor, group, dim: int) -> torch.Tensor:
@@ -60,24 +61,20 @@ class SplitFunc(torch.autograd.Function):
         return _gather_raw(grad, *ctx.args), None, None
 
 
-def _group(group):
-    return group if group is not None else dist.group.WORLD
-
-
 def gather_last_dim(x, group=None):
-    return GatherFunc.apply(x, _group(group), -1)
+    return GatherFunc.apply(x, resolve_group(group), -1)
 
 
 def split_last_dim(x, group=None):
-    return SplitFunc.apply(x, _group(group), -1)
+    return SplitFunc.apply(x, resolve_group(group), -1)
 
 
 def split_first_dim(x, group=None):
     """This rank's chunk of dim 0 of a replicated tensor; backward all-gathers the gradient."""
-    return SplitFunc.apply(x, _group(group), 0)
+    return SplitFunc.apply(x, resolve_group(group), 0)
 
 
 def gather_first_dim(x, group=None):
     """All-gather along dim 0 for replicated computation after it; backward keeps this rank's
     slice of the gradient."""
-    return GatherFunc.apply(x, _group(group), 0)
+    return GatherFunc.apply(x, resolve_group(group), 0)

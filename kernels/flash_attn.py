@@ -78,6 +78,16 @@ def _tile(BASE, b, head, t0, offs_t, offs_d, s_batch, s_seq, s_head):
 
 
 @triton.jit
+def _head_base(T, b, head, s_batch, s_head, DESCRIPTOR: tl.constexpr):
+    """Where a loop's tiles of ``head`` in sequence ``b`` come from: a tensor descriptor as it
+    is (its loads take (batch, seq, head, dim) coordinates), else a pointer to the head."""
+    base = T
+    if not DESCRIPTOR:
+        base = T + b.to(tl.int64) * s_batch + head * s_head
+    return base
+
+
+@triton.jit
 def _visible(rows, cols, sk, shift, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
     """Which (row, col) pairs a boundary block may use: key in range and inside the window."""
     valid = cols < sk
@@ -136,6 +146,21 @@ def _key_blocks(m0, sk, shift, left, right, HAS_LEFT: tl.constexpr, HAS_RIGHT: t
                                          BLOCK_N) * BLOCK_N)
     a = tl.minimum(full_lo, hi)
     return lo, a, tl.maximum(full_hi, a), hi
+
+
+@triton.jit
+def _part(part: tl.constexpr, lo, a, c, hi):
+    """Bounds of a loop's part 0 (boundary blocks [lo, a)), 1 (interior [a, c), no masks) or 2
+    (boundary blocks [c, hi)): a ``tl.static_range(3)`` over the parts compiles three loops."""
+    start = lo
+    stop = a
+    if part == 1:
+        start = a
+        stop = c
+    if part == 2:
+        start = c
+        stop = hi
+    return start, stop
 
 
 @triton.jit
@@ -205,27 +230,16 @@ def _attn_fwd_kernel(
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-        if USE_TMA:
-            k_base = K
-            v_base = V
-        else:
-            k_base = K + b.to(tl.int64) * skb + hk * skh
-            v_base = V + b.to(tl.int64) * svb + hk * svh
-        for start_n in range(lo, a, BLOCK_N):
-            acc, l_i, m_i = _attn_fwd_tile(acc, l_i, m_i, q, k_base, v_base, b, hk, start_n,
-                                           offs_m, offs_n, offs_d, d_ok, k0, sks, svs, sk, shift,
-                                           left, right, qk_scale, True, HAS_LEFT, HAS_RIGHT,
-                                           EVEN_D, PRECISION, USE_TMA, BLOCK_N, BLOCK_D)
-        for start_n in range(a, c, BLOCK_N):
-            acc, l_i, m_i = _attn_fwd_tile(acc, l_i, m_i, q, k_base, v_base, b, hk, start_n,
-                                           offs_m, offs_n, offs_d, d_ok, k0, sks, svs, sk, shift,
-                                           left, right, qk_scale, False, HAS_LEFT, HAS_RIGHT,
-                                           EVEN_D, PRECISION, USE_TMA, BLOCK_N, BLOCK_D)
-        for start_n in range(c, hi, BLOCK_N):
-            acc, l_i, m_i = _attn_fwd_tile(acc, l_i, m_i, q, k_base, v_base, b, hk, start_n,
-                                           offs_m, offs_n, offs_d, d_ok, k0, sks, svs, sk, shift,
-                                           left, right, qk_scale, True, HAS_LEFT, HAS_RIGHT,
-                                           EVEN_D, PRECISION, USE_TMA, BLOCK_N, BLOCK_D)
+        k_base = _head_base(K, b, hk, skb, skh, USE_TMA)
+        v_base = _head_base(V, b, hk, svb, svh, USE_TMA)
+        for part in tl.static_range(3):
+            start, stop = _part(part, lo, a, c, hi)
+            for start_n in range(start, stop, BLOCK_N):
+                acc, l_i, m_i = _attn_fwd_tile(acc, l_i, m_i, q, k_base, v_base, b, hk, start_n,
+                                               offs_m, offs_n, offs_d, d_ok, k0, sks, svs, sk,
+                                               shift, left, right, qk_scale, part != 1,
+                                               HAS_LEFT, HAS_RIGHT, EVEN_D, PRECISION, USE_TMA,
+                                               BLOCK_N, BLOCK_D)
         empty = l_i == 0.0
         out = acc / tl.where(empty, 1.0, l_i)[:, None]
         tl.store(_tile(O, b, h, q0, offs_m, offs_d, sob, sos, soh), out.to(O.dtype.element_ty),
@@ -366,38 +380,20 @@ def _attn_bwd_dkdv_kernel(
         c = tl.maximum(full_hi, a)
         for g in range(group):
             h = hk * group + g
-            if USE_TMA:
-                q_base = Q
-                do_base = DO
-            else:
-                q_base = Q + b.to(tl.int64) * sqb + h * sqh
-                do_base = DO + b.to(tl.int64) * sdob + h * sdoh
+            q_base = _head_base(Q, b, h, sqb, sqh, USE_TMA)
+            do_base = _head_base(DO, b, h, sdob, sdoh, USE_TMA)
+            dq_base = _head_base(DQ_ACC, b, h, sdqb, sdqh, DQ_TMA)
             l_off = b.to(tl.int64) * slb + h * slh + q0
-            if DQ_TMA:
-                dq_base = DQ_ACC
-            else:
-                dq_base = DQ_ACC + b.to(tl.int64) * sdqb + h * sdqh
-            for start_m in range(lo, a, BLOCK_M):
-                dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, dq_base, LSE,
-                                             DELTA, l_off, b, h, q0, start_m, offs_m0, offs_n,
-                                             offs_d, d_ok, sq, sk, sqs, sdos, sdqs, shift, left,
-                                             right, qk_scale, sm_scale, True, HAS_LEFT,
-                                             HAS_RIGHT, EVEN_D, PRECISION, USE_TMA, ATOMIC_DQ,
-                                             DQ_TMA, BLOCK_M, BLOCK_D)
-            for start_m in range(a, c, BLOCK_M):
-                dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, dq_base, LSE,
-                                             DELTA, l_off, b, h, q0, start_m, offs_m0, offs_n,
-                                             offs_d, d_ok, sq, sk, sqs, sdos, sdqs, shift, left,
-                                             right, qk_scale, sm_scale, False, HAS_LEFT,
-                                             HAS_RIGHT, EVEN_D, PRECISION, USE_TMA, ATOMIC_DQ,
-                                             DQ_TMA, BLOCK_M, BLOCK_D)
-            for start_m in range(c, hi, BLOCK_M):
-                dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, dq_base, LSE,
-                                             DELTA, l_off, b, h, q0, start_m, offs_m0, offs_n,
-                                             offs_d, d_ok, sq, sk, sqs, sdos, sdqs, shift, left,
-                                             right, qk_scale, sm_scale, True, HAS_LEFT,
-                                             HAS_RIGHT, EVEN_D, PRECISION, USE_TMA, ATOMIC_DQ,
-                                             DQ_TMA, BLOCK_M, BLOCK_D)
+            for part in tl.static_range(3):
+                start, stop = _part(part, lo, a, c, hi)
+                for start_m in range(start, stop, BLOCK_M):
+                    dk, dv = _attn_bwd_dkdv_tile(dk, dv, k, v, q_base, do_base, dq_base, LSE,
+                                                 DELTA, l_off, b, h, q0, start_m, offs_m0,
+                                                 offs_n, offs_d, d_ok, sq, sk, sqs, sdos, sdqs,
+                                                 shift, left, right, qk_scale, sm_scale,
+                                                 part != 1, HAS_LEFT, HAS_RIGHT, EVEN_D,
+                                                 PRECISION, USE_TMA, ATOMIC_DQ, DQ_TMA, BLOCK_M,
+                                                 BLOCK_D)
         kv_mask = n_ok & d_ok
         tl.store(_tile(DK, b, hk, k0, offs_n, offs_d, sdkb, sdks, sdkh),
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
@@ -464,27 +460,15 @@ def _attn_bwd_dq_kernel(
         shift = sk - sq
         lo, a, c, hi = _key_blocks(m0, sk, shift, left, right, HAS_LEFT, HAS_RIGHT, BLOCK_M,
                                    BLOCK_N)
-        if USE_TMA:
-            k_base = K
-            v_base = V
-        else:
-            k_base = K + b.to(tl.int64) * skb + hk * skh
-            v_base = V + b.to(tl.int64) * svb + hk * svh
-        for start_n in range(lo, a, BLOCK_N):
-            dq = _attn_bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, b, hk, start_n, offs_m,
-                                   offs_n, offs_d, d_ok, k0, sks, svs, sk, shift, left, right,
-                                   qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D, PRECISION,
-                                   USE_TMA, BLOCK_N, BLOCK_D)
-        for start_n in range(a, c, BLOCK_N):
-            dq = _attn_bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, b, hk, start_n, offs_m,
-                                   offs_n, offs_d, d_ok, k0, sks, svs, sk, shift, left, right,
-                                   qk_scale, False, HAS_LEFT, HAS_RIGHT, EVEN_D, PRECISION,
-                                   USE_TMA, BLOCK_N, BLOCK_D)
-        for start_n in range(c, hi, BLOCK_N):
-            dq = _attn_bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, b, hk, start_n, offs_m,
-                                   offs_n, offs_d, d_ok, k0, sks, svs, sk, shift, left, right,
-                                   qk_scale, True, HAS_LEFT, HAS_RIGHT, EVEN_D, PRECISION,
-                                   USE_TMA, BLOCK_N, BLOCK_D)
+        k_base = _head_base(K, b, hk, skb, skh, USE_TMA)
+        v_base = _head_base(V, b, hk, svb, svh, USE_TMA)
+        for part in tl.static_range(3):
+            start, stop = _part(part, lo, a, c, hi)
+            for start_n in range(start, stop, BLOCK_N):
+                dq = _attn_bwd_dq_tile(dq, q, do, lse, delta, k_base, v_base, b, hk, start_n,
+                                       offs_m, offs_n, offs_d, d_ok, k0, sks, svs, sk, shift,
+                                       left, right, qk_scale, part != 1, HAS_LEFT, HAS_RIGHT,
+                                       EVEN_D, PRECISION, USE_TMA, BLOCK_N, BLOCK_D)
         tl.store(_tile(DQ, b, h, q0, offs_m, offs_d, sdqb, sdqs, sdqh),
                  (dq * sm_scale).to(DQ.dtype.element_ty), mask=m_ok[:, None] & d_ok)
 

@@ -8,6 +8,7 @@ from aiter_dist.comm.fused_norm import all_reduce_add_rms_norm_ref
 from aiter_dist.testing import assert_close_to_ref, run_distributed
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+GPU_SHAPES = [(1, 4096), (333, 4096), (64, 8192)]  # (tokens, hidden) for the multigpu tier
 
 
 def _device():
@@ -115,8 +116,7 @@ def test_rows_larger_than_workspace_go_in_pieces():
 
 @pytest.mark.multigpu
 def test_fused_matches_unfused_gpu():
-    run_distributed(_fused_vs_reference, torch.cuda.device_count(),
-                    [(1, 4096), (333, 4096), (64, 8192)], backend="nccl")
+    run_distributed(_fused_vs_reference, torch.cuda.device_count(), GPU_SHAPES, backend="nccl")
 
 
 # ----------------------------------------------------------------------------- sequence parallel
@@ -334,8 +334,8 @@ def test_fp8_gradient_fallback_and_bad_input_cpu():
 
 @pytest.mark.multigpu
 def test_sequence_parallel_ops_gpu():
-    run_distributed(_sequence_parallel_vs_reference, torch.cuda.device_count(),
-                    [(1, 4096), (333, 4096), (64, 8192)], backend="nccl")
+    run_distributed(_sequence_parallel_vs_reference, torch.cuda.device_count(), GPU_SHAPES,
+                    backend="nccl")
 
 
 @pytest.mark.multigpu
