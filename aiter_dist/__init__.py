@@ -11,7 +11,7 @@ from .comm import (all_gather, all_reduce, all_reduce_add_rms_norm,  # noqa: F40
                    reduce_scatter, reduce_scatter_add_rms_norm, rms_norm_all_gather,
                    workspace_tensor)
 from . import nn, tgemm  # noqa: F401
-from .distributed import init_distributed, local_device  # noqa: F401
+from .distributed import init_distributed, local_device, shutdown  # noqa: F401
 from .parallel import parallelize  # noqa: F401
 
 __version__ = "0.1.0"
@@ -19,5 +19,5 @@ __version__ = "0.1.0"
 __all__ = ["flash_attn_func", "flash_attn_varlen_func", "rms_norm", "add_rms_norm", "all_reduce",
            "all_gather", "reduce_scatter", "all_reduce_add_rms_norm", "all_reduce_add_rms_norm_fp8",
            "reduce_scatter_add_rms_norm", "rms_norm_all_gather", "workspace_tensor",
-           "tgemm", "nn", "parallelize", "init_distributed", "local_device", "last_path",
+           "tgemm", "nn", "parallelize", "init_distributed", "local_device", "shutdown", "last_path",
            "get_workspace", "create_workspace", "check_errors", "INTERPRETED"]

@@ -2,9 +2,14 @@
 single plain process."""
 from __future__ import annotations
 
+import atexit
 import datetime
+import gc
 import os
+import platform
 import socket
+import threading
+import time
 
 import torch
 import torch.distributed as dist
@@ -42,6 +47,73 @@ def _rank_info_from_mpi():
     return rank, world, local_rank, addr
 
 
+def _busy_threads() -> int | None:
+    """Threads of this process, other than the caller, that run or sit in a timed futex wait
+    (where CPython's ``take_gil`` waits); None where /proc cannot tell."""
+    futex = {"x86_64": "202", "aarch64": "98"}.get(platform.machine())
+    me = threading.get_native_id()
+    busy = 0
+    try:
+        for tid in os.listdir("/proc/self/task"):
+            if int(tid) == me:
+                continue
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    state = f.read().rsplit(")", 1)[1].split()[0]
+                with open(f"/proc/self/task/{tid}/syscall") as f:
+                    call = f.read().split()
+            except OSError:
+                continue  # the thread just ended
+            timed_futex = futex is not None and call[:1] == [futex] and len(call) > 4 \
+                and int(call[4], 16) != 0
+            busy += state == "R" or timed_futex
+    except OSError:
+        return None
+    return busy
+
+
+def _quiesce(limit_s: float = 2.0) -> None:
+    """Sleep, without the GIL, until no other thread of the process wants to run: a thread that
+    still has to take the GIL gets it now, while the interpreter is alive."""
+    deadline = time.monotonic() + limit_s
+    quiet = 0
+    while quiet < 3 and time.monotonic() < deadline:
+        busy = _busy_threads()
+        if busy is None:  # no /proc: a fixed grace period
+            time.sleep(0.2)
+            return
+        quiet = quiet + 1 if busy == 0 else 0
+        time.sleep(0.002)
+
+
+def shutdown() -> None:
+    """Tear down what ``init_distributed`` set up, before the interpreter finalizes: drop every
+    aiter_dist workspace, destroy the process groups, collect the garbage that still refers to
+    them, and let every native thread settle. Safe to call more than once; registered with
+    ``atexit`` by :func:`init_distributed`.
+
+    Why: gloo runs each collective on a worker thread, which frees the finished work (and the
+    tensors it holds) only after the caller has moved on. If Python has dropped such a tensor by
+    then, freeing it means taking the GIL; a worker that gets there after the interpreter began
+    to finalize is ended by CPython, and its unwinding through a C++ destructor calls
+    ``std::terminate`` ("terminate called without an active exception", exit -6). On a loaded
+    machine a worker can wait that long to be scheduled. ``destroy_process_group()`` does not
+    join the workers (only the group's destructor does, when the last reference to it dies, and
+    importing ``torch._inductor`` keeps one), so this waits instead until no thread is left
+    wanting to run.
+    """
+    from .comm import release_workspaces
+
+    release_workspaces()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()  # groups nobody holds any more: their destructors join the workers now
+    _quiesce()
+
+
+_shutdown_registered = False
+
+
 def init_distributed(timeout_s: float | None = None):
     """Initialize torch.distributed for this process and return the default process group.
 
@@ -50,10 +122,15 @@ def init_distributed(timeout_s: float | None = None):
     * otherwise: a single-process group of size 1.
 
     Picks NCCL for CUDA tensors (RCCL on ROCm) and gloo for CPU tensors, and sets this process's
-    CUDA device to its local rank. Calling it again returns the existing group.
+    CUDA device to its local rank. Calling it again returns the existing group. Registers
+    :func:`shutdown` to run at exit (the script need not destroy the group itself).
     """
+    global _shutdown_registered
     if dist.is_initialized():
         return dist.group.WORLD
+    if not _shutdown_registered:
+        atexit.register(shutdown)
+        _shutdown_registered = True
     timeout = datetime.timedelta(seconds=timeout_s or float(os.environ.get(
         "AITER_DIST_INIT_TIMEOUT_S", "600")))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:

@@ -353,10 +353,11 @@ def main(argv=None):
                "mfu": (flops_tok * tps / (args.peak_flops * world)
                        if device.type == "cuda" and tps else None)}
     say(json.dumps(summary), flush=True)
-    dist.barrier()
-    aiter_dist.comm.release_workspaces()  # symmetric buffers go before their process group
-    dist.destroy_process_group()
+    dist.barrier()  # every rank is done with its collectives
 
 
 if __name__ == "__main__":
     main()
+    # After main() returns, nothing refers to the model any more: shutdown() collects it with
+    # the process group it holds, which joins gloo's worker threads before the interpreter ends.
+    aiter_dist.shutdown()
