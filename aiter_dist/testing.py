@@ -53,7 +53,7 @@ def _worker(fn, rank, world, init_file, backend, args, results, env):
 
     os.environ.update(env)
     try:
-        if torch.cuda.is_available() and backend != "gloo":
+        if torch.cuda.is_available():
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group(backend, init_method=f"file://{init_file}", rank=rank,
                                 world_size=world)
@@ -75,12 +75,13 @@ def _worker(fn, rank, world, init_file, backend, args, results, env):
 
 
 def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: float = 240,
-                    env: dict | None = None):
+                    env: dict | None = None, exits=()):
     """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh processes joined by a process
     group; return the per-rank results in rank order, or raise with every failing rank's traceback.
 
     ``fn`` must be importable by name (a module-level function). A run that outlives ``timeout``
-    seconds is killed and reported, so a hang fails the test instead of blocking it.
+    seconds is killed and reported, so a hang fails the test instead of blocking it. Ranks in
+    ``exits`` are expected to end their process without a result (their entry is None).
     """
     import torch.multiprocessing as mp
 
@@ -97,7 +98,7 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
             p.start()
         out, errors = {}, []
         try:
-            for _ in range(world_size):
+            for _ in range(world_size - len(exits)):
                 rank, status, value = results.get(timeout=timeout)
                 if status == "ok":
                     out[rank] = pickle.loads(value)
@@ -113,7 +114,31 @@ def run_distributed(fn, world_size: int, *args, backend: str = "gloo", timeout: 
     if errors:
         msg = "\n".join(f"--- rank {r} ---\n{tb}" for r, tb in errors)
         raise AssertionError(f"{fn.__name__} failed on {len(errors)} rank(s):\n{msg}")
-    return [out[r] for r in range(world_size)]
+    return [out.get(r) for r in range(world_size)]
+
+
+def gpu_world() -> int:
+    """Ranks of the multigpu tier: ``AITER_DIST_TEST_GPU_RANKS``, else one per visible GPU."""
+    env = os.environ.get("AITER_DIST_TEST_GPU_RANKS")
+    return int(env) if env else (torch.cuda.device_count() if torch.cuda.is_available() else 0)
+
+
+def shares_gpus(world: int | None = None) -> bool:
+    """Whether ``world`` GPU ranks (default :func:`gpu_world`) outnumber the visible GPUs."""
+    return (world or gpu_world()) > torch.cuda.device_count()
+
+
+def run_gpu_ranks(fn, *args, world: int | None = None, env: dict | None = None, **kwargs):
+    """:func:`run_distributed` on GPU ranks: one rank per GPU over NCCL; more ranks than GPUs
+    share them through the IPC workspace (``AITER_DIST_WORKSPACE_BACKEND=ipc``) in a gloo group,
+    since NCCL and torch symmetric memory refuse two ranks on one GPU. Their kernels then
+    time-slice the device: every barrier, header check and peer read is real, the speed is not."""
+    world = world or gpu_world()
+    env = dict(env or {})
+    if shares_gpus(world):
+        env.setdefault("AITER_DIST_WORKSPACE_BACKEND", "ipc")
+    return run_distributed(fn, world, *args, backend="gloo" if shares_gpus(world) else "nccl",
+                           env=env, **kwargs)
 
 
 # ----------------------------------------------------------------------------- CUDA graphs

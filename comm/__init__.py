@@ -1,6 +1,6 @@
 """Collectives over the symmetric workspace (installed as ``aiter_dist.comm``)."""
 from .all_reduce import (AllReduceFunc, all_reduce, all_reduce_raw,  # noqa: F401
-                         copy_to_parallel_region, custom_all_reduce_raw, one_shot_all_reduce_raw)
+                         copy_to_parallel_region, custom_all_reduce_raw)
 from .fused_norm import (all_reduce_add_rms_norm, all_reduce_add_rms_norm_fp8,  # noqa: F401
                          reduce_scatter_add_rms_norm, rms_norm_all_gather)
 from .protocol import check_comm_errors  # noqa: F401

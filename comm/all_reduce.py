@@ -15,8 +15,7 @@ and both algorithms give the same bits as each other.
 
 An input that already lives in the workspace (``aiter_dist.comm.workspace_tensor``) skips the copy
 in. ``algo`` is ``"one_shot"``, ``"two_shot"``, ``"fallback"`` (``torch.distributed.all_reduce``) or
-``"auto"``, which picks by message size from thresholds measured per device and world size
-(``AUTO_ALL_REDUCE``; see the table's comment).
+``"auto"``, which picks by message size (``policy.AUTO``).
 """
 from __future__ import annotations
 
@@ -25,56 +24,14 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ..kernels._runtime import launch, record_path, runs_triton
-from .protocol import (DTYPE_CODE, OP_NAMES, _finish, _meet, _peer_buf, _report_mismatch, _start,
-                       after_launch, auto_table, check_comm_errors, check_comm_input, max_spins,
-                       resolve_group)
-from .workspace import HEADER_BYTES, MAX_WORLD, get_workspace
+from .policy import route
+from .protocol import (OP_NAMES, _finish, _meet, _peer_buf, _report_mismatch, _start,
+                       check_comm_input, launch_collective, pieces)
+from .workspace import max_grid
 
 OP_ALL_REDUCE = 1
 OP_NAMES[OP_ALL_REDUCE] = "all_reduce"
 ALGOS = ("auto", "one_shot", "two_shot", "fallback")
-
-# algo="auto": per device row and world size, (largest message in bytes, algorithm) in increasing
-# order; larger messages go to torch.distributed. "cuda" applies while a CUDA graph is captured,
-# "cuda-eager" to eager calls, where every call pays the Python launch cost.
-# cuda: benchmarks/results/h200.md (bench_allreduce.py, since folded into bench_collectives.py;
-#   2x H200, bf16, graph replay): one-shot beats NCCL 1.16-1.30x from 4 KB to 4 MB and loses from
-#   16 MB (113 vs 75 us). Two-shot has not been timed on a GPU yet, so auto does not pick it
-#   there; other world sizes use the 2-GPU figures until runs on 4 and 8 GPUs retune them.
-# cuda-eager: the kernel costs ~40 us of host time per call against NCCL's ~22-25 us up to 1 MB
-#   and ties at 4 MB (38.8 vs 39.2 us): NCCL serves eager calls until launch gets cheaper.
-# cpu: the CPU backend exists so the real kernels run in CI and in CPU training; gloo is faster
-#   there, but small messages take the kernels so that CPU runs exercise both.
-AUTO_ALL_REDUCE = {
-    "cuda": {w: ((4 << 20, "one_shot"),) for w in range(2, MAX_WORLD + 1)},
-    "cuda-eager": {w: () for w in range(2, MAX_WORLD + 1)},
-    "cpu": {w: ((64 << 10, "one_shot"), (256 << 10, "two_shot")) for w in range(2, MAX_WORLD + 1)},
-}
-
-
-def auto_algo(device: torch.device, world: int, nbytes: int) -> str:
-    """The algorithm ``algo="auto"`` takes for a message of ``nbytes`` (``"fallback"`` past the
-    table). Other collectives of the same protocol use the same rows."""
-    for limit, algo in AUTO_ALL_REDUCE[auto_table(device)].get(world, ()):
-        if nbytes <= limit:
-            return algo
-    return "fallback"
-
-
-def pick_algo(op: str, device: torch.device, world: int, nbytes: int,
-              algo: str) -> tuple[str, str | None]:
-    """What a call of any collective here takes: ``algo`` itself, the auto table's choice, or
-    ``"fallback"`` (torch.distributed), with the reason when a kernel cannot serve at all."""
-    if algo == "fallback":
-        return "fallback", None
-    if world > MAX_WORLD:
-        return "fallback", f"world size {world} > {MAX_WORLD}"
-    if not runs_triton(op, device):
-        return "fallback", "CPU tensor on a GPU machine"
-    if algo != "auto":
-        return algo, None
-    return auto_algo(device, world, nbytes), None
 
 
 # ----------------------------------------------------------------------------- reference
@@ -86,15 +43,20 @@ def all_reduce_ref(xs):
 
 # ----------------------------------------------------------------------------- kernels
 
-# Rank-like ints are not specialized: a value of 1 (rank 1, dtype code 1) would otherwise become a
-# compile-time constant and a different kernel per rank. numel and chunk stay specialized: knowing
+# Header fields and rank-like ints are not specialized (a rank of 1 would otherwise become a
+# compile-time constant, a different kernel per rank). numel and chunk stay specialized: knowing
 # they are multiples of 16 is what lets the masked loads be 16 bytes wide (3x at 4 MB on H200).
-@triton.jit(do_not_specialize=["total", "rank", "world", "max_spins", "dtype_code", "op_id"])
+@triton.jit(do_not_specialize=["seq", "op_id", "dtype_code", "total", "key", "variant", "rank",
+                               "world", "max_spins"])
 def _all_reduce_kernel(
-    IN, OUT, BUF_PTRS, SIG_PTRS, ERR,
-    numel, chunk, total, rank, world, max_spins, dtype_code, op_id,
+    IN, OUT,  # this rank's input piece (numel elements) and output
+    BUF_PTRS, SIG_PTRS, ERR,  # workspace pointer tables [world] and error record
+    seq, op_id, dtype_code, numel, total, key, variant,  # launch header (protocol.Header)
+    rank, world, max_spins,
+    chunk,  # elements per rank's chunk (two-shot), numel (one-shot)
     TWO_SHOT: tl.constexpr, COPY_IN: tl.constexpr, MAX_PROGRAMS: tl.constexpr,
-    MAX_WORLD_: tl.constexpr, HEADER: tl.constexpr, BLOCK: tl.constexpr,
+    MAX_WORLD_: tl.constexpr, HEADER: tl.constexpr, ABORT_POLL: tl.constexpr,
+    HWORDS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # One-shot: one chunk of numel elements, reduced by every rank. Two-shot: world chunks of
     # ``chunk`` elements (the last ones short or empty); rank r reduces chunk r.
@@ -108,9 +70,9 @@ def _all_reduce_kernel(
     else:
         n_chunks = 1
         mine = 0
-    failed, bad, bad_numel, bad_dtype = _start(
-        IN, BUF_PTRS, SIG_PTRS, ERR, numel, chunk, n_chunks, numel, total * 2 + TWO_SHOT,
-        rank, world, max_spins, dtype_code, op_id, COPY_IN, MAX_PROGRAMS, MAX_WORLD_, HEADER, BLOCK)
+    failed, bad = _start(IN, BUF_PTRS, SIG_PTRS, ERR, numel, chunk, n_chunks, seq, op_id,
+                         dtype_code, numel, total, key, variant, rank, world, max_spins, COPY_IN,
+                         MAX_PROGRAMS, MAX_WORLD_, HEADER, ABORT_POLL, HWORDS, BLOCK)
 
     # Reduce this rank's chunk in rank order, fp32 accumulation, one rounding.
     if failed == 0:
@@ -129,12 +91,13 @@ def _all_reduce_kernel(
                 for r in range(world):
                     tl.store(_peer_buf(BUF_PTRS, r, elem_ty, HEADER) + offs, total_, mask=mask)
 
-    _report_mismatch(ERR, op_id, bad, bad_numel, bad_dtype, numel, dtype_code)
+    _report_mismatch(ERR, SIG_PTRS, BUF_PTRS, rank, world, op_id, bad, MAX_PROGRAMS, MAX_WORLD_,
+                     HWORDS)
     if TWO_SHOT:
         # Every peer's program pid has written its chunk's sums into this rank's buffer.
         if failed == 0:
-            failed = _meet(BUF_PTRS, SIG_PTRS, ERR, rank, world, max_spins, op_id, 1,
-                           MAX_PROGRAMS, MAX_WORLD_)
+            failed = _meet(SIG_PTRS, BUF_PTRS, ERR, rank, world, max_spins, op_id, 1,
+                           MAX_PROGRAMS, MAX_WORLD_, ABORT_POLL, HWORDS)
         if failed == 0:
             my_buf = _peer_buf(BUF_PTRS, rank, elem_ty, HEADER)
             for c in range(world):
@@ -147,64 +110,49 @@ def _all_reduce_kernel(
         # No closing barrier: peers write into this buffer only after the next launch's start
         # barrier, which this program reaches after its reads above.
     else:
-        _finish(BUF_PTRS, SIG_PTRS, ERR, rank, world, max_spins, op_id, failed,
-                MAX_PROGRAMS, MAX_WORLD_)
+        _finish(SIG_PTRS, BUF_PTRS, ERR, rank, world, max_spins, op_id, failed,
+                MAX_PROGRAMS, MAX_WORLD_, ABORT_POLL, HWORDS)
 
 
 # ----------------------------------------------------------------------------- launchers
 
-def _check_all_reduce_input(x):
+def _check_all_reduce_input(x, algo):
+    if algo not in ALGOS:
+        raise ValueError(f"aiter_dist.all_reduce: algo must be one of {', '.join(map(repr, ALGOS))}"
+                         f", got {algo!r}")
     check_comm_input("all_reduce", "x", x)
     if not x.is_contiguous():
         raise ValueError(f"aiter_dist.all_reduce: x must be contiguous (strides {x.stride()}); "
                          f"call .contiguous() first")
 
 
-def _launch_all_reduce(x_flat, out_flat, total, ws, two_shot, copy_in):
-    cpu = x_flat.device.type == "cpu"
+def _launch_all_reduce(ws, call, x_flat, out_flat, two_shot, copy_in):
+    cpu = ws.device.type == "cpu"
     n = x_flat.numel()
     # The interpreter runs each block op as one numpy call: large blocks, few iterations.
     block = 16384 if cpu else 2048
     chunk = triton.cdiv(triton.cdiv(n, ws.world_size), 64) * 64 if two_shot else n
-    programs = max(1, min(triton.cdiv(chunk, block), ws.max_programs))
-    launch(_all_reduce_kernel, (programs,), x_flat.device,
-           x_flat, out_flat, ws.buffer_ptrs, ws.signal_ptrs, ws.err,
-           n, chunk, min(total, 2**30 - 1), ws.rank, ws.world_size, max_spins(x_flat.device),
-           DTYPE_CODE[x_flat.dtype], OP_ALL_REDUCE,
-           TWO_SHOT=two_shot, COPY_IN=copy_in, MAX_PROGRAMS=ws.max_programs,
-           MAX_WORLD_=MAX_WORLD, HEADER=HEADER_BYTES, BLOCK=block, num_warps=1 if cpu else 8)
-    after_launch(ws, x_flat.device)
+    programs = max(1, min(triton.cdiv(chunk, block), max_grid(ws)))
+    launch_collective(_all_reduce_kernel, programs, ws, call, n, int(two_shot),
+                      tensors=(x_flat, out_flat), scalars=(chunk,), TWO_SHOT=two_shot,
+                      COPY_IN=copy_in, BLOCK=block, num_warps=1 if cpu else 8)
 
 
-def _custom_all_reduce(x: torch.Tensor, group, algo: str) -> torch.Tensor:
-    """The one-shot or two-shot kernel on a checked input. Messages larger than the workspace go
-    in pieces; an input that is the group's workspace tensor skips the copy in."""
-    ws = get_workspace(group, x.device)
-    check_comm_errors(ws)
+def _kernel_all_reduce(x: torch.Tensor, ws, call, algo: str) -> torch.Tensor:
+    """The one-shot or two-shot kernel. Messages larger than the workspace go in pieces; an input
+    that is the group's workspace tensor skips the copy in."""
     out = torch.empty_like(x)
     xf, of = x.view(-1), out.view(-1)
     two_shot = algo == "two_shot"
     if ws.holds(x):
-        _launch_all_reduce(xf, of, xf.numel(), ws, two_shot, copy_in=False)
+        _launch_all_reduce(ws, call, xf, of, two_shot, copy_in=False)
         return out
     # Pieces of whole 64-element blocks per rank. (Two-shot's padded chunks never touch the
     # elements past the message: every access is masked by numel.)
     cap = (ws.data_bytes // x.element_size()) // (64 * ws.world_size) * (64 * ws.world_size)
-    for start in range(0, xf.numel(), cap):
-        stop = start + cap
-        _launch_all_reduce(xf[start:stop], of[start:stop], xf.numel(), ws, two_shot,
-                           copy_in=True)
+    for a, b in pieces(xf.numel(), cap):
+        _launch_all_reduce(ws, call, xf[a:b], of[a:b], two_shot, copy_in=True)
     return out
-
-
-def custom_all_reduce_raw(x: torch.Tensor, group=None, algo: str = "one_shot") -> torch.Tensor:
-    """The one-shot or two-shot kernel, no autograd, whatever the auto table says."""
-    _check_all_reduce_input(x)
-    return _custom_all_reduce(x, group, algo)
-
-
-def one_shot_all_reduce_raw(x: torch.Tensor, group=None) -> torch.Tensor:
-    return custom_all_reduce_raw(x, group, "one_shot")
 
 
 def fallback_all_reduce_raw(x: torch.Tensor, group=None):
@@ -213,23 +161,28 @@ def fallback_all_reduce_raw(x: torch.Tensor, group=None):
     return out
 
 
-def all_reduce_raw(x: torch.Tensor, group=None, algo: str = "auto") -> torch.Tensor:
-    """Sum of ``x`` over ``group`` into a new tensor, no autograd."""
-    if algo not in ALGOS:
-        raise ValueError(f"aiter_dist.all_reduce: algo must be one of {', '.join(map(repr, ALGOS))}"
-                         f", got {algo!r}")
-    _check_all_reduce_input(x)
-    group = resolve_group(group)
-    world = dist.get_world_size(group)
-    if world == 1:
-        record_path("all_reduce", "identity")
+def all_reduce_raw(x: torch.Tensor, group=None, algo: str = "auto", *,
+                   one_rank_kernel: bool = False) -> torch.Tensor:
+    """Sum of ``x`` over ``group`` into a new tensor, no autograd. ``one_rank_kernel``: a group
+    of one still runs the kernel (tests)."""
+    _check_all_reduce_input(x, algo)
+    r = route("all_reduce", OP_ALL_REDUCE, "all_reduce", x, group, algo,
+              nbytes=x.numel() * x.element_size(), total=x.numel(),
+              one_rank_kernel=one_rank_kernel)
+    if r.path == "identity":
         return x.clone()
-    chosen, reason = pick_algo("all_reduce", x.device, world, x.numel() * x.element_size(), algo)
-    if chosen != "fallback":
-        record_path("all_reduce", chosen)
-        return _custom_all_reduce(x, group, chosen)
-    record_path("all_reduce", "torch.distributed", reason)
-    return fallback_all_reduce_raw(x, group)
+    if r.path == "fallback":
+        return fallback_all_reduce_raw(x, group)
+    return _kernel_all_reduce(x, r.ws, r.call, r.path)
+
+
+def custom_all_reduce_raw(x: torch.Tensor, group=None, algo: str = "one_shot") -> torch.Tensor:
+    """The one-shot or two-shot kernel, no autograd, whatever the auto table says (and for a
+    group of one too)."""
+    if algo not in ("one_shot", "two_shot"):
+        raise ValueError(f"aiter_dist.custom_all_reduce_raw: algo must be 'one_shot' or "
+                         f"'two_shot', got {algo!r}")
+    return all_reduce_raw(x, group, algo, one_rank_kernel=True)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -266,9 +219,19 @@ class CopyToParallelRegionFunc(torch.autograd.Function):
 def all_reduce(x: torch.Tensor, group=None, algo: str = "auto") -> torch.Tensor:
     """Sum ``x`` over the ranks of ``group`` (default: the world); returns a new tensor.
 
-    Every rank gets bitwise the same result. ``algo`` is ``"auto"``, ``"one_shot"``,
-    ``"two_shot"`` or ``"fallback"`` (torch.distributed); ``aiter_dist.last_path("all_reduce")``
-    tells which served.
+    Args:
+        x: a contiguous float32, float16 or bfloat16 tensor of any shape, on this rank's device
+            (its current CUDA device, or the CPU). Every rank must pass the same shape and
+            dtype, and the same ``algo``: ranks that differ get a ``RuntimeError``.
+        group: the process group (default: the world).
+        algo: ``"auto"`` (by message size, ``policy.AUTO``), ``"one_shot"``, ``"two_shot"`` or
+            ``"fallback"`` (torch.distributed). ``aiter_dist.last_path("all_reduce")`` tells
+            which served the call (``"identity"`` for a group of one).
+
+    Numerics: the kernels sum in rank order with fp32 accumulation and round once, so every rank
+    holds bitwise the same result, and one-shot and two-shot agree bitwise; the fallback has
+    NCCL's or gloo's numerics. Autograd: the backward is the identity (the reduce that ends a
+    row-parallel layer, Megatron's convention).
     """
     if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
         return AllReduceFunc.apply(x, group, algo)

@@ -32,14 +32,14 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ..kernels._runtime import launch, record_path
 from ..kernels.rmsnorm import (_check_norm_inputs, add_rms_norm_bwd, add_rms_norm_ref,
                                rms_norm_bwd, rms_norm_fwd, rms_norm_ref)
-from .all_reduce import all_reduce_raw, pick_algo
+from .all_reduce import all_reduce_raw
 from .gather_scatter import all_gather_raw, reduce_scatter_raw
-from .protocol import (DTYPE_CODE, OP_NAMES, _finish, _peer_buf, _report_mismatch, _start,
-                       after_launch, check_comm_errors, check_comm_input, max_spins, resolve_group)
-from .workspace import HEADER_BYTES, MAX_WORLD, get_workspace
+from .policy import route
+from .protocol import (OP_NAMES, _finish, _peer_buf, _report_mismatch, _start, check_comm_input,
+                       launch_collective, pieces, resolve_group)
+from .workspace import max_grid, workspace_data_bytes
 
 OP_ALL_REDUCE_ADD_RMS_NORM, OP_REDUCE_SCATTER_ADD_RMS_NORM, OP_RMS_NORM_ALL_GATHER = 4, 5, 6
 OP_NAMES.update({OP_ALL_REDUCE_ADD_RMS_NORM: "all_reduce_add_rms_norm",
@@ -49,7 +49,7 @@ MODE_ALL_REDUCE, MODE_REDUCE_SCATTER, MODE_ALL_GATHER = 0, 1, 2
 _MODE_OP = {MODE_ALL_REDUCE: OP_ALL_REDUCE_ADD_RMS_NORM,
             MODE_REDUCE_SCATTER: OP_REDUCE_SCATTER_ADD_RMS_NORM,
             MODE_ALL_GATHER: OP_RMS_NORM_ALL_GATHER}
-FUSED_MAX_N = 16384  # whole rows in registers; wider rows take the unfused path
+FUSED_ROW_MAX_N = 16384  # whole rows in registers; wider rows take the unfused path
 FP8_MIN_SCALE = 1e-12  # scale of an all-zero row (any positive value dequantizes it to 0)
 
 
@@ -130,13 +130,17 @@ def _norm_rows(sf, w, N, eps):
     return sf * rstd[:, None] * w, rstd
 
 
-@triton.jit(do_not_specialize=["rank", "world", "max_spins", "dtype_code", "op_id"])
+@triton.jit(do_not_specialize=["seq", "op_id", "dtype_code", "numel", "total", "key", "variant",
+                               "rank", "world", "max_spins"])
 def _fused_norm_kernel(
-    X, R, W, Y, RES_OUT, RSTD, SCALE, BUF_PTRS, SIG_PTRS, ERR,
-    M, N, eps, rank, world, max_spins, dtype_code, op_id,
+    X, R, W, Y, RES_OUT, RSTD, SCALE,  # see the launcher: rows of N, contiguous
+    BUF_PTRS, SIG_PTRS, ERR,  # workspace pointer tables [world] and error record
+    seq, op_id, dtype_code, numel, total, key, variant,  # launch header (protocol.Header)
+    rank, world, max_spins,
+    M, N, eps,  # rows (see below), columns, RMSNorm epsilon
     MODE: tl.constexpr, FP8_MAX: tl.constexpr, FP8_MIN_EXP: tl.constexpr,
     MAX_PROGRAMS: tl.constexpr, MAX_WORLD_: tl.constexpr, HEADER: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    ABORT_POLL: tl.constexpr, HWORDS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # M: rows of this rank's output (MODE 0), of its shard (MODE 1: X holds world * M rows;
     # MODE 2: Y holds world * M rows). All tensors contiguous, N columns.
@@ -173,9 +177,9 @@ def _fused_norm_kernel(
                 mask = (rows < M)[:, None] & col_mask
                 tl.store(my_buf + offs, tl.load(X + offs, mask=mask), mask=mask)
 
-    failed, bad, bad_numel, bad_dtype = _start(
-        X, BUF_PTRS, SIG_PTRS, ERR, 0, 0, 0, M * N, N * 4 + MODE, rank, world, max_spins,
-        dtype_code, op_id, False, MAX_PROGRAMS, MAX_WORLD_, HEADER, 16)
+    failed, bad = _start(X, BUF_PTRS, SIG_PTRS, ERR, 0, 0, 0, seq, op_id, dtype_code, numel,
+                         total, key, variant, rank, world, max_spins, False, MAX_PROGRAMS,
+                         MAX_WORLD_, HEADER, ABORT_POLL, HWORDS, 16)
 
     if failed == 0:
         for blk in range(pid, n_blocks, nprog):
@@ -201,8 +205,8 @@ def _fused_norm_kernel(
                                    cache_modifier=".cg").to(tl.float32)
                 # Round the sum as the collective would, add the residual and round again (to
                 # the promoted dtype of x and residual).
-                total = acc.to(elem_ty).to(tl.float32)
-                s = (total + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)).to(
+                summed = acc.to(elem_ty).to(tl.float32)
+                s = (summed + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32)).to(
                     RES_OUT.dtype.element_ty)
                 tl.store(RES_OUT + offs, s, mask=mask)
                 y, rstd = _norm_rows(s.to(tl.float32), w, N, eps)
@@ -219,49 +223,54 @@ def _fused_norm_kernel(
                 else:
                     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
-    _report_mismatch(ERR, op_id, bad, bad_numel, bad_dtype, M * N, dtype_code)
-    _finish(BUF_PTRS, SIG_PTRS, ERR, rank, world, max_spins, op_id, failed,
-            MAX_PROGRAMS, MAX_WORLD_)
+    _report_mismatch(ERR, SIG_PTRS, BUF_PTRS, rank, world, op_id, bad, MAX_PROGRAMS, MAX_WORLD_,
+                     HWORDS)
+    _finish(SIG_PTRS, BUF_PTRS, ERR, rank, world, max_spins, op_id, failed,
+            MAX_PROGRAMS, MAX_WORLD_, ABORT_POLL, HWORDS)
 
 
 # ----------------------------------------------------------------------------- launchers
 
-def _use_fused(op, x2, rows_in_buffer, world, algo, group, in_pieces=False):
-    """(workspace or None, reason for the unfused path or None). ``in_pieces``: the caller can
-    launch the kernel on row pieces, so only one row has to fit in the workspace."""
-    if world == 1:
-        return None, None
+def _fused_limit(x2, rows_in_buffer, group, in_pieces=False):
+    """Why the fused kernel cannot take this message (None: it can). ``in_pieces``: the caller
+    can launch the kernel on row pieces, so only one row has to fit in the workspace."""
     nbytes = rows_in_buffer * x2.shape[1] * x2.element_size()
-    chosen, reason = pick_algo(op, x2.device, world, nbytes, algo)
-    if chosen == "fallback":
-        return None, reason  # reason None: asked for, or measured faster at this size
-    ws = get_workspace(group, x2.device)
     need = x2.shape[1] * x2.element_size() if in_pieces else nbytes
-    if x2.shape[1] > FUSED_MAX_N or need > ws.data_bytes:
-        return None, (f"rows of {x2.shape[1]} or {nbytes} B exceed the fused kernel's limits "
-                      f"({FUSED_MAX_N} columns, a {ws.data_bytes} B workspace)")
-    return ws, None
+    room = workspace_data_bytes(group, x2.device)
+    if x2.shape[1] > FUSED_ROW_MAX_N or need > room:
+        return (f"rows of {x2.shape[1]} or {nbytes} B exceed the fused kernel's limits "
+                f"({FUSED_ROW_MAX_N} columns, a {room} B workspace)")
+    return None
 
 
-def _launch_fused(mode, ws, x2, r2, weight, y, res_out, rstd, scale, m, eps, fp8_dtype=None):
-    check_comm_errors(ws)
+def _route_fused(op, mode, x2, rows_in_buffer, group, algo, composed, x_shape, in_pieces=False):
+    if algo not in ("auto", "one_shot", "fallback"):
+        raise ValueError(f"aiter_dist.{op}: algo must be 'auto', 'one_shot' or 'fallback', "
+                         f"got {algo!r}")
+    group = resolve_group(group)
+    limit = _fused_limit(x2, rows_in_buffer, group, in_pieces)
+    return route(op, _MODE_OP[mode], "fused_norm", x2, group, algo,
+                 nbytes=rows_in_buffer * x2.shape[1] * x2.element_size(), total=x2.numel(),
+                 shape=x_shape, kernel_limit=limit, composed=composed)
+
+
+def _launch_fused(mode, ws, call, x2, r2, weight, y, res_out, rstd, scale, m, eps,
+                  fp8_dtype=None):
     N = x2.shape[1]
     cpu = x2.device.type == "cpu"
     block_n = triton.next_power_of_2(N)
     block_m = max(1, min((16384 if cpu else 4096) // block_n, 64))
-    programs = max(1, min(triton.cdiv(max(m, 1), block_m), ws.max_programs))
+    programs = max(1, min(triton.cdiv(max(m, 1), block_m), max_grid(ws)))
     fp8_max, fp8_min_exp = _fp8_format(fp8_dtype) if fp8_dtype is not None else (0.0, 0)
     dummy = rstd  # for pointers a mode does not use
-    launch(_fused_norm_kernel, (programs,), x2.device,
-           x2, r2 if r2 is not None else dummy, weight, y,
-           res_out if res_out is not None else dummy, rstd, scale if scale is not None else dummy,
-           ws.buffer_ptrs, ws.signal_ptrs, ws.err,
-           m, N, eps, ws.rank, ws.world_size, max_spins(x2.device), DTYPE_CODE[x2.dtype],
-           _MODE_OP[mode],
-           MODE=mode, FP8_MAX=fp8_max, FP8_MIN_EXP=fp8_min_exp, MAX_PROGRAMS=ws.max_programs,
-           MAX_WORLD_=MAX_WORLD, HEADER=HEADER_BYTES, BLOCK_M=block_m, BLOCK_N=block_n,
-           num_warps=1 if cpu else min(max(block_m * block_n // 512, 4), 16))
-    after_launch(ws, x2.device)
+    launch_collective(
+        _fused_norm_kernel, programs, ws, call, m * N, N * 4 + mode,
+        tensors=(x2, r2 if r2 is not None else dummy, weight, y,
+                 res_out if res_out is not None else dummy, rstd,
+                 scale if scale is not None else dummy),
+        scalars=(m, N, eps), MODE=mode, FP8_MAX=fp8_max, FP8_MIN_EXP=fp8_min_exp,
+        BLOCK_M=block_m, BLOCK_N=block_n,
+        num_warps=1 if cpu else min(max(block_m * block_n // 512, 4), 16))
 
 
 def _check_fused_inputs(op, x, weight, residual=None):
@@ -288,16 +297,15 @@ def all_reduce_add_rms_norm_fwd(x, residual, weight, eps, group, algo="auto", fp
     if residual.shape != x.shape:
         raise ValueError(f"aiter_dist.{op}: residual shape {tuple(residual.shape)} differs from x "
                          f"shape {tuple(x.shape)}")
-    group = resolve_group(group)
-    world = dist.get_world_size(group)
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     r2 = residual.reshape(-1, x.shape[-1]).contiguous()
     res_dtype = torch.promote_types(x.dtype, residual.dtype)
     M = x2.shape[0]
-    ws, reason = _use_fused(op, x2, M, world, algo, group, in_pieces=True)
-    if ws is None:
-        record_path(op, "all_reduce + add_rms_norm", reason)
-        total = all_reduce_raw(x2, group, "fallback" if algo == "fallback" else "auto")
+    r = _route_fused(op, MODE_ALL_REDUCE, x2, M, group, algo, "all_reduce + add_rms_norm",
+                     x.shape, in_pieces=True)
+    if r.path != "one_shot":
+        total = all_reduce_raw(x2, group, "fallback" if algo == "fallback" else "auto") \
+            if r.path != "identity" else x2
         y, res_out, rstd = rms_norm_fwd(total.to(res_dtype), weight, eps,
                                         residual=r2.to(res_dtype))
         scale = None
@@ -309,13 +317,11 @@ def all_reduce_add_rms_norm_fwd(x, residual, weight, eps, group, algo="auto", fp
         rstd = torch.empty(M, dtype=torch.float32, device=x.device)
         scale = torch.empty(M, dtype=torch.float32, device=x.device) if fp8_dtype else None
         # Rows are independent: a message larger than the workspace goes in row pieces.
-        piece = max(1, ws.data_bytes // (x2.shape[1] * x2.element_size()))
-        for a in range(0, M, piece):
-            b = min(M, a + piece)
-            _launch_fused(MODE_ALL_REDUCE, ws, x2[a:b], r2[a:b], weight, y[a:b], res_out[a:b],
-                          rstd[a:b], scale[a:b] if scale is not None else None, b - a, eps,
-                          fp8_dtype)
-        record_path(op, "one_shot")
+        piece = max(1, r.ws.data_bytes // (x2.shape[1] * x2.element_size()))
+        for a, b in pieces(M, piece):
+            _launch_fused(MODE_ALL_REDUCE, r.ws, r.call, x2[a:b], r2[a:b], weight, y[a:b],
+                          res_out[a:b], rstd[a:b], scale[a:b] if scale is not None else None,
+                          b - a, eps, fp8_dtype)
     if scale is not None:
         scale = scale.view(*x.shape[:-1], 1)
     return y.view(x.shape), res_out.view(x.shape), rstd, scale
@@ -332,8 +338,7 @@ def reduce_scatter_add_rms_norm_fwd(x, residual, weight, eps, group, algo="auto"
     op = "reduce_scatter_add_rms_norm"
     _check_fused_inputs(op, x, weight, residual)
     _check_tokens_first(op, x)
-    group = resolve_group(group)
-    world = dist.get_world_size(group)
+    world = dist.get_world_size(resolve_group(group))
     if x.shape[0] % world:
         raise ValueError(f"aiter_dist.{op}: x.shape[0]={x.shape[0]} is not divisible by the world "
                          f"size {world}; pad the sequence to a multiple of {world}")
@@ -345,18 +350,19 @@ def reduce_scatter_add_rms_norm_fwd(x, residual, weight, eps, group, algo="auto"
     r2 = residual.reshape(-1, x.shape[-1]).contiguous()
     res_dtype = torch.promote_types(x.dtype, residual.dtype)
     m = r2.shape[0]
-    ws, reason = _use_fused(op, x2, m * world, world, algo, group)
-    if ws is None:
-        record_path(op, "reduce_scatter + add_rms_norm", reason)
-        part = reduce_scatter_raw(x2, 0, group, "fallback" if algo == "fallback" else "auto")
+    r = _route_fused(op, MODE_REDUCE_SCATTER, x2, m * world, group, algo,
+                     "reduce_scatter + add_rms_norm", x.shape)
+    if r.path != "one_shot":
+        part = reduce_scatter_raw(x2, 0, group, "fallback" if algo == "fallback" else "auto") \
+            if r.path != "identity" else x2
         y, res_out, rstd = rms_norm_fwd(part.to(res_dtype), weight, eps,
                                         residual=r2.to(res_dtype))
     else:
         y = torch.empty_like(r2, dtype=res_dtype)
         res_out = torch.empty_like(r2, dtype=res_dtype)
         rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-        _launch_fused(MODE_REDUCE_SCATTER, ws, x2, r2, weight, y, res_out, rstd, None, m, eps)
-        record_path(op, "one_shot")
+        _launch_fused(MODE_REDUCE_SCATTER, r.ws, r.call, x2, r2, weight, y, res_out, rstd, None,
+                      m, eps)
     return y.view(shard_shape), res_out.view(shard_shape), rstd
 
 
@@ -365,21 +371,20 @@ def rms_norm_all_gather_fwd(x, weight, eps, group, algo="auto"):
     op = "rms_norm_all_gather"
     _check_fused_inputs(op, x, weight)
     _check_tokens_first(op, x)
-    group = resolve_group(group)
-    world = dist.get_world_size(group)
+    world = dist.get_world_size(resolve_group(group))
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     m = x2.shape[0]
     out_shape = (x.shape[0] * world, *x.shape[1:])
-    ws, reason = _use_fused(op, x2, m, world, algo, group)
-    if ws is None:
-        record_path(op, "rms_norm + all_gather", reason)
+    r = _route_fused(op, MODE_ALL_GATHER, x2, m, group, algo, "rms_norm + all_gather", x.shape)
+    if r.path != "one_shot":
         y, _, rstd = rms_norm_fwd(x2, weight, eps)
-        out = all_gather_raw(y, 0, group, "fallback" if algo == "fallback" else "auto")
+        out = all_gather_raw(y, 0, group, "fallback" if algo == "fallback" else "auto") \
+            if r.path != "identity" else y
     else:
         out = torch.empty(m * world, x2.shape[1], dtype=x.dtype, device=x.device)
         rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-        _launch_fused(MODE_ALL_GATHER, ws, x2, None, weight, out, None, rstd, None, m, eps)
-        record_path(op, "one_shot")
+        _launch_fused(MODE_ALL_GATHER, r.ws, r.call, x2, None, weight, out, None, rstd, None, m,
+                      eps)
     return out.view(out_shape), rstd
 
 

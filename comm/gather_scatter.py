@@ -18,11 +18,10 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ..kernels._runtime import launch, record_path
-from .all_reduce import pick_algo
-from .protocol import (DTYPE_CODE, OP_NAMES, _finish, _peer_buf, _report_mismatch, _start,
-                       after_launch, check_comm_errors, check_comm_input, max_spins, resolve_group)
-from .workspace import HEADER_BYTES, MAX_WORLD, get_workspace
+from .policy import route
+from .protocol import (OP_NAMES, _finish, _peer_buf, _report_mismatch, _start, check_comm_input,
+                       launch_collective, pieces, resolve_group)
+from .workspace import max_grid
 
 OP_ALL_GATHER, OP_REDUCE_SCATTER = 2, 3
 OP_NAMES.update({OP_ALL_GATHER: "all_gather", OP_REDUCE_SCATTER: "reduce_scatter"})
@@ -41,15 +40,18 @@ def reduce_scatter_ref(tensors, rank, dim=0):
 
 # ----------------------------------------------------------------------------- kernels
 
-@triton.jit(do_not_specialize=["total", "rank", "world", "max_spins", "dtype_code", "op_id"])
+@triton.jit(do_not_specialize=["seq", "op_id", "dtype_code", "total", "key", "variant", "rank",
+                               "world", "max_spins"])
 def _gather_scatter_kernel(
-    IN, OUT, BUF_PTRS, SIG_PTRS, ERR,
-    numel, total, rank, world, max_spins, dtype_code, op_id,
+    IN, OUT,  # gather: numel elements in, world * numel out; scatter: world * numel in, numel out
+    BUF_PTRS, SIG_PTRS, ERR,  # workspace pointer tables [world] and error record
+    seq, op_id, dtype_code, numel, total, key, variant,  # launch header (protocol.Header)
+    rank, world, max_spins,
     REDUCE: tl.constexpr, COPY_IN: tl.constexpr, MAX_PROGRAMS: tl.constexpr,
-    MAX_WORLD_: tl.constexpr, HEADER: tl.constexpr, BLOCK: tl.constexpr,
+    MAX_WORLD_: tl.constexpr, HEADER: tl.constexpr, ABORT_POLL: tl.constexpr,
+    HWORDS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # numel: elements per rank (gathered from each, or scattered to each); the input holds numel
-    # (gather) or world chunks of numel (reduce-scatter) elements.
+    # numel: elements per rank (gathered from each, or scattered to each).
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
     elem_ty = OUT.dtype.element_ty
@@ -58,9 +60,9 @@ def _gather_scatter_kernel(
         n_chunks = world
     else:
         n_chunks = 1
-    failed, bad, bad_numel, bad_dtype = _start(
-        IN, BUF_PTRS, SIG_PTRS, ERR, numel * n_chunks, numel, n_chunks, numel, total,
-        rank, world, max_spins, dtype_code, op_id, COPY_IN, MAX_PROGRAMS, MAX_WORLD_, HEADER, BLOCK)
+    failed, bad = _start(IN, BUF_PTRS, SIG_PTRS, ERR, numel * n_chunks, numel, n_chunks, seq,
+                         op_id, dtype_code, numel, total, key, variant, rank, world, max_spins,
+                         COPY_IN, MAX_PROGRAMS, MAX_WORLD_, HEADER, ABORT_POLL, HWORDS, BLOCK)
     if failed == 0:
         for start in range(pid * BLOCK, numel, nprog * BLOCK):
             offs = start + offs0
@@ -77,64 +79,53 @@ def _gather_scatter_kernel(
                     src = _peer_buf(BUF_PTRS, r, elem_ty, HEADER)
                     tl.store(OUT + tl.cast(r, tl.int64) * numel + offs,
                              tl.load(src + offs, mask=mask, cache_modifier=".cg"), mask=mask)
-    _report_mismatch(ERR, op_id, bad, bad_numel, bad_dtype, numel, dtype_code)
-    _finish(BUF_PTRS, SIG_PTRS, ERR, rank, world, max_spins, op_id, failed,
-            MAX_PROGRAMS, MAX_WORLD_)
+    _report_mismatch(ERR, SIG_PTRS, BUF_PTRS, rank, world, op_id, bad, MAX_PROGRAMS, MAX_WORLD_,
+                     HWORDS)
+    _finish(SIG_PTRS, BUF_PTRS, ERR, rank, world, max_spins, op_id, failed,
+            MAX_PROGRAMS, MAX_WORLD_, ABORT_POLL, HWORDS)
 
 
 # ----------------------------------------------------------------------------- launchers
 
-def _launch_flat(x_flat, out_flat, n_per_rank, total, ws, reduce, op_id, copy_in=True):
-    cpu = x_flat.device.type == "cpu"
+def _launch_flat(ws, call, x_flat, out_flat, n_per_rank, reduce, copy_in=True):
+    cpu = ws.device.type == "cpu"
     block = 16384 if cpu else 2048
-    programs = min(triton.cdiv(max(n_per_rank, 1), block), ws.max_programs)
-    launch(_gather_scatter_kernel, (programs,), x_flat.device,
-           x_flat, out_flat, ws.buffer_ptrs, ws.signal_ptrs, ws.err,
-           n_per_rank, min(total, 2**31 - 1), ws.rank, ws.world_size, max_spins(x_flat.device),
-           DTYPE_CODE[x_flat.dtype], op_id,
-           REDUCE=reduce, COPY_IN=copy_in, MAX_PROGRAMS=ws.max_programs, MAX_WORLD_=MAX_WORLD,
-           HEADER=HEADER_BYTES, BLOCK=block, num_warps=1 if cpu else 8)
-    after_launch(ws, x_flat.device)
+    programs = max(1, min(triton.cdiv(max(n_per_rank, 1), block), max_grid(ws)))
+    launch_collective(_gather_scatter_kernel, programs, ws, call, n_per_rank, 0,
+                      tensors=(x_flat, out_flat), REDUCE=reduce, COPY_IN=copy_in, BLOCK=block,
+                      num_warps=1 if cpu else 8)
 
 
-def one_shot_all_gather_raw(x: torch.Tensor, group=None) -> torch.Tensor:
-    """(world, *x.shape): every rank's x in rank order. Large messages go in pieces."""
-    ws = get_workspace(group, x.device)
-    check_comm_errors(ws)
+def _kernel_all_gather(x: torch.Tensor, ws, call) -> torch.Tensor:
+    """(world, n): every rank's flat x in rank order. Large messages go in pieces."""
     n, world = x.numel(), ws.world_size
     out = torch.empty(world, n, dtype=x.dtype, device=x.device)
     if ws.holds(x):
-        _launch_flat(x.view(-1), out.view(-1), n, n, ws, False, OP_ALL_GATHER, copy_in=False)
+        _launch_flat(ws, call, x.view(-1), out.view(-1), n, False, copy_in=False)
         return out
     x = x.contiguous().view(-1)
     cap = (ws.data_bytes // x.element_size()) // 64 * 64
-    for start in range(0, n, cap):
-        m = min(cap, n - start)
-        if m == n:
-            _launch_flat(x, out.view(-1), n, n, ws, False, OP_ALL_GATHER)
+    for a, b in pieces(n, cap):
+        if b - a == n:
+            _launch_flat(ws, call, x, out.view(-1), n, False)
         else:
-            part = torch.empty(world, m, dtype=x.dtype, device=x.device)
-            _launch_flat(x[start:start + m], part.view(-1), m, n, ws, False, OP_ALL_GATHER)
-            out[:, start:start + m] = part
+            part = torch.empty(world, b - a, dtype=x.dtype, device=x.device)
+            _launch_flat(ws, call, x[a:b], part.view(-1), b - a, False)
+            out[:, a:b] = part
     return out
 
 
-def one_shot_reduce_scatter_raw(x: torch.Tensor, group=None) -> torch.Tensor:
-    """Chunk ``rank`` of the sum of the flat x (numel divisible by world). In pieces if large."""
-    ws = get_workspace(group, x.device)
-    check_comm_errors(ws)
-    world = ws.world_size
-    x2 = x.contiguous().view(world, -1)
-    n = x2.shape[1]
-    out = torch.empty(n, dtype=x.dtype, device=x.device)
+def _kernel_reduce_scatter(x2: torch.Tensor, ws, call) -> torch.Tensor:
+    """Chunk ``rank`` of the sum of ``x2`` (world, n), summed in rank order. In pieces if large."""
+    world, n = x2.shape
+    out = torch.empty(n, dtype=x2.dtype, device=x2.device)
     if ws.holds(x2):
-        _launch_flat(x2.view(-1), out, n, n, ws, True, OP_REDUCE_SCATTER, copy_in=False)
+        _launch_flat(ws, call, x2.view(-1), out, n, True, copy_in=False)
         return out
-    cap = (ws.data_bytes // x.element_size()) // (64 * world) * 64
-    for start in range(0, n, cap):
-        m = min(cap, n - start)
-        src = x2.view(-1) if m == n else x2[:, start:start + m].contiguous().view(-1)
-        _launch_flat(src, out[start:start + m], m, n, ws, True, OP_REDUCE_SCATTER)
+    cap = (ws.data_bytes // x2.element_size()) // (64 * world) * 64
+    for a, b in pieces(n, cap):
+        src = x2.view(-1) if b - a == n else x2[:, a:b].contiguous().view(-1)
+        _launch_flat(ws, call, src, out[a:b], b - a, True)
     return out
 
 
@@ -145,7 +136,7 @@ def _fallback_all_gather(x, group, world):
 
 
 def _fallback_reduce_scatter(x2, group, rank):
-    if dist.get_backend(group) == "gloo" or x2.device.type == "cpu":
+    if x2.device.type == "cpu" or dist.get_backend(group) == "gloo":
         total = x2.clone()
         dist.all_reduce(total, group=group)  # gloo has no reduce-scatter
         return total[rank].clone()
@@ -154,15 +145,10 @@ def _fallback_reduce_scatter(x2, group, rank):
     return out
 
 
-def _use_kernel(op, x, world, algo):
-    # Not yet measured for these ops: the all-reduce's table (same protocol, same costs); either
-    # of its kernels means "this size is worth a kernel".
-    chosen, reason = pick_algo(op, x.device, world, x.numel() * x.element_size(), algo)
-    return chosen != "fallback", reason
-
-
 def _check(op, x, dim, algo):
     check_comm_input(op, "x", x, ndim_min=1)
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"aiter_dist.{op}: dim must be an int, got {dim!r}")
     if not -x.dim() <= dim < x.dim():
         raise ValueError(f"aiter_dist.{op}: dim {dim} is out of range for a {x.dim()}-D tensor")
     if algo not in ("auto", "one_shot", "fallback"):
@@ -173,18 +159,16 @@ def _check(op, x, dim, algo):
 
 def all_gather_raw(x, dim=0, group=None, algo="auto"):
     dim = _check("all_gather", x, dim, algo)
-    group = resolve_group(group)
-    world = dist.get_world_size(group)
-    if world == 1:
-        record_path("all_gather", "identity")
+    nbytes = x.numel() * x.element_size()
+    r = route("all_gather", OP_ALL_GATHER, "gather_scatter", x, group, algo, nbytes=nbytes,
+              total=x.numel(), dim=dim)
+    if r.path == "identity":
         return x.clone()
-    kernel, reason = _use_kernel("all_gather", x, world, algo)
-    if kernel:
-        record_path("all_gather", "one_shot")
-        stacked = one_shot_all_gather_raw(x, group).view(world, *x.shape)
+    world = r.world
+    if r.path == "fallback":
+        stacked = _fallback_all_gather(x.contiguous(), resolve_group(group), world)
     else:
-        record_path("all_gather", "torch.distributed", reason)
-        stacked = _fallback_all_gather(x.contiguous(), group, world)
+        stacked = _kernel_all_gather(x, r.ws, r.call).view(world, *x.shape)
     # (world, ..., d_dim, ...) -> (..., world * d_dim, ...): shard r at rows r*d .. (r+1)*d.
     moved = stacked.movedim(0, dim)
     return moved.reshape(*x.shape[:dim], world * x.shape[dim], *x.shape[dim + 1:])
@@ -193,24 +177,22 @@ def all_gather_raw(x, dim=0, group=None, algo="auto"):
 def reduce_scatter_raw(x, dim=0, group=None, algo="auto"):
     dim = _check("reduce_scatter", x, dim, algo)
     group = resolve_group(group)
-    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    world = dist.get_world_size(group)
     if x.shape[dim] % world:
         raise ValueError(f"aiter_dist.reduce_scatter: x.shape[{dim}]={x.shape[dim]} is not "
                          f"divisible by the world size {world}; pad it to a multiple of {world}")
-    if world == 1:
-        record_path("reduce_scatter", "identity")
+    r = route("reduce_scatter", OP_REDUCE_SCATTER, "gather_scatter", x, group, algo,
+              nbytes=x.numel() * x.element_size(), total=x.numel(), dim=dim)
+    if r.path == "identity":
         return x.clone()
     chunk = x.shape[dim] // world
     # (..., world * c, ...) -> (world, ..., c, ...), contiguous: chunk r is block r.
     x2 = x.unflatten(dim, (world, chunk)).movedim(dim, 0).contiguous()
     out_shape = x2.shape[1:]
-    kernel, reason = _use_kernel("reduce_scatter", x, world, algo)
-    if kernel:
-        record_path("reduce_scatter", "one_shot")
-        out = one_shot_reduce_scatter_raw(x2, group)
+    if r.path == "fallback":
+        out = _fallback_reduce_scatter(x2.view(world, -1), group, dist.get_rank(group))
     else:
-        record_path("reduce_scatter", "torch.distributed", reason)
-        out = _fallback_reduce_scatter(x2.view(world, -1), group, rank)
+        out = _kernel_reduce_scatter(x2.view(world, -1), r.ws, r.call)
     return out.view(out_shape)
 
 
@@ -248,14 +230,27 @@ class ReduceScatterFunc(torch.autograd.Function):
 # ----------------------------------------------------------------------------- functional API
 
 def all_gather(x, dim=0, group=None, *, algo="auto"):
-    """Concatenate every rank's ``x`` along ``dim`` (rank order). ``algo`` as for all_reduce."""
+    """Concatenate every rank's ``x`` along ``dim``, in rank order.
+
+    Every rank must pass the same shape, dtype and dim (a mismatch raises on every rank); ``x``
+    is float32, float16 or bfloat16 on this rank's device. Returns ``x.shape`` with ``dim``
+    multiplied by the world size. ``algo``: ``"auto"``, ``"one_shot"`` (the kernel) or
+    ``"fallback"`` (torch.distributed); ``last_path("all_gather")`` records which served. The
+    kernel copies bits, so every rank holds the same result. Autograd: the backward is a
+    reduce-scatter of the gradient along ``dim`` (Megatron's sequence parallelism)."""
     if x.requires_grad and torch.is_grad_enabled():
         return AllGatherFunc.apply(x, dim, group, algo)
     return all_gather_raw(x, dim, group, algo)
 
 
 def reduce_scatter(x, dim=0, group=None, *, algo="auto"):
-    """Sum ``x`` over the ranks and keep this rank's chunk of ``dim`` (size divisible by world)."""
+    """Sum ``x`` over the ranks and keep this rank's chunk of ``dim``.
+
+    ``x.shape[dim]`` must be divisible by the world size, and every rank must pass the same
+    shape, dtype and dim. Returns ``x.shape`` with ``dim`` divided by the world size. The kernel
+    sums in rank order in fp32 and rounds once: bitwise the same on every rank (the fallback has
+    NCCL's or gloo's numerics). ``algo`` as for :func:`all_gather`. Autograd: the backward is an
+    all-gather of the gradient along ``dim``."""
     if x.requires_grad and torch.is_grad_enabled():
         return ReduceScatterFunc.apply(x, dim, group, algo)
     return reduce_scatter_raw(x, dim, group, algo)

@@ -1,13 +1,14 @@
-"""The protocol every collective kernel of this package follows, and its error reporting.
+"""The protocol every collective kernel of this package follows, its host-side launch, and its
+error reporting.
 
-A collective is one launch; every rank launches the same grid for the same message. Program ``p``
-of each rank:
+A collective is one launch per piece of the message; every rank launches the same grid for the
+same message. Program ``p`` of each rank:
 
-  1. (program 0) writes this launch's header (elements, dtype, grid, extra) into its buffer;
+  1. (program 0) writes this launch's header (see :class:`Header`) into its buffer;
   2. copies its slices of the input into this rank's workspace buffer (skipped when the input
      already lives there, see ``workspace_tensor``);
   3. meets program ``p`` of every peer at a barrier on channel 0, then (program 0) checks that
-     every peer launched the same message;
+     every peer launched the same header;
   4. does the op's work on the peers' buffers;
   5. meets its peers again on channel 1, after which no peer touches this rank's buffer.
 
@@ -17,33 +18,41 @@ chunks of ``chunk`` elements, program ``p`` owns blocks ``p, p + nprog, ...`` of
 Each rank issues all collectives of a workspace on one stream (or one captured graph): consecutive
 launches are then ordered, which is what lets a program reuse the buffer after its end barrier.
 
-Waits are bounded: a peer that never arrives, or one that launched a different message, is written
-into the workspace's error record (host memory), and :func:`check_comm_errors` raises a
-``RuntimeError`` naming the op, the group and the rank.
+Waits are bounded and abortable. A peer that never arrives, or one that launched a different
+header, is written into the workspace's error record (host memory) and poisons the workspace on
+every rank, so every other waiting program gives up at once; :func:`check_comm_errors` raises a
+``RuntimeError`` naming the op, the group, the rank and both sides' messages.
 """
 from __future__ import annotations
 
 import os
+import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ..kernels._runtime import FLOAT_DTYPES, check_tensor
-from .workspace import ERR_NONE, ERR_TIMEOUT, SIGNAL_CHANNELS
+from ..kernels._runtime import FLOAT_DTYPES, check_tensor, launch
+from .workspace import (ABORT_PEER_EXITED, ERR_ABORT, ERR_ABORT_RANK, ERR_CODE, ERR_MISMATCH,
+                        ERR_MY_HEADER, ERR_NONE, ERR_OP, ERR_PEER, ERR_PEER_EXITED,
+                        ERR_PEER_FAILED, ERR_PEER_HEADER, ERR_PROGRAM, ERR_TIMEOUT, HEADER_BYTES,
+                        HEADER_WORDS, MAX_WORLD, SIGNAL_CHANNELS, poison_index)
 
-_CHANNELS = tl.constexpr(SIGNAL_CHANNELS)  # epoch counters follow the channels' signal slots
-
-# Op ids kernels write into the error record; each collective file registers its own.
+# Op ids kernels write into headers and error records; each collective file registers its own.
 OP_NAMES: dict[int, str] = {}
 DTYPE_CODE = {torch.float32: 1, torch.float16: 2, torch.bfloat16: 3}
 _DTYPE_NAME = {code: str(dt).replace("torch.", "") for dt, code in DTYPE_CODE.items()}
+# Header.variant of a call that goes to torch.distributed: never equal to a kernel's variant.
+VARIANT_FALLBACK = 1 << 30
 
-# Polls per second of a waiting program, used to turn the timeout into a spin bound. The GPU figure
-# is about one volatile load of local memory per half microsecond; the interpreter's is measured
-# on a 2-core CPU (2000-2500 polls/s with the peer asleep).
-_POLLS_PER_S = {"cpu": 2.5e3, "cuda": 2e6}
+# Polls per second of a waiting program, used to turn the timeout into a spin bound on GPUs (about
+# one volatile load of local memory per half microsecond). On CPU the watchdog thread enforces
+# the timeout by the clock; the spin bound there is only a backstop.
+_POLLS_PER_S = {"cpu": 1e4, "cuda": 2e6}
+# How often a spinning program also reads the host's abort word (a PCIe read on GPUs).
+_ABORT_POLL = {"cpu": 1, "cuda": 64}
 
 # AITER_DIST_SYNC_CHECK=1: synchronize after every GPU collective and raise at once on a missing
 # peer (debugging); by default the error surfaces at the next collective or check_errors().
@@ -59,33 +68,83 @@ def max_spins(device: torch.device) -> int:
     return min(int(timeout_s() * rate), 2**31 - 1)
 
 
+class Header(NamedTuple):
+    """A launch header: what every rank checks its peers launched. Eight int64 words, written by
+    program 0 at the start of the rank's buffer and copied into error records."""
+    seq: int  # the group's call counter: ranks that skipped a call differ here
+    op: int  # OP_NAMES id
+    dtype: int  # DTYPE_CODE
+    numel: int  # elements of this launch (a piece of the message)
+    total: int  # elements of the whole message (low 31 bits)
+    key: int  # the caller's shape (31-bit hash) and dim: same numel, different layout differs
+    variant: int  # the op's algorithm or mode, the piece index; VARIANT_FALLBACK for NCCL/gloo
+    nprog: int  # programs of the launch
+
+
+def shape_key(shape, dim: int = 0) -> int:
+    """31 bits that differ (almost always) when the shapes or the dim differ."""
+    return hash((tuple(shape), dim)) & 0x7FFFFFFF
+
+
+def _describe(h) -> str:
+    op = OP_NAMES.get(int(h[1]), f"op {int(h[1])}")
+    where = "torch.distributed" if int(h[6]) & VARIANT_FALLBACK else "the kernel"
+    return (f"{op} of {int(h[4])} elements of {_DTYPE_NAME.get(int(h[2]), int(h[2]))} "
+            f"(call #{int(h[0])}, {where})")
+
+
 # ----------------------------------------------------------------------------- device helpers
 
+_CHANNELS = tl.constexpr(SIGNAL_CHANNELS)
+
+
 @triton.jit
-def _report(ERR, code, op_id, peer, program, peer_total, peer_dtype, my_total, my_dtype):
-    """Record the first error of a launch (later ones keep the first); the host reads it."""
-    if tl.atomic_cas(ERR, 0, code, sem="acq_rel", scope="sys") == 0:
+def _report(ERR, SIG_PTRS, BUF_PTRS, rank, world, code, op_id, peer, program,
+            POISON: tl.constexpr, MAX_WORLD_: tl.constexpr, WITH_PEER_HEADER: tl.constexpr,
+            HWORDS: tl.constexpr):
+    """Record the first error of the workspace (later ones keep it) and poison the workspace here
+    and on every peer. The first-wins test is an atomic on device memory (the lock word after the
+    poison word); the record goes to host memory, its code last."""
+    my_pad = tl.load(SIG_PTRS + rank).to(tl.pointer_type(tl.int32))
+    if tl.atomic_cas(my_pad + POISON + 1, 0, 1, sem="acq_rel", scope="gpu") == 0:
+        words = tl.arange(0, HWORDS)
+        mine = tl.load(BUF_PTRS + rank).to(tl.pointer_type(tl.int64))
+        tl.store(ERR + 12 + words, tl.load(mine + words, volatile=True))
+        if WITH_PEER_HEADER:
+            theirs = tl.load(BUF_PTRS + peer).to(tl.pointer_type(tl.int64))
+            tl.store(ERR + 4 + words, tl.load(theirs + words, volatile=True))
         tl.store(ERR + 1, op_id)
         tl.store(ERR + 2, peer)
         tl.store(ERR + 3, program)
-        tl.store(ERR + 4, peer_total)
-        tl.store(ERR + 5, peer_dtype)
-        tl.store(ERR + 6, my_total)
-        tl.store(ERR + 7, my_dtype)
+        tl.store(ERR, code)
+        # Every waiting program, here and on the peers, sees a poison word and gives up instead
+        # of timing out. A poison word keeps its first value (it names the first reporter).
+        tl.atomic_cas(my_pad + POISON, 0, code * 16 + rank, sem="release", scope="sys")
+        for r in range(world):
+            if r != rank:
+                pad = tl.load(SIG_PTRS + r).to(tl.pointer_type(tl.int32))
+                tl.atomic_cas(pad + POISON, 0, code * 16 + rank, sem="release", scope="sys")
 
 
 @triton.jit
-def _barrier(SIG_PTRS, ERR, channel, rank, world, max_spins, op_id, program,
-             MAX_PROGRAMS: tl.constexpr, MAX_WORLD_: tl.constexpr):
-    """Meet program ``program`` of every peer on ``channel``. Returns 1 if some peer did not come.
+def _barrier(SIG_PTRS, BUF_PTRS, ERR, channel, rank, world, max_spins, op_id, program,
+             MAX_PROGRAMS: tl.constexpr, MAX_WORLD_: tl.constexpr, ABORT_POLL: tl.constexpr,
+             HWORDS: tl.constexpr):
+    """Meet program ``program`` of every peer on ``channel``. Returns 1 if the meeting failed.
 
     Monotone counters, no resets: a rank signals by adding 1 to its counter in every peer's pad
     (one vector of fire-and-forget atomics, release: the round trips overlap), then waits until
     every peer's counter in its own pad reaches this program's next epoch, and records the
     epoch. A sender never waits for a receiver, and no flag value is ever reused, so a fast
-    rank cannot overwrite a signal a slow one has not read. Each wait gives up after
-    ``max_spins`` polls and reports the first peer missing.
+    rank cannot overwrite a signal a slow one has not read.
+
+    Threads poll on their own (volatile loads: cheap, and they may see an arrival at different
+    moments), stopping at an arrival, a poisoned workspace, the host's abort word or the spin
+    bound. The outcome is then decided once for the whole program from one acquire read of every
+    counter and the poison word (reductions: the same value in every thread), so every thread
+    takes the same branch.
     """
+    POISON: tl.constexpr = _CHANNELS * MAX_PROGRAMS * (MAX_WORLD_ + 1)
     peers = tl.arange(0, MAX_WORLD_)
     live = peers < world
     slot = (channel * MAX_PROGRAMS + program) * MAX_WORLD_
@@ -94,55 +153,68 @@ def _barrier(SIG_PTRS, ERR, channel, rank, world, max_spins, op_id, program,
     my_pad = tl.load(SIG_PTRS + rank).to(tl.pointer_type(tl.int32))
     epoch_ptr = my_pad + _CHANNELS * MAX_PROGRAMS * MAX_WORLD_ + channel * MAX_PROGRAMS + program
     epoch = tl.load(epoch_ptr) + 1
-    # Wait for each peer in turn (the signals travel in parallel, so the total wait is the
-    # latest arrival): poll with plain volatile loads, cheap on local memory, then one acquire
-    # RMW, which reads the counters' latest values and so synchronizes with every peer's release.
-    failed = 0
     for r in range(world):
         seen = tl.load(my_pad + slot + r, volatile=True)
         spins = 1
-        while (seen - epoch < 0) & (spins < max_spins) & (failed == 0):
+        stop = 0
+        while (seen - epoch < 0) & (stop == 0):  # differences: counters may wrap around
             seen = tl.load(my_pad + slot + r, volatile=True)
             spins += 1
-        if (seen - epoch < 0) & (failed == 0):  # differences: counters may wrap around
-            failed = 1
-            _report(ERR, 1, op_id, r, program, 0, 0, 0, 0)
+            if spins % ABORT_POLL == 0:
+                stop = tl.load(my_pad + POISON, volatile=True) | (spins >= max_spins).to(tl.int32)
+                stop = stop | tl.load(ERR + 20, volatile=True).to(tl.int32)
+    tl.debug_barrier()
+    lanes = tl.arange(0, 2 * MAX_WORLD_)
+    is_poison = lanes == 2 * MAX_WORLD_ - 1
+    ptrs = tl.where(is_poison, my_pad + POISON, my_pad + slot + lanes)
+    vals = tl.atomic_add(ptrs, 0, mask=(lanes < world) | is_poison, sem="acquire", scope="sys")
+    short = (lanes < world) & (vals - epoch < 0)
+    missing = tl.min(tl.where(short, lanes, MAX_WORLD_), axis=0)
+    poison = tl.max(tl.where(is_poison, vals, 0), axis=0)
+    failed = ((missing < world) | (poison != 0)).to(tl.int32)
     if failed == 0:
-        tl.atomic_add(my_pad + slot + peers, 0, mask=live, sem="acquire", scope="sys")
         tl.store(epoch_ptr, epoch)
+    elif poison != 0:
+        if poison % 16 != rank:  # a peer failed first: record it (with both headers) here too
+            _report(ERR, SIG_PTRS, BUF_PTRS, rank, world, 4, op_id, poison % 16, program,
+                    POISON, MAX_WORLD_, True, HWORDS)
+    elif tl.load(ERR + 20, volatile=True) == 2:
+        _report(ERR, SIG_PTRS, BUF_PTRS, rank, world, 3, op_id,
+                tl.load(ERR + 21, volatile=True).to(tl.int32), program, POISON, MAX_WORLD_,
+                False, HWORDS)
+    else:
+        _report(ERR, SIG_PTRS, BUF_PTRS, rank, world, 1, op_id, missing, program, POISON,
+                MAX_WORLD_, False, HWORDS)
     return failed
 
 
 @triton.jit
-def _write_header(base, numel, dtype_code, nprog, extra):
-    """This launch's header at the start of this rank's buffer, for the peers to check."""
-    hdr = base.to(tl.pointer_type(tl.int64))
-    tl.store(hdr, numel)
-    tl.store(hdr + 1, dtype_code)
-    tl.store(hdr + 2, nprog)
-    tl.store(hdr + 3, extra)
+def _write_header(BUF_PTRS, rank, seq, op_id, dtype_code, numel, total, key, variant):
+    """This launch's header (:class:`Header`) at the start of this rank's buffer (stores cast
+    to int64)."""
+    hdr = tl.load(BUF_PTRS + rank).to(tl.pointer_type(tl.int64))
+    tl.store(hdr, seq)
+    tl.store(hdr + 1, op_id)
+    tl.store(hdr + 2, dtype_code)
+    tl.store(hdr + 3, numel)
+    tl.store(hdr + 4, total)
+    tl.store(hdr + 5, key)
+    tl.store(hdr + 6, variant)
+    tl.store(hdr + 7, tl.num_programs(0))
 
 
 @triton.jit
-def _check_headers(BUF_PTRS, world, numel, dtype_code, nprog, extra):
-    """The first peer whose launch header differs from this rank's (-1: none), with its element
-    count and dtype code, for the error report."""
+def _first_mismatch(BUF_PTRS, rank, world, HWORDS: tl.constexpr):
+    """The first peer whose launch header differs from this rank's (-1: none)."""
+    words = tl.arange(0, HWORDS)
+    mine = tl.load(tl.load(BUF_PTRS + rank).to(tl.pointer_type(tl.int64)) + words)
     bad = tl.full((), -1, tl.int32)
-    bad_numel = tl.full((), 0, tl.int64)
-    bad_dtype = tl.full((), 0, tl.int64)
     for r in range(world):
-        peer = tl.load(BUF_PTRS + r).to(tl.pointer_type(tl.int64))
-        p_numel = tl.load(peer, volatile=True)
-        p_dtype = tl.load(peer + 1, volatile=True)
-        p_nprog = tl.load(peer + 2, volatile=True)
-        p_extra = tl.load(peer + 3, volatile=True)
-        differs = (p_numel != numel) | (p_dtype != dtype_code) | (p_nprog != nprog) | \
-            (p_extra != extra)
-        first = differs & (bad < 0)
-        bad = tl.where(first, r, bad)
-        bad_numel = tl.where(first, p_numel, bad_numel)
-        bad_dtype = tl.where(first, p_dtype, bad_dtype)
-    return bad, bad_numel, bad_dtype
+        theirs = tl.load(tl.load(BUF_PTRS + r).to(tl.pointer_type(tl.int64)) + words,
+                         volatile=True)
+        differs = tl.max((theirs != mine).to(tl.int32), axis=0)
+        bad = tl.where((differs != 0) & (bad < 0), r, bad)
+    return bad
 
 
 @triton.jit
@@ -152,34 +224,32 @@ def _peer_buf(BUF_PTRS, r, elem_ty, HEADER: tl.constexpr):
 
 
 @triton.jit
-def _meet(BUF_PTRS, SIG_PTRS, ERR, rank, world, max_spins, op_id, channel,
-          MAX_PROGRAMS: tl.constexpr, MAX_WORLD_: tl.constexpr):
+def _meet(SIG_PTRS, BUF_PTRS, ERR, rank, world, max_spins, op_id, channel,
+          MAX_PROGRAMS: tl.constexpr, MAX_WORLD_: tl.constexpr, ABORT_POLL: tl.constexpr,
+          HWORDS: tl.constexpr):
     """Barrier of this program with program ``pid`` of every peer on ``channel``. Syncs the program
     before (all its writes precede the signal) and after (all its threads see the peers')."""
-    pid = tl.program_id(0)
     tl.debug_barrier()
-    failed = _barrier(SIG_PTRS, ERR, channel, rank, world, max_spins, op_id, pid,
-                      MAX_PROGRAMS, MAX_WORLD_)
+    failed = _barrier(SIG_PTRS, BUF_PTRS, ERR, channel, rank, world, max_spins, op_id,
+                      tl.program_id(0), MAX_PROGRAMS, MAX_WORLD_, ABORT_POLL, HWORDS)
     tl.debug_barrier()
     return failed
 
 
 @triton.jit
-def _start(IN, BUF_PTRS, SIG_PTRS, ERR, n_in, chunk, n_chunks, header_numel, extra,
-           rank, world, max_spins, dtype_code, op_id,
+def _start(IN, BUF_PTRS, SIG_PTRS, ERR, n_in, chunk, n_chunks,
+           seq, op_id, dtype_code, numel, total, key, variant, rank, world, max_spins,
            COPY_IN: tl.constexpr, MAX_PROGRAMS: tl.constexpr, MAX_WORLD_: tl.constexpr,
-           HEADER: tl.constexpr, BLOCK: tl.constexpr):
+           HEADER: tl.constexpr, ABORT_POLL: tl.constexpr, HWORDS: tl.constexpr,
+           BLOCK: tl.constexpr):
     """Steps 1-3: header, copy in (``n_chunks`` chunks of ``chunk`` elements, ``n_in`` in all),
-    start barrier, and (program 0) the peers' headers. Returns ``(failed, bad, bad_numel,
-    bad_dtype)``: failed is 1 if a peer is missing (skip the work); the first peer whose header
-    differs (-1: none) goes to ``_report_mismatch`` after the work, so the header loads overlap
-    the work instead of delaying it."""
+    start barrier, and (program 0) the peers' headers. Returns ``(failed, bad)``: failed is 1 if
+    the meeting failed (skip the work); ``bad`` is the first peer whose header differs (-1: none),
+    reported by ``_report_mismatch`` after the work, so the header loads overlap the work."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
-    my_base = tl.load(BUF_PTRS + rank)
-    extra = extra * 16 + op_id  # the op too: two ops can launch identical shapes
     if pid == 0:
-        _write_header(my_base, header_numel, dtype_code, nprog, extra)
+        _write_header(BUF_PTRS, rank, seq, op_id, dtype_code, numel, total, key, variant)
     if COPY_IN:
         my_buf = _peer_buf(BUF_PTRS, rank, IN.dtype.element_ty, HEADER)
         offs0 = tl.arange(0, BLOCK)
@@ -188,40 +258,112 @@ def _start(IN, BUF_PTRS, SIG_PTRS, ERR, n_in, chunk, n_chunks, header_numel, ext
                 offs = c * chunk + start + offs0
                 mask = (start + offs0 < chunk) & (offs < n_in)
                 tl.store(my_buf + offs, tl.load(IN + offs, mask=mask), mask=mask)
-    failed = _meet(BUF_PTRS, SIG_PTRS, ERR, rank, world, max_spins, op_id, 0,
-                   MAX_PROGRAMS, MAX_WORLD_)
-    # Peers wrote their headers before signalling program 0. Different sizes usually also mean
-    # different grids, so one rank's surplus programs time out, but only after the full wait:
-    # program 0 records the mismatch long before.
+    failed = _meet(SIG_PTRS, BUF_PTRS, ERR, rank, world, max_spins, op_id, 0,
+                   MAX_PROGRAMS, MAX_WORLD_, ABORT_POLL, HWORDS)
+    # Peers wrote their headers before program 0 signalled. Different messages usually also
+    # mean different grids: the surplus programs of one rank then wait until the report below
+    # poisons the workspace, not for the full timeout.
     bad = tl.full((), -1, tl.int32)
-    bad_numel = tl.full((), 0, tl.int64)
-    bad_dtype = tl.full((), 0, tl.int64)
     if (pid == 0) & (failed == 0):
-        bad, bad_numel, bad_dtype = _check_headers(BUF_PTRS, world, header_numel, dtype_code,
-                                                   nprog, extra)
-    return failed, bad, bad_numel, bad_dtype
+        bad = _first_mismatch(BUF_PTRS, rank, world, HWORDS)
+    return failed, bad
 
 
 @triton.jit
-def _report_mismatch(ERR, op_id, bad, bad_numel, bad_dtype, my_numel, my_dtype):
+def _report_mismatch(ERR, SIG_PTRS, BUF_PTRS, rank, world, op_id, bad,
+                     MAX_PROGRAMS: tl.constexpr, MAX_WORLD_: tl.constexpr, HWORDS: tl.constexpr):
     if bad >= 0:
-        _report(ERR, 2, op_id, bad, 0, bad_numel, bad_dtype, my_numel, my_dtype)
+        _report(ERR, SIG_PTRS, BUF_PTRS, rank, world, 2, op_id, bad, 0,
+                _CHANNELS * MAX_PROGRAMS * (MAX_WORLD_ + 1), MAX_WORLD_, True, HWORDS)
 
 
 @triton.jit
-def _finish(BUF_PTRS, SIG_PTRS, ERR, rank, world, max_spins, op_id, failed,
-            MAX_PROGRAMS: tl.constexpr, MAX_WORLD_: tl.constexpr):
+def _finish(SIG_PTRS, BUF_PTRS, ERR, rank, world, max_spins, op_id, failed,
+            MAX_PROGRAMS: tl.constexpr, MAX_WORLD_: tl.constexpr, ABORT_POLL: tl.constexpr,
+            HWORDS: tl.constexpr):
     """Step 5: end barrier (channel 1): no peer reads this rank's buffer any more."""
     if failed == 0:
-        failed = _meet(BUF_PTRS, SIG_PTRS, ERR, rank, world, max_spins, op_id, 1,
-                       MAX_PROGRAMS, MAX_WORLD_)
+        failed = _meet(SIG_PTRS, BUF_PTRS, ERR, rank, world, max_spins, op_id, 1,
+                       MAX_PROGRAMS, MAX_WORLD_, ABORT_POLL, HWORDS)
     return failed
+
+
+# Rank-like ints are not specialized: a value of 1 (rank 1, dtype code 1) would otherwise become
+# a compile-time constant and a different kernel per rank.
+@triton.jit(do_not_specialize=["seq", "op_id", "dtype_code", "numel", "total", "key", "variant",
+                               "rank", "world", "max_spins"])
+def _handshake_kernel(BUF_PTRS, SIG_PTRS, ERR, seq, op_id, dtype_code, numel, total, key, variant,
+                      rank, world, max_spins, MAX_PROGRAMS: tl.constexpr,
+                      MAX_WORLD_: tl.constexpr, HEADER: tl.constexpr, ABORT_POLL: tl.constexpr,
+                      HWORDS: tl.constexpr):
+    # A rank whose call goes to torch.distributed while a peer's went to a kernel announces its
+    # own header here, so the peer's kernel sees the difference instead of waiting out the timeout.
+    failed, bad = _start(ERR, BUF_PTRS, SIG_PTRS, ERR, 0, 0, 0, seq, op_id, dtype_code, numel,
+                         total, key, variant, rank, world, max_spins, False, MAX_PROGRAMS,
+                         MAX_WORLD_, HEADER, ABORT_POLL, HWORDS, 16)
+    _report_mismatch(ERR, SIG_PTRS, BUF_PTRS, rank, world, op_id, bad, MAX_PROGRAMS, MAX_WORLD_,
+                     HWORDS)
+    _finish(SIG_PTRS, BUF_PTRS, ERR, rank, world, max_spins, op_id, failed, MAX_PROGRAMS,
+            MAX_WORLD_, ABORT_POLL, HWORDS)
 
 
 # ----------------------------------------------------------------------------- host side
 
+class Call(NamedTuple):
+    """One collective call as its launches describe it (the Header fields but numel and nprog)."""
+    seq: int
+    op: int
+    dtype: int
+    total: int
+    key: int
+
+
+def protocol_meta(ws) -> dict:
+    """The constexprs every protocol kernel takes, for ``ws``."""
+    dev = "cpu" if ws.device.type == "cpu" else "cuda"
+    return dict(MAX_PROGRAMS=ws.max_programs, MAX_WORLD_=MAX_WORLD, HEADER=HEADER_BYTES,
+                ABORT_POLL=_ABORT_POLL[dev], HWORDS=HEADER_WORDS)
+
+
+def launch_collective(kernel, programs: int, ws, call: Call, numel: int, variant: int,
+                      tensors=(), scalars=(), **meta) -> None:
+    """Launch one piece of ``call``: ``kernel(*tensors, <protocol arguments>, *scalars, **meta)``
+    on ``programs`` programs, the protocol arguments being the pointer tables, the error record,
+    the header fields (seq, op, dtype, numel, total, key, variant), rank, world and the spin
+    bound, followed by the protocol's constexprs. On CPU it raises at once if the call failed."""
+    check_comm_errors(ws)
+    device = ws.device
+    cpu = device.type == "cpu"
+    if cpu:  # the watchdog enforces the timeout of a synchronous CPU launch by the clock
+        ws.set_deadline(time.monotonic() + timeout_s())
+    try:
+        launch(kernel, (programs,), device, *tensors, ws.buffer_ptrs, ws.signal_ptrs, ws.err,
+               call.seq, call.op, call.dtype, numel, call.total, call.key, variant, ws.rank,
+               ws.world_size, max_spins(device), *scalars, **protocol_meta(ws), **meta)
+    finally:
+        if cpu:
+            ws.set_deadline(0.0)
+    if cpu:
+        check_comm_errors(ws)
+    elif SYNC_CHECK:
+        torch.cuda.current_stream(device).synchronize()
+        check_comm_errors(ws)
+
+
+def pieces(n: int, cap: int):
+    """``(start, stop)`` of the consecutive pieces of at most ``cap`` of ``n`` elements."""
+    cap = max(int(cap), 1)
+    return [(s, min(s + cap, n)) for s in range(0, max(n, 1), cap)]
+
+
+def handshake(ws, call: Call, numel: int, variant: int) -> None:
+    """Announce this rank's header to the peers' kernels (see ``_handshake_kernel``)."""
+    launch_collective(_handshake_kernel, 1, ws, call, numel, variant)
+
+
 def check_comm_errors(ws) -> None:
-    """Raise if a kernel on ``ws`` reported a missing or mismatched peer (reads host memory).
+    """Raise if a kernel on ``ws`` reported a missing, exited or mismatched peer (reads host
+    memory).
 
     After an error the workspace's flags may be mid-handshake: it stays unusable until every rank
     calls ``aiter_dist.comm.release_workspaces()`` (the next collective then makes a new one).
@@ -230,34 +372,57 @@ def check_comm_errors(ws) -> None:
         raise RuntimeError(f"aiter_dist: the workspace of {ws.describe()} is unusable after an "
                            f"earlier error ({ws.broken}); call aiter_dist.comm.release_workspaces() "
                            f"on every rank of the group, then retry")
-    code = int(ws.err_host[0])  # numpy view of the record: no tensor op on the hot path
-    if code == ERR_NONE:
+    if ws.err_host[ERR_CODE] == ERR_NONE:  # numpy view of the record: no tensor op on the hot path
         return
-    f = ws.err.tolist()
-    op = OP_NAMES.get(f[1], f"op {f[1]}")
+    if ws.device.type != "cpu":  # the reporting kernel may still be writing the record
+        torch.cuda.synchronize(ws.device)
+    f = ws.err_host.copy()
+    code, peer = int(f[ERR_CODE]), int(f[ERR_PEER])
+    op = OP_NAMES.get(int(f[ERR_OP]), f"op {int(f[ERR_OP])}")
+    mine = f[ERR_MY_HEADER:ERR_MY_HEADER + HEADER_WORDS]
+    if int(mine[1]) in OP_NAMES:  # the op this rank launched (the handshake names the real op)
+        op = OP_NAMES[int(mine[1])]
+    where = f"aiter_dist.{op}: rank {peer} of {ws.describe()}"
     if code == ERR_TIMEOUT:
-        msg = (f"aiter_dist.{op}: rank {f[2]} of {ws.describe()} did not arrive within about "
-               f"{timeout_s():.0f} s (program {f[3]}); check that every rank of the group calls "
-               f"the same collectives in the same order (AITER_DIST_COMM_TIMEOUT_S sets the wait)")
+        msg = (f"{where} did not arrive within about {timeout_s():.0f} s (program "
+               f"{int(f[ERR_PROGRAM])}); check that every rank of the group calls the same "
+               f"collectives in the same order (AITER_DIST_COMM_TIMEOUT_S sets the wait)")
+    elif code == ERR_PEER_EXITED:
+        msg = (f"{where} exited (its process is gone) while this rank waited for it in "
+               f"{_describe(mine)}")
+    elif code == ERR_MISMATCH:
+        theirs = f[ERR_PEER_HEADER:ERR_PEER_HEADER + HEADER_WORDS]
+        msg = (f"{where} launched a different message: {_describe(theirs)}, against this rank's "
+               f"{_describe(mine)}")
+        if int(theirs[0]) != int(mine[0]):
+            msg += "; the ranks have made different numbers of collective calls"
+        elif all(int(theirs[i]) == int(mine[i]) for i in (1, 2, 4)):
+            if int(theirs[5]) != int(mine[5]):
+                msg += " (same size, different shapes or dim)"
+            else:
+                msg += " (same size: the algorithm or row width differs; pass the same algo=)"
+        msg += "; every rank must pass tensors of the same shape and dtype to the same op"
+    elif code == ERR_PEER_FAILED:
+        theirs = f[ERR_PEER_HEADER:ERR_PEER_HEADER + HEADER_WORDS]
+        msg = f"{where} stopped this collective after an error on its side"
+        if any(int(theirs[i]) != int(mine[i]) for i in range(HEADER_WORDS - 1)):
+            msg += (f": it launched {_describe(theirs)}, against this rank's {_describe(mine)}; "
+                    f"every rank must pass tensors of the same shape and dtype to the same op")
+        else:
+            msg += " (a missing rank or a mismatch elsewhere in the group); it raises the details"
     else:
-        msg = (f"aiter_dist.{op}: rank {f[2]} of {ws.describe()} launched a different message "
-               f"({f[4]} elements of {_DTYPE_NAME.get(f[5], f[5])}) than this rank ({f[6]} "
-               f"elements of {_DTYPE_NAME.get(f[7], f[7])}); every rank must pass tensors of the "
-               f"same shape and dtype")
-        if f[4:6] == f[6:8]:
-            msg += (" and the same algo (the sizes agree: the algorithm, row width or op differs; "
-                    "pass the same algo= on every rank)")
+        msg = f"{where} reported error code {code}"
     ws.broken = msg
+    ws.state.broken = msg
     raise RuntimeError(msg)
 
 
-def after_launch(ws, device: torch.device) -> None:
-    """On CPU the launch has finished: raise now. On GPU only with AITER_DIST_SYNC_CHECK=1."""
-    if device.type == "cpu":
-        check_comm_errors(ws)
-    elif SYNC_CHECK:
-        torch.cuda.current_stream(device).synchronize()
-        check_comm_errors(ws)
+def abort_reason(ws) -> str | None:
+    """Why the host aborted waits on ``ws`` (None: it did not)."""
+    a = int(ws.err_host[ERR_ABORT])
+    if a == ABORT_PEER_EXITED:
+        return f"rank {int(ws.err_host[ERR_ABORT_RANK])} exited"
+    return "the timeout passed" if a else None
 
 
 def check_comm_input(op: str, name: str, x, ndim_min: int = 0) -> None:
@@ -271,11 +436,9 @@ def check_comm_input(op: str, name: str, x, ndim_min: int = 0) -> None:
 
 
 def resolve_group(group):
-    return group if group is not None else dist.group.WORLD
-
-
-def auto_table(device: torch.device) -> str:
-    """Which row of a measured threshold table applies to a call on ``device`` right now."""
-    if device.type == "cpu":
-        return "cpu"
-    return "cuda" if torch.cuda.is_current_stream_capturing() else "cuda-eager"
+    if group is None:
+        if not dist.is_initialized():
+            raise RuntimeError("aiter_dist: no process group; call aiter_dist.init_distributed() "
+                               "(or torch.distributed.init_process_group) first")
+        return dist.group.WORLD
+    return group

@@ -7,7 +7,7 @@ Statistics are fp32 whatever the input dtype; the output takes ``x``'s dtype and
 stored in another dtype (fp32 master weights under autocast). ``residual_out`` is rounded to
 ``x``'s dtype before it is normalized, so ``out == rms_norm(residual_out)`` holds exactly.
 
-Rows up to ``FUSED_MAX_N`` columns are held in registers (one read of x, one write of y); wider
+Rows up to ``ONE_PASS_MAX_N`` columns are held in registers (one read of x, one write of y); wider
 rows take a two-pass loop over column chunks. The backward writes one fp32 partial of dweight per
 program and sums them afterwards in a fixed order, so it is deterministic.
 """
@@ -22,7 +22,7 @@ import triton.language as tl
 from ._runtime import (INTERPRETED, check_last_dim_contiguous, check_same_device, check_tensor,
                        launch, record_path, runs_triton)
 
-FUSED_MAX_N = 65536
+ONE_PASS_MAX_N = 65536
 
 
 # ----------------------------------------------------------------------------- reference
@@ -230,7 +230,7 @@ def _block_n(N: int, max_n: int) -> tuple[int, int]:
     return 4096, triton.cdiv(N, 4096)
 
 
-def _fwd_config(M: int, N: int, device: torch.device, max_n: int = FUSED_MAX_N,
+def _fwd_config(M: int, N: int, device: torch.device, max_n: int = ONE_PASS_MAX_N,
                 residual: bool = False):
     """(BLOCK_M, BLOCK_N, NUM_CHUNKS, num_warps) for the forward."""
     block_n, chunks = _block_n(N, max_n)
@@ -337,7 +337,7 @@ def _bwd_config(M: int, N: int, device: torch.device, max_n: int):
             8 if narrow else 16)
 
 
-def rms_norm_bwd(dy, x_normed, weight, rstd, dresidual=None, *, max_n=FUSED_MAX_N, config=None,
+def rms_norm_bwd(dy, x_normed, weight, rstd, dresidual=None, *, max_n=ONE_PASS_MAX_N, config=None,
                  dw_fp32=False):
     """Backward launcher: (dx, dweight). ``x_normed`` is the tensor that was normalized
     (``residual_out`` for the fused op); ``dresidual`` is the incoming grad of residual_out.
@@ -422,4 +422,4 @@ def add_rms_norm(x, residual, weight, eps=1e-6):
 
 
 __all__ = ["rms_norm", "add_rms_norm", "rms_norm_ref", "add_rms_norm_ref", "rms_norm_fwd",
-           "rms_norm_bwd", "add_rms_norm_bwd", "RMSNormFunction", "AddRMSNormFunction", "FUSED_MAX_N"]
+           "rms_norm_bwd", "add_rms_norm_bwd", "RMSNormFunction", "AddRMSNormFunction", "ONE_PASS_MAX_N"]

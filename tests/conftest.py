@@ -4,6 +4,8 @@ Each tier skips itself, with the reason, where it cannot run."""
 import pytest
 import torch
 
+from aiter_dist.testing import gpu_world
+
 
 def gpu_count() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -18,5 +20,7 @@ def pytest_collection_modifyitems(config, items):
                        "CUDA_VISIBLE_DEVICES= (the interpreter then runs the kernels)"))
         if "gpu" in item.keywords and n < 1:
             item.add_marker(pytest.mark.skip(reason="needs a GPU (run -m gpu on a GPU machine)"))
-        if "multigpu" in item.keywords and n < 2:
-            item.add_marker(pytest.mark.skip(reason="needs 2+ GPUs (run -m multigpu)"))
+        if "multigpu" in item.keywords and (n < 1 or gpu_world() < 2):
+            item.add_marker(pytest.mark.skip(
+                reason="needs 2+ GPUs (run -m multigpu), or AITER_DIST_TEST_GPU_RANKS=2 to share "
+                       "one GPU between two ranks over the IPC workspace"))

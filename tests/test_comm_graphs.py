@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import aiter_dist
-from aiter_dist.testing import capture_graph, run_distributed
+from aiter_dist.testing import capture_graph, run_gpu_ranks
 
 REPLAYS = 20
 
@@ -82,4 +82,4 @@ def _graph_replay(rank, world):
 
 @pytest.mark.multigpu
 def test_collectives_replay_in_cuda_graphs():
-    run_distributed(_graph_replay, torch.cuda.device_count(), backend="nccl")
+    run_gpu_ranks(_graph_replay)

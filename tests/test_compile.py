@@ -23,13 +23,14 @@ SCRIPT = textwrap.dedent(r'''
     from aiter_dist.comm.all_reduce import _all_reduce_kernel
     from aiter_dist.comm.fused_norm import _fused_norm_kernel
     from aiter_dist.comm.gather_scatter import _gather_scatter_kernel
+    from aiter_dist.comm.protocol import _handshake_kernel
     from aiter_dist.kernels import flash_attn as fa
     from aiter_dist.kernels import rmsnorm as rn
 
     FLOATS = {"qk_scale", "sm_scale", "eps"}
     POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "RSTD": "*fp32",
                 "SCALE": "*fp32", "DW_PARTIAL": "*fp32", "CU_Q": "*i32", "CU_K": "*i32",
-                "ERR": "*i32", "BUF_PTRS": "*i64", "SIG_PTRS": "*i64"}
+                "ERR": "*i64", "BUF_PTRS": "*i64", "SIG_PTRS": "*i64"}
     failures = []
 
     def compile_for_hopper(name, fn, constexprs, num_warps=4, num_stages=2, **pointer_types):
@@ -89,13 +90,14 @@ SCRIPT = textwrap.dedent(r'''
         compile_for_hopper(f"rms_norm bwd dres={dres} chunks={chunks}", rn._rms_norm_bwd_kernel,
                            dict(HAS_DRES=dres, BLOCK_M=2, BLOCK_N=4096, NUM_CHUNKS=chunks), 8)
 
-    comm = dict(MAX_PROGRAMS=64, MAX_WORLD_=8, HEADER=256)
+    comm = dict(MAX_PROGRAMS=512, MAX_WORLD_=8, HEADER=256, ABORT_POLL=64, HWORDS=8)
     for two_shot in (False, True):
         compile_for_hopper(f"all_reduce two_shot={two_shot}", _all_reduce_kernel,
                            dict(comm, TWO_SHOT=two_shot, COPY_IN=True, BLOCK=2048), 8)
     for reduce in (False, True):
         compile_for_hopper(f"gather_scatter reduce={reduce}", _gather_scatter_kernel,
                            dict(comm, REDUCE=reduce, COPY_IN=True, BLOCK=2048), 8)
+    compile_for_hopper("collective handshake", _handshake_kernel, comm)
     for mode, fp8 in ((0, 0.0), (0, 448.0), (1, 0.0), (2, 0.0)):
         types = {"Y": "*fp8e4nv"} if fp8 else {}
         compile_for_hopper(f"fused norm mode={mode} fp8={bool(fp8)}", _fused_norm_kernel,

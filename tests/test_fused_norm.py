@@ -5,14 +5,23 @@ import torch.distributed as dist
 
 import aiter_dist
 from aiter_dist.comm.fused_norm import all_reduce_add_rms_norm_ref
-from aiter_dist.testing import assert_close_to_ref, run_distributed
+from aiter_dist.testing import assert_close_to_ref, run_distributed, run_gpu_ranks
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 GPU_SHAPES = [(1, 4096), (333, 4096), (64, 8192)]  # (tokens, hidden) for the multigpu tier
 
 
 def _device():
-    return aiter_dist.local_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    return aiter_dist.local_device()
+
+
+def _close_to_unfused(out, unfused):
+    """The contract for the normalized output: not bitwise the unfused kernels' (the fused and
+    the standalone RMSNorm kernels reduce a row's sum of squares in different orders, which moves
+    fp32 results by an ulp on GPUs), but within a few ulps of it, and within the float64
+    reference's tolerance (checked beside)."""
+    eps = torch.finfo(out.dtype).eps
+    torch.testing.assert_close(out.float(), unfused.float(), rtol=4 * eps, atol=4 * eps)
 
 
 def _fused_vs_reference(rank, world, shapes):
@@ -33,8 +42,7 @@ def _fused_vs_reference(rank, world, shapes):
                 weight.to(dev))
             # residual_out: the same sum, rounded the same way, as the unfused composition.
             assert torch.equal(res_out, unfused_res), (dtype, shape)
-            torch.testing.assert_close(out, unfused_out, rtol=0, atol=0 if dtype ==
-                                       torch.float32 else 2e-2)
+            _close_to_unfused(out, unfused_out)
             ref_out, ref_res = all_reduce_add_rms_norm_ref(
                 [x.double() for x in xs], residual.double(), weight.double())
             low_out, _ = all_reduce_add_rms_norm_ref(xs, residual, weight)
@@ -116,7 +124,7 @@ def test_rows_larger_than_workspace_go_in_pieces():
 
 @pytest.mark.multigpu
 def test_fused_matches_unfused_gpu():
-    run_distributed(_fused_vs_reference, torch.cuda.device_count(), GPU_SHAPES, backend="nccl")
+    run_gpu_ranks(_fused_vs_reference, GPU_SHAPES)
 
 
 # ----------------------------------------------------------------------------- sequence parallel
@@ -154,8 +162,7 @@ def _sequence_parallel_vs_reference(rank, world, cases):
                 [x.double() for x in xs], shard.double(), weight.double(), rank)
             low_out, _ = reduce_scatter_add_rms_norm_ref(xs, shard, weight, rank)
             assert_close_to_ref(f"rs out {dtype} {m}x{n}", out.cpu(), ref_out, low_out)
-            torch.testing.assert_close(out, u_out, rtol=0,
-                                       atol=0 if dtype == torch.float32 else 2e-2)
+            _close_to_unfused(out, u_out)
 
             local = xs[rank][:m]
             gathered = aiter_dist.rms_norm_all_gather(local.to(dev), weight.to(dev),
@@ -164,8 +171,7 @@ def _sequence_parallel_vs_reference(rank, world, cases):
             assert gathered.shape == (world * m, n)
             u = aiter_dist.all_gather(aiter_dist.rms_norm(local.to(dev), weight.to(dev)),
                                       algo="one_shot")
-            torch.testing.assert_close(gathered, u, rtol=0,
-                                       atol=0 if dtype == torch.float32 else 2e-2)
+            _close_to_unfused(gathered, u)
             ref = rms_norm_all_gather_ref([x[:m].double() for x in xs], weight.double())
             low = rms_norm_all_gather_ref([x[:m] for x in xs], weight)
             assert_close_to_ref(f"ag out {dtype} {m}x{n}", gathered.cpu(), ref, low)
@@ -191,30 +197,32 @@ def _sequence_parallel_grads(rank, world, algo):
     grs = [torch.randn(m, n, generator=g) for _ in range(world)]
     gfull = [torch.randn(world * m, n, generator=g) for _ in range(world)]
 
-    # reduce_scatter_add_rms_norm
-    x = xs[rank].clone().requires_grad_()
-    r = residual.chunk(world)[rank].clone().requires_grad_()
-    w = weight.clone().requires_grad_()
+    # reduce_scatter_add_rms_norm, on the device the group serves (CPU ranks or GPUs)
+    dev = _device()
+    x = xs[rank].to(dev, copy=True).requires_grad_()
+    r = residual.chunk(world)[rank].to(dev, copy=True).requires_grad_()
+    w = weight.to(dev, copy=True).requires_grad_()
     out, res = aiter_dist.reduce_scatter_add_rms_norm(x, r, w, algo=algo)
-    ((out * gys[rank]).sum() + (res * grs[rank]).sum()).backward()
+    ((out * gys[rank].to(dev)).sum() + (res * grs[rank].to(dev)).sum()).backward()
     x64 = [t.double().requires_grad_() for t in xs]
     r64, w64 = residual.double().requires_grad_(), weight.double().requires_grad_()
     o64, s64 = aiter_dist.comm.fused_norm.add_rms_norm_ref(sum(x64), r64, w64)
     ((o64 * torch.cat(gys).double()).sum() + (s64 * torch.cat(grs).double()).sum()).backward()
-    torch.testing.assert_close(x.grad, x64[rank].grad.float(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(r.grad, r64.grad.chunk(world)[rank].float(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(w.grad, w64.grad.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad.cpu(), x64[rank].grad.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(r.grad.cpu(), r64.grad.chunk(world)[rank].float(), rtol=1e-5,
+                               atol=1e-5)
+    torch.testing.assert_close(w.grad.cpu(), w64.grad.float(), rtol=1e-5, atol=1e-5)
 
     # rms_norm_all_gather
-    x = xs[rank][:m].clone().requires_grad_()
-    w = weight.clone().requires_grad_()
-    (aiter_dist.rms_norm_all_gather(x, w, algo=algo) * gfull[rank]).sum().backward()
+    x = xs[rank][:m].to(dev, copy=True).requires_grad_()
+    w = weight.to(dev, copy=True).requires_grad_()
+    (aiter_dist.rms_norm_all_gather(x, w, algo=algo) * gfull[rank].to(dev)).sum().backward()
     full64 = torch.cat([t[:m] for t in xs]).double().requires_grad_()
     w64 = weight.double().requires_grad_()
     (aiter_dist.kernels.rmsnorm.rms_norm_ref(full64, w64) * sum(gfull).double()).sum().backward()
-    torch.testing.assert_close(x.grad, full64.grad.chunk(world)[rank].float(), rtol=1e-5,
+    torch.testing.assert_close(x.grad.cpu(), full64.grad.chunk(world)[rank].float(), rtol=1e-5,
                                atol=1e-5)
-    torch.testing.assert_close(w.grad, w64.grad.float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w.grad.cpu(), w64.grad.float(), rtol=1e-5, atol=1e-5)
     return True
 
 
@@ -334,17 +342,15 @@ def test_fp8_gradient_fallback_and_bad_input_cpu():
 
 @pytest.mark.multigpu
 def test_sequence_parallel_ops_gpu():
-    run_distributed(_sequence_parallel_vs_reference, torch.cuda.device_count(), GPU_SHAPES,
-                    backend="nccl")
+    run_gpu_ranks(_sequence_parallel_vs_reference, GPU_SHAPES)
 
 
 @pytest.mark.multigpu
 def test_sequence_parallel_gradients_gpu():
-    run_distributed(_sequence_parallel_grads, torch.cuda.device_count(), "one_shot",
-                    backend="nccl")
+    run_gpu_ranks(_sequence_parallel_grads, "one_shot")
 
 
 @pytest.mark.multigpu
 def test_fp8_out_gpu():
-    run_distributed(_fp8_vs_reference, torch.cuda.device_count(), [(1, 4096), (333, 8192)],
-                    torch.float8_e4m3fn, backend="nccl")
+    run_gpu_ranks(_fp8_vs_reference, [(1, 4096), (333, 8192)],
+                    torch.float8_e4m3fn)

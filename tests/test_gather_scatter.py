@@ -5,7 +5,7 @@ import torch.distributed as dist
 
 import aiter_dist
 from aiter_dist.comm.gather_scatter import all_gather_ref, reduce_scatter_ref
-from aiter_dist.testing import run_distributed
+from aiter_dist.testing import run_distributed, run_gpu_ranks
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -16,7 +16,7 @@ def _shards(world, shape, dtype, seed):
 
 
 def _device():
-    return aiter_dist.local_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    return aiter_dist.local_device()
 
 
 def _exact(rank, world):
@@ -90,4 +90,4 @@ def test_pieces_and_bad_input_cpu():
 
 @pytest.mark.multigpu
 def test_all_gather_reduce_scatter_exact_gpu():
-    run_distributed(_exact, torch.cuda.device_count(), backend="nccl")
+    run_gpu_ranks(_exact)

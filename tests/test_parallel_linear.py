@@ -7,11 +7,11 @@ from torch import nn
 
 import aiter_dist
 from aiter_dist.nn import ColumnParallelLinear, RowParallelLinear
-from aiter_dist.testing import assert_close_to_ref, run_distributed
+from aiter_dist.testing import assert_close_to_ref, gpu_world, run_distributed, run_gpu_ranks
 
 
 def _device():
-    return aiter_dist.local_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    return aiter_dist.local_device()
 
 
 def _layers_vs_unsharded(rank, world, batch, in_f, out_f, dtype_name):
@@ -122,6 +122,5 @@ def test_layers_without_a_process_group_are_plain_linears():
 
 @pytest.mark.multigpu
 def test_parallel_linears_gpu_bf16():
-    world = torch.cuda.device_count()
-    run_distributed(_layers_vs_unsharded, world, 8, 1024 * world, 512 * world, "bfloat16",
-                    backend="nccl")
+    world = gpu_world()
+    run_gpu_ranks(_layers_vs_unsharded, 8, 1024 * world, 512 * world, "bfloat16")
