@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install, GPU test tiers, benchmarks, and the 2-GPU training run.
-#   benchmarks/run_gpu.sh [stage ...]     stages: info tests multigpu norm attention collectives train
-#                                         (default: all), and worlds (multigpu tier and collective
+#   benchmarks/run_gpu.sh [stage ...]     stages: info tests multigpu norm attention gemm collectives
+#                                         train (default: all), and worlds (multigpu tier and collective
 #                                         benchmarks at every world size 3..n-1 of an n-GPU machine)
 # Results (tables, logs) go to $OUT (default ./out). NVLink multicast stays off throughout.
-# Environment: NORM_ARGS, ATTN_ARGS, COLL_ARGS (benchmark flags), WORLDS, TRAIN_CONFIG, TRAIN_NPROC,
-# TRAIN_STEPS.
+# Environment: NORM_ARGS, ATTN_ARGS, GEMM_ARGS, COLL_ARGS (benchmark flags), WORLDS, TRAIN_CONFIG,
+# TRAIN_NPROC, TRAIN_STEPS.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
-stages=${*:-info tests multigpu norm attention collectives train}
+stages=${*:-info tests multigpu norm attention gemm collectives train}
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 status=0
@@ -25,6 +25,7 @@ for s in $stages; do
     multigpu) [ "$ngpu" -ge 2 ] && run pytest_multigpu.log python3 -m pytest -q -m multigpu tests ;;
     norm) run bench_norm.log python3 benchmarks/bench_norm.py ${NORM_ARGS:-} ;;
     attention) run bench_attention.log python3 benchmarks/bench_attention.py ${ATTN_ARGS:-} ;;
+    gemm) run bench_gemm.log python3 benchmarks/bench_gemm.py ${GEMM_ARGS:-} ;;
     collectives) [ "$ngpu" -ge 2 ] && run bench_collectives.log torchrun --nproc-per-node "$ngpu" benchmarks/bench_collectives.py ${COLL_ARGS:-} ;;
     worlds) for w in ${WORLDS:-$(seq 3 $((ngpu - 1)))}; do
               devs=$(seq -s, 0 $((w - 1)))

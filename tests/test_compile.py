@@ -4,9 +4,10 @@ The CPU tier runs the kernels through the interpreter, which accepts code the co
 (loop-carried types, scalar/tensor mixes, unsupported casts). Triton's compiler needs no GPU, so
 this test compiles each kernel family down to a cubin in a subprocess with the interpreter off.
 Kernel arguments follow one naming rule, which gives their types: UPPER-case names are pointers
-(bf16 unless listed) except the row and column counts M and N, lower-case ones int32 (float32 for
-scales and eps). Pointers and strides are marked 16-divisible, as Triton's launcher marks them
-for aligned tensors, so the loads take the pipelined (asynchronous copy) path of real launches.
+(bf16 unless listed) except the row and column counts M and N (and the GEMMs' reduction length
+K, which their calls type), lower-case ones int32 (float32 for scales and eps). Pointers and
+strides are marked 16-divisible, as Triton's launcher marks them for aligned tensors, so the
+loads take the pipelined (asynchronous copy) path of real launches.
 """
 import os
 import subprocess
@@ -25,12 +26,14 @@ SCRIPT = textwrap.dedent(r'''
     from aiter_dist.comm.gather_scatter import _gather_scatter_kernel
     from aiter_dist.comm.protocol import _handshake_kernel
     from aiter_dist.kernels import flash_attn as fa
+    from aiter_dist.kernels import gemm
     from aiter_dist.kernels import rmsnorm as rn
 
     FLOATS = {"qk_scale", "sm_scale", "eps"}
     POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "RSTD": "*fp32",
                 "SCALE": "*fp32", "DW_PARTIAL": "*fp32", "CU_Q": "*i32", "CU_K": "*i32",
-                "ERR": "*i64", "BUF_PTRS": "*i64", "SIG_PTRS": "*i64"}
+                "ERR": "*i32", "BUF_PTRS": "*i64", "SIG_PTRS": "*i64", "X_SCALE": "*fp32",
+                "W_SCALE": "*fp32"}
     failures = []
 
     def compile_for_hopper(name, fn, constexprs, num_warps=4, num_stages=2, **pointer_types):
@@ -104,6 +107,49 @@ SCRIPT = textwrap.dedent(r'''
                            dict(comm, MODE=mode, FP8_MAX=fp8, FP8_MIN_EXP=-6 if fp8 else 0,
                                 BLOCK_M=1, BLOCK_N=4096), 8, R="*fp32", RES_OUT="*fp32",
                            **types)
+    # GEMM (its K is the reduction length, an int). Pointer kernel: unit strides become
+    # constants, as real launches specialize them.
+    mm = dict(HAS_BIAS=True, SCALING=0, PRECISION="tf32", UPCAST=False, EVEN_K=True,
+              BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, sak=1, scn=1)
+    compile_for_hopper("gemm pointers bf16 x @ w.T + bias", gemm._gemm_kernel,
+                       dict(mm, sbk=1), 8, 3, K="i32")
+    compile_for_hopper("gemm pointers fp32 dgrad dy @ w, K tail", gemm._gemm_kernel,
+                       dict(mm, HAS_BIAS=False, EVEN_K=False, BLOCK_K=32, sbn=1), 8, 3,
+                       A="*fp32", B="*fp32", C="*fp32", K="i32")
+    fp8 = dict(mm, HAS_BIAS=False, BLOCK_K=128, sbk=1, sxk=1, swk=1)
+    compile_for_hopper("gemm pointers fp8 rowwise", gemm._gemm_kernel, dict(fp8, SCALING=1),
+                       8, 3, A="*fp8e4nv", B="*fp8e4nv", K="i32")
+    compile_for_hopper("gemm pointers fp8 blockscale", gemm._gemm_kernel, dict(fp8, SCALING=2),
+                       8, 3, A="*fp8e4nv", B="*fp8e4nv", K="i32")
+    # Persistent TMA kernel: forward (nt), dgrad (nn: w as stored) and wgrad (tn: dy.T).
+    tma = dict(HAS_BIAS=False, SCALING=0, PRECISION="tf32", UPCAST=False, BLOCK_M=128,
+               BLOCK_N=256, BLOCK_K=64, GROUP_M=8, NUM_SMS=132, FLATTEN=True, SUBTILE=False)
+    a_k, a_m = "tensordesc<bf16[128, 64]>", "tensordesc<bf16[64, 128]>"
+    b_k, b_n = "tensordesc<bf16[256, 64]>", "tensordesc<bf16[64, 256]>"
+    out = "tensordesc<bf16[128, 256]>"
+    for tag, a_desc, b_desc, a_km, b_km in (("x @ w.T + bias", a_k, b_k, True, True),
+                                            ("dgrad dy @ w", a_k, b_n, True, False),
+                                            ("wgrad dy.T @ x", a_m, b_n, False, False)):
+        compile_for_hopper(f"gemm TMA persistent bf16 {tag}", gemm._gemm_tma_kernel,
+                           dict(tma, A_K_MAJOR=a_km, B_K_MAJOR=b_km, HAS_BIAS=a_km and b_km),
+                           8, 3, A=a_desc, B=b_desc, C=out, K="i32")
+    compile_for_hopper("gemm TMA persistent bf16, subtiled store, not flattened",
+                       gemm._gemm_tma_kernel, dict(tma, A_K_MAJOR=True, B_K_MAJOR=True,
+                                                   SUBTILE=True, FLATTEN=False), 8, 4,
+                       A=a_k, B=b_k, C="tensordesc<bf16[128, 128]>", K="i32")
+    compile_for_hopper("gemm TMA persistent fp32 (tf32)", gemm._gemm_tma_kernel,
+                       dict(tma, A_K_MAJOR=True, B_K_MAJOR=True, BLOCK_N=128, BLOCK_K=32), 8, 3,
+                       A="tensordesc<fp32[128, 32]>", B="tensordesc<fp32[128, 32]>",
+                       C="tensordesc<fp32[128, 128]>", K="i32")
+    f8 = dict(tma, A_K_MAJOR=True, B_K_MAJOR=True, BLOCK_K=128, sxk=1, swk=1)
+    compile_for_hopper("gemm TMA persistent fp8 rowwise + bias", gemm._gemm_tma_kernel,
+                       dict(f8, SCALING=1, HAS_BIAS=True), 8, 3,
+                       A="tensordesc<fp8e4nv[128, 128]>", B="tensordesc<fp8e4nv[256, 128]>",
+                       C=out, K="i32")
+    compile_for_hopper("gemm TMA persistent fp8 blockscale", gemm._gemm_tma_kernel,
+                       dict(f8, SCALING=2, BLOCK_N=128), 8, 4,
+                       A="tensordesc<fp8e4nv[128, 128]>", B="tensordesc<fp8e4nv[128, 128]>",
+                       C="tensordesc<bf16[128, 128]>", K="i32")
     if failures:
         raise SystemExit(f"{len(failures)} kernel(s) failed to compile: {failures}")
 ''')

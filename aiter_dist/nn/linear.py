@@ -12,6 +12,11 @@ does, with the residual add and RMSNorm): ``RowParallelLinear.reduce_output = Fa
 partial products unreduced, and ``ColumnParallelLinear.sequence_parallel = True`` marks an input
 that comes from an all-gather whose backward already sums the input gradient over the group.
 
+Both multiply through ``aiter_dist.tgemm.mm`` (forward, dgrad and wgrad): our Triton GEMM for the
+shape classes where the tuned table (``kernels/gemm_tuned.py``) measured it faster than the
+vendor's, cuBLAS / hipBLASLt elsewhere, ``F.linear`` on CPU; ``tgemm.default_backend = "triton"``
+forces ours. ``aiter_dist.last_path("tgemm.mm")`` says which served.
+
 Both load their shard from a full, unsharded weight: ``layer.load_full_weight(w, b)`` or
 ``Layer.from_linear(nn_linear, group)``. A freshly constructed layer is the shard of a full layer
 initialized like ``nn.Linear`` from the current RNG state: seed every rank the same.

@@ -1,0 +1,558 @@
+"""GEMM: ``linear`` (forward, dgrad, wgrad) and the matrix product every other GEMM here runs on.
+
+    matmul(a, b, bias)   = a @ b + bias           a (M, K), b (K, N), any strides
+    linear(x, w, bias)   = x @ w.T + bias         F.linear semantics, autograd
+    dgrad                = dy @ w                 (w used as it is stored: N-major b)
+    wgrad                = dy.T @ x               (a reduction over tokens: M-major a)
+
+One kernel serves the three passes: operands are read through their strides, never copied. fp8
+(``gemm_fp8.py``) runs on the same two kernels with per-token or per-block scales. Two paths:
+
+* ``_gemm_kernel``: plain pointers, any strides, one program per output tile. It serves the
+  interpreter, AMD, pre-Hopper GPUs and every layout TMA refuses.
+* ``_gemm_tma_kernel``: Hopper (capability 9.x). Persistent (one program per SM walks the tiles
+  in grouped order), operands and output through tensor descriptors (TMA), chosen when every
+  operand has a unit-stride dimension and 16-byte aligned base and strides. The descriptors are
+  made on the host (``triton.tools.tensor_descriptor``): no ``triton.set_allocator``, which is
+  per thread and would be missing on autograd's backward thread; the same code runs on Triton
+  3.6 and 3.9.
+
+Both accumulate in fp32. fp32 inputs multiply in TF32 only where
+``torch.backends.cuda.matmul.allow_tf32`` allows it, else in full fp32. In the interpreter every
+tile is upcast to fp32 right after its load (bf16 arithmetic is wrong there).
+
+Dispatch (``linear_backends``): per pass, a shape class ``"<layout> <dtype> <M>x<N>x<K>"``
+(layout: a then b, ``n`` when K is the contiguous dimension of a / not of b: forward ``nt``,
+dgrad ``nn``, wgrad ``tn``; sizes rounded up to powers of 2) is looked up in ``gemm_tuned.TUNED``,
+measured on the GPU by ``benchmarks/bench_gemm.py --sweep``. It gives our config for the class and
+whether ours or the vendor GEMM (cuBLAS/hipBLASLt) won there. ``linear`` runs ours unless the
+vendor won; ``tgemm.mm`` runs the vendor's unless ours won.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._runtime import INTERPRETED, check_same_device, check_tensor, record_path, runs_triton
+from .gemm_tuned import TUNED
+
+# SCALING modes of the kernels: plain, per-token x per-channel fp8, 1x128 x 128x128 fp8 blocks.
+NO_SCALES, ROWWISE, BLOCKWISE = 0, 1, 2
+SCALE_BLOCK = 128
+BACKENDS = ("auto", "triton", "vendor")
+
+
+# ----------------------------------------------------------------------------- reference
+
+def gemm_ref(a, b, bias=None, out_dtype=None):
+    """``a @ b + bias`` accumulated in fp32 (fp64 for fp64 inputs), returned in ``out_dtype``
+    (default: a's dtype)."""
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
+    out = a.to(acc) @ b.to(acc)
+    if bias is not None:
+        out = out + bias.to(acc)
+    return out.to(out_dtype or a.dtype)
+
+
+def linear_ref(x, weight, bias=None):
+    """``F.linear`` with fp32 (fp64) accumulation: ``x @ weight.T + bias``, any leading dims."""
+    out = gemm_ref(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), weight.t(), bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Output tile ``tile_id`` in grouped order: GROUP_M row tiles walk the columns together, so
+    their rows of a stay in L2 while b streams past.
+
+    The one place tile order is decided. A distributed GEMM that gathers a's rows chunk by chunk
+    rotates ``pid_m`` here (its own rows first) and waits on the chunk's ready flag before the
+    tile's first load of a; the M-tile index is all it needs."""
+    tiles_per_group = GROUP_M * num_pid_n
+    first_m = (tile_id // tiles_per_group) * GROUP_M
+    group_rows = min(num_pid_m - first_m, GROUP_M)
+    in_group = tile_id % tiles_per_group
+    return first_m + in_group % group_rows, in_group // group_rows
+
+
+@triton.jit
+def _block_scales(X_SCALE, W_SCALE, off_m, off_n, kb, M, N, sxm, sxk, swn, swk,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """K block ``kb``'s scales for the tile at (off_m, off_n): one per row of a (1x128 blocks)
+    and one per 128 columns of b (128x128 blocks). When the tile's columns lie in one 128-block
+    the two fold into one scale per row (one multiply-add per element in the loop, not three)."""
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    xs = tl.load(X_SCALE + offs_m * sxm + kb * sxk, mask=offs_m < M, other=0.0)
+    if 128 % BLOCK_N == 0:
+        xs = xs * tl.load(W_SCALE + (off_n // 128) * swn + kb * swk)
+        ws = tl.full((BLOCK_N,), 1.0, tl.float32)  # (folded into xs)
+    else:
+        offs_n = off_n + tl.arange(0, BLOCK_N)
+        ws = tl.load(W_SCALE + (offs_n // 128) * swn + kb * swk, mask=offs_n < N, other=0.0)
+    return xs, ws
+
+
+@triton.jit
+def _mma(acc, a, b, xs, ws, SCALING: tl.constexpr, PRECISION: tl.constexpr,
+         UPCAST: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc += a @ b, in fp32. Blockwise fp8 scales each 128-deep partial product before adding
+    it (Hopper has no block-scaled MMA; the tensor cores' partial sums reach fp32 there too);
+    rowwise fp8 folds its scales in at the end but still promotes the partial sums to fp32
+    every BLOCK_K (the fp8 MMA accumulator keeps fewer bits)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    if SCALING == 2:
+        part = tl.dot(a, b, input_precision=PRECISION, out_dtype=tl.float32)
+        if 128 % BLOCK_N == 0:
+            acc += part * xs[:, None]
+        else:
+            acc += part * xs[:, None] * ws[None, :]
+    elif SCALING == 1:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32,
+                     max_num_imprecise_acc=BLOCK_K)
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
+    return acc
+
+
+@triton.jit
+def _epilogue(acc, offs_m, offs_n, M, N, BIAS, X_SCALE, W_SCALE, sxm, swn,
+              HAS_BIAS: tl.constexpr, SCALING: tl.constexpr):
+    """Rowwise fp8 scales and the bias, applied to the fp32 tile."""
+    if SCALING == 1:
+        xs = tl.load(X_SCALE + offs_m * sxm, mask=offs_m < M, other=0.0)
+        ws = tl.load(W_SCALE + offs_n * swn, mask=offs_n < N, other=0.0)
+        acc = acc * xs[:, None] * ws[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _gemm_kernel(
+    A,                   # (M, K) operand, any strides
+    B,                   # (K, N) operand, any strides
+    C,                   # (M, N) output
+    BIAS,                # (N,) bias, read when HAS_BIAS
+    X_SCALE,             # fp32 scales of A's rows: (M, 1) rowwise, (M, ceil(K/128)) blockwise
+    W_SCALE,             # fp32 scales of B's columns: (1, N) rowwise, (ceil(N/128), ceil(K/128))
+    M, N, K,             # problem size
+    sam, sak,            # A strides (row, reduction)
+    sbk, sbn,            # B strides (reduction, column)
+    scm, scn,            # C strides
+    sxm, sxk,            # X_SCALE strides (row, K block)
+    swn, swk,            # W_SCALE strides (N block or column, K block)
+    HAS_BIAS: tl.constexpr,    # add BIAS
+    SCALING: tl.constexpr,     # 0 none, 1 rowwise fp8, 2 blockwise fp8 (BLOCK_K == 128)
+    PRECISION: tl.constexpr,   # tl.dot input_precision for fp32 operands ("tf32" / "ieee")
+    UPCAST: tl.constexpr,      # interpreter: tiles to fp32 right after the load
+    EVEN_K: tl.constexpr,      # K % BLOCK_K == 0: no masks on the reduction
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,     # row tiles per group of the grouped order
+):
+    # One output tile per program. Rows and columns past the end wrap around (% M, % N) so the
+    # loads need no masks; the store drops them.
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = (offs_m % M).to(tl.int64)
+    cols = (offs_n % N).to(tl.int64)
+    a_ptrs = A + rows[:, None] * sam + offs_k[None, :] * sak
+    b_ptrs = B + offs_k[:, None] * sbk + cols[None, :] * sbn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - kb * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        xs = 0.0  # (unused unless blockwise)
+        ws = 0.0
+        if SCALING == 2:
+            xs, ws = _block_scales(X_SCALE, W_SCALE, pid_m * BLOCK_M, pid_n * BLOCK_N, kb, M, N,
+                                   sxm, sxk, swn, swk, BLOCK_M, BLOCK_N)
+        acc = _mma(acc, a, b, xs, ws, SCALING, PRECISION, UPCAST, BLOCK_N, BLOCK_K)
+        a_ptrs += BLOCK_K * sak
+        b_ptrs += BLOCK_K * sbk
+    acc = _epilogue(acc, offs_m, offs_n, M, N, BIAS, X_SCALE, W_SCALE, sxm, swn, HAS_BIAS, SCALING)
+    c_ptrs = C + offs_m.to(tl.int64)[:, None] * scm + offs_n[None, :] * scn
+    tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.jit
+def _gemm_tma_kernel(
+    A,                   # descriptor: (M, K), blocks [BLOCK_M, BLOCK_K] if A_K_MAJOR, else (K, M)
+    B,                   # descriptor: (N, K), blocks [BLOCK_N, BLOCK_K] if B_K_MAJOR, else (K, N)
+    C,                   # descriptor of the (M, N) output: blocks [BLOCK_M, BLOCK_N (/2: SUBTILE)]
+    BIAS,                # (N,) bias, read when HAS_BIAS
+    X_SCALE,             # fp32 scales of A's rows: (M, 1) rowwise, (M, ceil(K/128)) blockwise
+    W_SCALE,             # fp32 scales of B's columns: (1, N) rowwise, (ceil(N/128), ceil(K/128))
+    M, N, K,             # problem size
+    sxm, sxk,            # X_SCALE strides (row, K block)
+    swn, swk,            # W_SCALE strides (N block or column, K block)
+    A_K_MAJOR: tl.constexpr,   # A's reduction dim is contiguous (forward, dgrad), else wgrad's dy.T
+    B_K_MAJOR: tl.constexpr,   # B's reduction dim is contiguous (nn.Linear weight), else dgrad's w
+    HAS_BIAS: tl.constexpr,    # add BIAS
+    SCALING: tl.constexpr,     # 0 none, 1 rowwise fp8, 2 blockwise fp8 (BLOCK_K == 128)
+    PRECISION: tl.constexpr,   # tl.dot input_precision for fp32 operands ("tf32" / "ieee")
+    UPCAST: tl.constexpr,      # interpreter: tiles to fp32 right after the load
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,     # row tiles per group of the grouped order
+    NUM_SMS: tl.constexpr,     # programs launched (at most this many): the tile stride
+    FLATTEN: tl.constexpr,     # let the compiler flatten the tile and K loops into one pipeline
+    SUBTILE: tl.constexpr,     # store the output in two halves (less shared memory, more stages)
+):
+    # Persistent: program p takes tiles p, p + NUM_SMS, ... The copy engine zero-fills tiles
+    # past the edges and clips the stores, so no masks. tile_id_c recomputes the epilogue's
+    # tile apart from the loads' (lets the compiler flatten the loop nest, as Triton's
+    # persistent-matmul tutorial does).
+    start = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    tile_id_c = start - NUM_SMS
+    for tile_id in tl.range(start, num_pid_m * num_pid_n, NUM_SMS, flatten=FLATTEN):
+        pid_m, pid_n = _tile_coords(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for kb in range(k_tiles):
+            off_k = kb * BLOCK_K
+            if A_K_MAJOR:
+                a = A.load([off_m, off_k])
+            else:
+                a = tl.trans(A.load([off_k, off_m]))
+            if B_K_MAJOR:
+                b = tl.trans(B.load([off_n, off_k]))
+            else:
+                b = B.load([off_k, off_n])
+            xs = 0.0  # (unused unless blockwise)
+            ws = 0.0
+            if SCALING == 2:
+                xs, ws = _block_scales(X_SCALE, W_SCALE, off_m, off_n, kb, M, N, sxm, sxk, swn,
+                                       swk, BLOCK_M, BLOCK_N)
+            acc = _mma(acc, a, b, xs, ws, SCALING, PRECISION, UPCAST, BLOCK_N, BLOCK_K)
+        tile_id_c += NUM_SMS
+        pid_m, pid_n = _tile_coords(tile_id_c, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = _epilogue(acc, off_m + tl.arange(0, BLOCK_M), off_n + tl.arange(0, BLOCK_N), M, N,
+                        BIAS, X_SCALE, W_SCALE, sxm, swn, HAS_BIAS, SCALING)
+        if SUBTILE:
+            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+            left, right = tl.split(halves)
+            C.store([off_m, off_n], left.to(C.dtype))
+            C.store([off_m, off_n + BLOCK_N // 2], right.to(C.dtype))
+        else:
+            C.store([off_m, off_n], acc.to(C.dtype))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+class GemmConfig(NamedTuple):
+    """One launch config; the dispatch table stores these as plain tuples."""
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int = 8
+    warps: int = 8
+    stages: int = 3
+    flatten: bool = True    # TMA path: one pipelined loop over tiles and K steps
+    subtile: bool = False   # TMA path: store the output tile in two halves
+
+
+@functools.lru_cache(maxsize=None)
+def _device_facts(device: torch.device) -> tuple[bool, int]:
+    """(Hopper-class NVIDIA GPU, SM count) for a GPU; the interpreter: (False, 2)."""
+    if device.type != "cuda" or INTERPRETED:
+        return False, 2
+    props = torch.cuda.get_device_properties(device)
+    return torch.version.hip is None and props.major == 9, props.multi_processor_count
+
+
+def _layout(a: torch.Tensor, b: torch.Tensor) -> str:
+    """BLAS-style letters for a then b: a is ``n`` when its rows (K) are contiguous, b is ``t``
+    when its columns are (b is then a transposed row-major matrix, like nn.Linear's weight.T)."""
+    return ("n" if a.stride(1) == 1 else "t") + ("t" if b.stride(0) == 1 else "n")
+
+
+DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32",
+               torch.float8_e4m3fn: "fp8"}
+
+
+def shape_class(layout: str, kind: str, M: int, N: int, K: int) -> str:
+    """The dispatch table's key: layout, operand kind (``bf16``, ``fp8``, ``fp8-block``, ...)
+    and the sizes rounded up to powers of 2 (16 at least)."""
+    m, n, k = (triton.next_power_of_2(max(v, 16)) for v in (M, N, K))
+    return f"{layout} {kind} {m}x{n}x{k}"
+
+
+def _tuned(key: str) -> dict:
+    return TUNED.get(key) or {}
+
+
+def default_config(kind: str, M: int, N: int, K: int, device: torch.device,
+                   tma: bool) -> GemmConfig:
+    """The config for a class the table does not tune."""
+    if device.type == "cpu":
+        # The interpreter pays per program and per loop trip, not per element: few big tiles.
+        m, n = (min(64, max(16, triton.next_power_of_2(v))) for v in (M, N))
+        k = SCALE_BLOCK if kind == "fp8-block" else min(64, max(16, triton.next_power_of_2(K)))
+        return GemmConfig(m, n, k, 8, 1, 1)
+    if kind == "fp8-block":
+        # Two 128x128 fp32 tiles (sum and 128-deep partial) per program: 8 warps hold them.
+        return GemmConfig(128, 128, 128, 8, 8, 4 if tma else 3)
+    if kind == "fp8":
+        return GemmConfig(128, 256, 128, 8, 8, 3) if tma else GemmConfig(128, 128, 128, 8, 8, 3)
+    if kind == "fp32":
+        return GemmConfig(128, 128, 32, 8, 8, 3)
+    if tma:
+        # Triton's persistent-matmul tutorial's best Hopper tile for 16-bit operands.
+        return GemmConfig(128, 256, 64, 8, 8, 3) if M > 64 else GemmConfig(64, 128, 64, 8, 4, 4)
+    return GemmConfig(128, 128, 64, 8, 8, 3)
+
+
+def _tma_ready(*tensors: torch.Tensor) -> bool:
+    """TMA reads a 2-D tensor when it is not empty, its rows are contiguous, and its base and
+    row stride are 16-byte aligned."""
+    return all(t.numel() > 0 and t.stride(1) == 1 and t.data_ptr() % 16 == 0
+               and t.stride(0) * t.element_size() % 16 == 0 for t in tensors)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: it matters for fp32 operands only (the interpreter's are all
+    fp32 upcasts, multiplied exactly)."""
+    if INTERPRETED:
+        return "ieee"
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def run_gemm(op: str, kind: str, a, b, out, bias=None, x_scale=None, w_scale=None,
+             scaling: int = NO_SCALES, config=None, tma=None) -> torch.Tensor:
+    """Launch ``out = a @ b (+ bias)`` (with fp8 scales) on the path and config that fit;
+    record the path under ``op``. ``tma``: None picks (Hopper and aligned), True asks for the
+    tensor-descriptor kernel where the layout allows (the interpreter runs it too), False the
+    pointer kernel."""
+    M, K = a.shape
+    N = b.shape[1]
+    hopper, sms = _device_facts(a.device)
+    a_k_major = a.stride(1) == 1
+    b_k_major = b.stride(0) == 1
+    # TMA sees each operand in its contiguous layout: A (M, K) or (K, M), B (N, K) or (K, N).
+    a_view = a if a_k_major else a.t()
+    b_view = b.t() if b_k_major else b
+    use_tma = (hopper if tma is None else tma) and K > 0 and _tma_ready(a_view, b_view, out)
+    if config is None:
+        tuned = _tuned(shape_class(_layout(a, b), kind, M, N, K)).get("config")
+        config = GemmConfig(*tuned) if tuned and use_tma else default_config(
+            kind, M, N, K, a.device, use_tma)
+    config = GemmConfig(*config)
+    if scaling == BLOCKWISE and config.block_k != SCALE_BLOCK:
+        raise ValueError(f"aiter_dist.{op}: blockwise fp8 needs block_k={SCALE_BLOCK}, got "
+                         f"config {config}")
+    bm, bn, bk = config.block_m, config.block_n, config.block_k
+    bias_arg = bias if bias is not None else out  # placeholders, never read (HAS_BIAS, SCALING)
+    xs = x_scale if x_scale is not None else out
+    ws = w_scale if w_scale is not None else out
+    scale_strides = (*(x_scale.stride() if x_scale is not None else (0, 0)),
+                     *(w_scale.stride() if w_scale is not None else (0, 0)))
+    common = dict(HAS_BIAS=bias is not None, SCALING=scaling, PRECISION=_precision(a.dtype),
+                  UPCAST=INTERPRETED, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=config.group_m,
+                  num_warps=config.warps, num_stages=config.stages)
+    record_path(op, ("triton-interpreter" if INTERPRETED else "triton")
+                + ("-tma" if use_tma else ""))
+    if M == 0 or N == 0:
+        return out
+    if use_tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        def desc(t, block):
+            return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
+
+        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+        _gemm_tma_kernel[(min(sms, tiles),)](
+            desc(a_view, [bm, bk] if a_k_major else [bk, bm]),
+            desc(b_view, [bn, bk] if b_k_major else [bk, bn]),
+            desc(out, [bm, bn // 2 if config.subtile else bn]),
+            bias_arg, xs, ws, M, N, K, *scale_strides,
+            A_K_MAJOR=a_k_major, B_K_MAJOR=b_k_major, NUM_SMS=sms, FLATTEN=config.flatten,
+            SUBTILE=config.subtile, **common)
+    else:
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        _gemm_kernel[grid](a, b, out, bias_arg, xs, ws, M, N, K, *a.stride(), *b.stride(),
+                           *out.stride(), *scale_strides, EVEN_K=K % bk == 0, **common)
+    return out
+
+
+def matmul(a, b, bias=None, *, out_dtype=None, config=None, tma=None, op="matmul"):
+    """``a @ b + bias`` through our kernel: a (M, K), b (K, N), any strides; fp32 accumulation,
+    output (M, N) contiguous in ``out_dtype`` (default a's). The caller checks the inputs."""
+    M, N = a.shape[0], b.shape[1]
+    out = torch.empty(M, N, dtype=out_dtype or a.dtype, device=a.device)
+    kind = DTYPE_NAMES[a.dtype]
+    return run_gemm(op, kind, a, b, out, bias, config=config, tma=tma)
+
+
+def _autocast_dtype(x) -> torch.dtype | None:
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
+def compute_dtype(x) -> torch.dtype:
+    """The dtype a linear of ``x`` multiplies in: autocast's when it is on, else x's."""
+    return _autocast_dtype(x) or x.dtype
+
+
+def autocast_inputs(x, weight, bias):
+    """What autocast would hand F.linear: the three in autocast's dtype (when it is on)."""
+    dtype = _autocast_dtype(x)
+    if dtype is None:
+        return x, weight, bias
+    return (x.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None)
+
+
+def check_linear_inputs(op: str, x, weight, bias=None) -> None:
+    """The checks of ``x @ weight.T + bias`` (weight in nn.Linear layout)."""
+    check_tensor(op, "input", x)
+    check_tensor(op, "weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"aiter_dist.{op}: weight must be 2-D (out_features, in_features), "
+                         f"got shape {tuple(weight.shape)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"aiter_dist.{op}: input's last dimension {x.shape[-1]} must equal "
+                         f"weight's in_features {weight.shape[1]} (weight is "
+                         f"{tuple(weight.shape)}, computing input @ weight.T)")
+    check_same_device(op, input=x, weight=weight, bias=bias)
+    if bias is not None:
+        check_tensor(op, "bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"aiter_dist.{op}: bias must have shape ({weight.shape[0]},), got "
+                             f"{tuple(bias.shape)}")
+    if _autocast_dtype(x) is not None:
+        return  # autocast casts them to one dtype
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != x.dtype:
+            raise TypeError(f"aiter_dist.{op}: input dtype {x.dtype} differs from {name} dtype "
+                            f"{t.dtype}; cast one of them (or run under torch.autocast)")
+
+
+def linear_backends(op: str, M: int, N: int, K: int, dtype: torch.dtype, device: torch.device,
+                    backend: str, prefer: str) -> tuple[str, str, str]:
+    """Who serves the forward, dgrad and wgrad of an (M tokens, N out, K in) linear:
+    ``"triton"`` or ``"vendor"``. ``backend`` forces one; ``"auto"`` takes the table's winner
+    for the pass's shape class, else ``prefer``. CPU tensors: our kernel where the interpreter
+    runs it (and ours is preferred or forced), else the vendor's."""
+    if backend not in BACKENDS:
+        raise ValueError(f"aiter_dist.{op}: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "vendor" or (backend == "triton" and not runs_triton(op, device)):
+        return ("vendor",) * 3
+    if backend == "triton":
+        return ("triton",) * 3
+    if device.type == "cpu":
+        return ((prefer if INTERPRETED else "vendor"),) * 3
+    kind = DTYPE_NAMES[dtype]
+    passes = (("nt", M, N, K), ("nn", M, K, N), ("tn", N, K, M))
+    winners = (_tuned(shape_class(layout, kind, m, n, k)).get("winner")
+               for layout, m, n, k in passes)
+    return tuple(w if w in ("triton", "vendor") else prefer for w in winners)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """(rows, features): a view where the leading dims flatten, and a layout the kernel reads."""
+    t2 = t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+    return t2 if 1 in t2.stride() else t2.contiguous()
+
+
+def linear_fwd(x2, weight, bias, backend, op="linear"):
+    """out = x2 @ weight.T + bias, by ``backend``; the path is recorded under ``op``."""
+    if backend == "vendor":
+        record_path(op, "torch.linear")
+        return F.linear(x2, weight, bias)
+    return matmul(x2, weight.t(), bias, op=op)
+
+
+def linear_dgrad(dy2, weight, backend, op="linear"):
+    """dx = dy2 @ weight (weight read as stored: b is N-major), recorded under ``op.dgrad``."""
+    if backend == "vendor":
+        record_path(op + ".dgrad", "torch.matmul")
+        return dy2 @ weight
+    return matmul(dy2, weight, op=op + ".dgrad")
+
+
+def linear_wgrad(dy2, x2, backend, op="linear"):
+    """dW = dy2.T @ x2, a reduction over tokens (a = dy2.T is M-major), recorded under
+    ``op.wgrad``."""
+    if backend == "vendor":
+        record_path(op + ".wgrad", "torch.matmul")
+        return dy2.t() @ x2
+    return matmul(dy2.t(), x2, op=op + ".wgrad")
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class LinearFunction(torch.autograd.Function):
+    """``x @ weight.T + bias``; ``backends`` = who serves (forward, dgrad, wgrad), ``op`` the
+    name their paths are recorded under (``op``, ``op.dgrad``, ``op.wgrad``)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, backends, op):
+        x2 = _rows(x)
+        out = linear_fwd(x2, weight, bias, backends[0], op)
+        ctx.save_for_backward(x2, weight)
+        ctx.x_shape, ctx.backends, ctx.op = x.shape, backends, op
+        ctx.has_bias = bias is not None
+        return out.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight = ctx.saved_tensors
+        dy2 = _rows(dy)
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = linear_dgrad(dy2, weight, ctx.backends[1], ctx.op).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            dw = linear_wgrad(dy2, x2, ctx.backends[2], ctx.op)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy2.sum(0, dtype=torch.float32).to(weight.dtype)
+        return dx, dw, db, None, None
+
+
+# ----------------------------------------------------------------------------- functional API
+
+def linear(x, weight, bias=None, *, backend="auto"):
+    """``F.linear(x, weight, bias)`` = ``x @ weight.T + bias`` over any leading dims of ``x``,
+    forward, dgrad and wgrad through our Triton GEMM.
+
+    x: (..., in_features); weight: (out_features, in_features); bias: (out_features,) or None.
+    ``backend``: ``"auto"`` (ours, except shape classes where the tuned table says the vendor
+    GEMM is faster), ``"triton"`` (ours) or ``"vendor"`` (cuBLAS / hipBLASLt / CPU BLAS).
+    ``aiter_dist.last_path("linear")`` (and ``"linear.dgrad"``, ``"linear.wgrad"``) name the
+    implementation that served.
+    """
+    op = "linear"
+    check_linear_inputs(op, x, weight, bias)
+    x, weight, bias = autocast_inputs(x, weight, bias)
+    backends = linear_backends(op, math.prod(x.shape[:-1]), weight.shape[0],
+                               weight.shape[1], x.dtype, x.device, backend, prefer="triton")
+    return LinearFunction.apply(x, weight, bias, backends, op)
+
+
+__all__ = ["linear", "matmul", "run_gemm", "gemm_ref", "linear_ref", "LinearFunction",
+           "GemmConfig", "shape_class", "default_config", "linear_backends",
+           "check_linear_inputs", "autocast_inputs", "compute_dtype"]
