@@ -188,12 +188,44 @@ def _install_fused_forward(model, group, sequence_parallel: bool) -> str | None:
 
 def parallelize(model: nn.Module, group=None, attention: str = "flash", fuse_norm: bool = True,
                 sequence_parallel: bool = False) -> nn.Module:
-    """Replace ``model``'s projections and norms with aiter_dist's tensor-parallel modules, in
-    place, and return it. ``group`` defaults to the world (``aiter_dist.init_distributed()``).
-    ``attention``: ``"flash"`` routes ``_attend`` methods to aiter_dist's flash attention,
-    ``"keep"`` leaves them. ``fuse_norm``: fuse each row-parallel reduce with the residual add and
-    the next RMSNorm (models laid out like the example's Llama). ``sequence_parallel``: shard the
-    residual stream by tokens (batch * sequence divisible by the world size)."""
+    """Make ``model`` tensor-parallel in place and return it.
+
+    Modules are found by attribute name: in blocks holding ``q_proj, k_proj, v_proj, o_proj``
+    (``nn.Linear``) q/k/v become :class:`~aiter_dist.nn.ColumnParallelLinear` and ``o_proj`` a
+    :class:`~aiter_dist.nn.RowParallelLinear`; in blocks holding ``gate_proj, up_proj,
+    down_proj`` gate/up become column-parallel and ``down_proj`` row-parallel; RMSNorm modules
+    (``torch.nn.RMSNorm``, or any ``*RMSNorm`` class with ``weight`` and ``eps`` or
+    ``variance_epsilon``) become :class:`~aiter_dist.nn.RMSNorm`. Embeddings, the output head
+    and anything else stay replicated.
+
+    Args:
+        model: the full model, with the same weights on every rank (same seed, or one
+            checkpoint): each parallel layer copies its shard from them. Head counts and
+            projection widths must be divisible by the group size (``ValueError`` otherwise).
+        group: the tensor-parallel group; default the world (``aiter_dist.init_distributed()``).
+            Without torch.distributed the layers are plain one-process layers.
+        attention: ``"flash"`` (default) routes the attention blocks' ``_attend(q, k, v)``
+            methods (causal, (batch, seq, heads, head_dim)) to :func:`aiter_dist.flash_attn_func`;
+            ``"keep"`` leaves the model's own.
+        fuse_norm: for a model laid out like the example's Llama (``tok_emb``/``embed_tokens``,
+            ``layers`` of ``attn_norm, attn, mlp_norm, mlp`` pre-norm blocks, ``norm``,
+            ``lm_head``) replace its forward so each row-parallel output meets the residual add
+            and the next norm in one :func:`aiter_dist.all_reduce_add_rms_norm`. Other models
+            keep one all-reduce per row-parallel layer (logged once).
+        sequence_parallel: shard the residual stream by tokens (batch * seq divisible by the
+            group size) with :func:`aiter_dist.reduce_scatter_add_rms_norm` and all-gathers;
+            only for the Llama layout (``ValueError`` otherwise).
+
+    Returns the same ``model``, with ``model.aiter_parallel`` recording what was replaced
+    (``column``, ``row``, ``norm``, ``attention`` counts, ``world_size``, ``fused_norm``).
+
+    Every rank must then run the same forward and backward calls with the same input shapes
+    (the layers issue collectives; ranks that disagree get a ``RuntimeError``). Inputs (token
+    ids) are the same on every rank; outputs (logits) come out the same on every rank.
+    Gradients: every replicated parameter's gradient is complete and equal on every rank, each
+    sharded one is this rank's shard of the full gradient. The loss matches the unparallelized
+    model within floating-point tolerance, not bitwise (the sums run in another order).
+    """
     if attention not in ("flash", "keep"):
         raise ValueError(f"aiter_dist.parallelize: attention must be 'flash' or 'keep', "
                          f"got {attention!r}")

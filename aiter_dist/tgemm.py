@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .kernels._runtime import FLOAT_DTYPES, record_path
-from .kernels.gemm import (LinearFunction, autocast_inputs, check_linear_inputs, compute_dtype,
+from .kernels.gemm import (apply_linear, autocast_inputs, check_linear_inputs, compute_dtype,
                            linear_backends)
 
 default_backend = "auto"  # "auto" | "triton" | "vendor": the backend of calls that name none
@@ -49,5 +49,5 @@ def mm(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         record_path(op, "torch.linear")
         out = F.linear(input, weight, bias)
     else:
-        out = LinearFunction.apply(*autocast_inputs(input, weight, bias), backends, op)
+        out = apply_linear(*autocast_inputs(input, weight, bias), backends, op)
     return out if otype is None or out.dtype == otype else out.to(otype)

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install, GPU test tiers, benchmarks, and the 2-GPU training run.
 #   benchmarks/run_gpu.sh [stage ...]     stages: info tests multigpu norm attention gemm collectives
-#                                         train (default: all), and worlds (multigpu tier and collective
-#                                         benchmarks at every world size 3..n-1 of an n-GPU machine)
+#                                         overhead train (default: all); train-modes (eager, compiled,
+#                                         CUDA graphs, each beside --no-aiter, on 1 GPU and on 2 when
+#                                         there are 2; TRAIN_MODES_CONFIG, default 1b); and worlds
+#                                         (multigpu tier and collective benchmarks at every world size
+#                                         3..n-1 of an n-GPU machine)
 # Results (tables, logs) go to $OUT (default ./out). NVLink multicast stays off throughout.
 # Environment: NORM_ARGS, ATTN_ARGS, GEMM_ARGS, COLL_ARGS (benchmark flags), WORLDS, TRAIN_CONFIG,
 # TRAIN_NPROC, TRAIN_STEPS.
@@ -10,7 +13,7 @@ set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
-stages=${*:-info tests multigpu norm attention gemm collectives train}
+stages=${*:-info tests multigpu norm attention gemm collectives overhead train}
 ngpu=$(python3 -c 'import torch; print(torch.cuda.device_count())')
 python3 -m pip install -q --no-deps --no-build-isolation -e . >"$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
 status=0
@@ -27,6 +30,12 @@ for s in $stages; do
     attention) run bench_attention.log python3 benchmarks/bench_attention.py ${ATTN_ARGS:-} ;;
     gemm) run bench_gemm.log python3 benchmarks/bench_gemm.py ${GEMM_ARGS:-} ;;
     collectives) [ "$ngpu" -ge 2 ] && run bench_collectives.log torchrun --nproc-per-node "$ngpu" benchmarks/bench_collectives.py ${COLL_ARGS:-} ;;
+    overhead) run bench_overhead.log python3 benchmarks/bench_overhead.py ;;
+    train-modes) for n in 1 $([ "$ngpu" -ge 2 ] && echo 2); do
+                   for mode in "" "--compile" "--cuda-graphs" "--no-aiter" "--no-aiter --compile" "--no-aiter --cuda-graphs"; do
+                     run "train_modes_${TRAIN_MODES_CONFIG:-1b}.log" torchrun --nproc-per-node "$n" examples/train_llama.py --config "${TRAIN_MODES_CONFIG:-1b}" --steps ${TRAIN_STEPS:-30} $mode
+                   done
+                 done ;;
     worlds) for w in ${WORLDS:-$(seq 3 $((ngpu - 1)))}; do
               devs=$(seq -s, 0 $((w - 1)))
               run "pytest_multigpu_w$w.log" env CUDA_VISIBLE_DEVICES="$devs" python3 -m pytest -q -m multigpu tests

@@ -24,9 +24,11 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from ..kernels._runtime import cdiv
+from ..kernels._runtime import compiling
 from .policy import route
 from .protocol import (OP_NAMES, _finish, _meet, _peer_buf, _report_mismatch, _start,
-                       check_comm_input, launch_collective, pieces)
+                       check_comm_input, group_name_of, group_of, launch_collective, pieces)
 from .workspace import max_grid
 
 OP_ALL_REDUCE = 1
@@ -131,8 +133,8 @@ def _launch_all_reduce(ws, call, x_flat, out_flat, two_shot, copy_in):
     n = x_flat.numel()
     # The interpreter runs each block op as one numpy call: large blocks, few iterations.
     block = 16384 if cpu else 2048
-    chunk = triton.cdiv(triton.cdiv(n, ws.world_size), 64) * 64 if two_shot else n
-    programs = max(1, min(triton.cdiv(chunk, block), max_grid(ws)))
+    chunk = cdiv(cdiv(n, ws.world_size), 64) * 64 if two_shot else n
+    programs = max(1, min(cdiv(chunk, block), max_grid(ws)))
     launch_collective(_all_reduce_kernel, programs, ws, call, n, int(two_shot),
                       tensors=(x_flat, out_flat), scalars=(chunk,), TWO_SHOT=two_shot,
                       COPY_IN=copy_in, BLOCK=block, num_warps=1 if cpu else 8)
@@ -150,6 +152,9 @@ def _kernel_all_reduce(x: torch.Tensor, ws, call, algo: str) -> torch.Tensor:
     # Pieces of whole 64-element blocks per rank. (Two-shot's padded chunks never touch the
     # elements past the message: every access is masked by numel.)
     cap = (ws.data_bytes // x.element_size()) // (64 * ws.world_size) * (64 * ws.world_size)
+    if xf.numel() <= cap:
+        _launch_all_reduce(ws, call, xf, of, two_shot, copy_in=True)
+        return out
     for a, b in pieces(xf.numel(), cap):
         _launch_all_reduce(ws, call, xf[a:b], of[a:b], two_shot, copy_in=True)
     return out
@@ -214,6 +219,45 @@ class CopyToParallelRegionFunc(torch.autograd.Function):
         return all_reduce_raw(grad.contiguous(), ctx.group), None
 
 
+# ----------------------------------------------------------------------------- torch.library
+
+# The ops torch.compile traces (one node each; fake implementations give shapes). Groups travel
+# by name, as in torch's functional collectives.
+
+@torch.library.custom_op("aiter_dist::all_reduce", mutates_args=())
+def _all_reduce_op(x: torch.Tensor, group_name: str, algo: str) -> torch.Tensor:
+    return all_reduce_raw(x, group_of(group_name), algo)
+
+
+@_all_reduce_op.register_fake
+def _(x, group_name, algo):
+    return torch.empty_like(x)
+
+
+torch.library.register_autograd("aiter_dist::all_reduce", lambda ctx, grad: (grad, None, None))
+
+
+@torch.library.custom_op("aiter_dist::copy_to_parallel_region", mutates_args=())
+def _copy_to_parallel_region_op(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    return x.clone()  # (an op's output may not alias its input)
+
+
+@_copy_to_parallel_region_op.register_fake
+def _(x, group_name):
+    return torch.empty_like(x)
+
+
+def _copy_to_parallel_region_setup(ctx, inputs, output):
+    ctx.group_name = inputs[1]
+
+
+torch.library.register_autograd(
+    "aiter_dist::copy_to_parallel_region",
+    lambda ctx, grad: (torch.ops.aiter_dist.all_reduce(grad.contiguous(), ctx.group_name, "auto"),
+                       None),
+    setup_context=_copy_to_parallel_region_setup)
+
+
 # ----------------------------------------------------------------------------- functional API
 
 def all_reduce(x: torch.Tensor, group=None, algo: str = "auto") -> torch.Tensor:
@@ -233,10 +277,14 @@ def all_reduce(x: torch.Tensor, group=None, algo: str = "auto") -> torch.Tensor:
     NCCL's or gloo's numerics. Autograd: the backward is the identity (the reduce that ends a
     row-parallel layer, Megatron's convention).
     """
+    if compiling():
+        return torch.ops.aiter_dist.all_reduce(x, group_name_of(group), algo)
     if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
         return AllReduceFunc.apply(x, group, algo)
     return all_reduce_raw(x, group, algo)  # no graph to record: skip autograd's overhead
 
 
 def copy_to_parallel_region(x: torch.Tensor, group=None) -> torch.Tensor:
+    if compiling():
+        return torch.ops.aiter_dist.copy_to_parallel_region(x, group_name_of(group))
     return CopyToParallelRegionFunc.apply(x, group)

@@ -2,10 +2,13 @@
 meets the residual stream and the next norm.
 
     all_reduce_add_rms_norm(x, residual, w):     residual_out = all_reduce(x) + residual
-                                                 out = rms_norm(residual_out) * w
+                                                 out = norm(residual_out) * w
     reduce_scatter_add_rms_norm(x, residual, w): residual_out = reduce_scatter(x, dim=0) + residual
-                                                 out = rms_norm(residual_out) * w    (a shard)
-    rms_norm_all_gather(x, w):                   out = all_gather(rms_norm(x) * w, dim=0)
+                                                 out = norm(residual_out) * w    (a shard)
+    rms_norm_all_gather(x, w):                   out = all_gather(norm(x) * w, dim=0)
+
+where ``norm(r) = r / sqrt(mean(r**2, dim=-1) + eps)`` over the last dimension (fp32 statistics), so
+``norm(r) * w`` is ``rms_norm(r, w, eps)``: the weight is applied once.
 
 Each is one launch of one kernel (``MODE``) on the protocol of ``comm/protocol.py``, by rows:
 program ``p`` owns row blocks ``p, p + nprog, ...`` (of every rank's chunk, for the scatter) in every
@@ -36,9 +39,10 @@ from ..kernels.rmsnorm import (_check_norm_inputs, add_rms_norm_bwd, add_rms_nor
                                rms_norm_bwd, rms_norm_fwd, rms_norm_ref)
 from .all_reduce import all_reduce_raw
 from .gather_scatter import all_gather_raw, reduce_scatter_raw
+from ..kernels._runtime import cdiv, compiling, next_pow2
 from .policy import route
 from .protocol import (OP_NAMES, _finish, _peer_buf, _report_mismatch, _start, check_comm_input,
-                       launch_collective, pieces, resolve_group)
+                       group_name_of, group_of, launch_collective, pieces, resolve_group)
 from .workspace import max_grid, workspace_data_bytes
 
 OP_ALL_REDUCE_ADD_RMS_NORM, OP_REDUCE_SCATTER_ADD_RMS_NORM, OP_RMS_NORM_ALL_GATHER = 4, 5, 6
@@ -258,9 +262,9 @@ def _launch_fused(mode, ws, call, x2, r2, weight, y, res_out, rstd, scale, m, ep
                   fp8_dtype=None):
     N = x2.shape[1]
     cpu = x2.device.type == "cpu"
-    block_n = triton.next_power_of_2(N)
+    block_n = next_pow2(N)
     block_m = max(1, min((16384 if cpu else 4096) // block_n, 64))
-    programs = max(1, min(triton.cdiv(max(m, 1), block_m), max_grid(ws)))
+    programs = max(1, min(cdiv(max(m, 1), block_m), max_grid(ws)))
     fp8_max, fp8_min_exp = _fp8_format(fp8_dtype) if fp8_dtype is not None else (0.0, 0)
     dummy = rstd  # for pointers a mode does not use
     launch_collective(
@@ -473,41 +477,306 @@ class RMSNormAllGatherFunc(torch.autograd.Function):
         return dx, _sum_weight_grad(dw, weight, group), None, None, None
 
 
+# ----------------------------------------------------------------------------- torch.library
+
+# The fused ops as torch.compile sees them: forward ops that also return what their backward
+# needs (rstd), and backwards made of the other ops (the norm's backward kernel, collectives).
+
+def _promoted(x, residual):
+    return torch.promote_types(x.dtype, residual.dtype)
+
+
+def _rows_of(shape) -> int:
+    n = 1
+    for d in shape[:-1]:
+        n *= d
+    return n
+
+
+@torch.library.custom_op("aiter_dist::all_reduce_add_rms_norm", mutates_args=())
+def _all_reduce_add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                                eps: float, group_name: str, algo: str
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, res_out, rstd, _ = all_reduce_add_rms_norm_fwd(x, residual, weight, eps,
+                                                      group_of(group_name), algo)
+    return y, res_out, rstd
+
+
+@_all_reduce_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps, group_name, algo):
+    dt = _promoted(x, residual)
+    return (x.new_empty(x.shape, dtype=dt), x.new_empty(x.shape, dtype=dt),
+            x.new_empty(_rows_of(x.shape), dtype=torch.float32))
+
+
+def _all_reduce_norm_setup(ctx, inputs, output):
+    x, residual, weight = inputs[:3]
+    ctx.save_for_backward(output[1], weight, output[2])
+    ctx.x_dtype, ctx.r_dtype = x.dtype, residual.dtype
+
+
+def _all_reduce_norm_backward(ctx, dy, dres_out, drstd):
+    res_out, weight, rstd = ctx.saved_tensors
+    dx, dw = torch.ops.aiter_dist.rms_norm_bwd(dy, res_out, weight, rstd, dres_out, False)
+    # The all-reduce passes the gradient through unchanged (identity backward).
+    return dx.to(ctx.x_dtype), dx.to(ctx.r_dtype), dw, None, None, None
+
+
+torch.library.register_autograd("aiter_dist::all_reduce_add_rms_norm",
+                                _all_reduce_norm_backward, setup_context=_all_reduce_norm_setup)
+
+
+@torch.library.custom_op("aiter_dist::all_reduce_add_rms_norm_fp8", mutates_args=())
+def _all_reduce_add_rms_norm_fp8_op(x: torch.Tensor, residual: torch.Tensor,
+                                    weight: torch.Tensor, eps: float, group_name: str, algo: str,
+                                    fp8_dtype: torch.dtype
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, res_out, _, scale = all_reduce_add_rms_norm_fwd(x, residual, weight, eps,
+                                                       group_of(group_name), algo, fp8_dtype)
+    return y, scale, res_out
+
+
+@_all_reduce_add_rms_norm_fp8_op.register_fake
+def _(x, residual, weight, eps, group_name, algo, fp8_dtype):
+    return (x.new_empty(x.shape, dtype=fp8_dtype),
+            x.new_empty((*x.shape[:-1], 1), dtype=torch.float32),
+            x.new_empty(x.shape, dtype=_promoted(x, residual)))
+
+
+def _fp8_setup(ctx, inputs, output):
+    ctx.x_dtype, ctx.r_dtype = inputs[0].dtype, inputs[1].dtype
+    ctx.mark_non_differentiable(output[0], output[1])
+
+
+torch.library.register_autograd(
+    "aiter_dist::all_reduce_add_rms_norm_fp8",
+    lambda ctx, dy, dscale, dres: (dres.to(ctx.x_dtype), dres.to(ctx.r_dtype)) + (None,) * 5,
+    setup_context=_fp8_setup)
+
+
+@torch.library.custom_op("aiter_dist::reduce_scatter_add_rms_norm", mutates_args=())
+def _reduce_scatter_add_rms_norm_op(x: torch.Tensor, residual: torch.Tensor,
+                                    weight: torch.Tensor, eps: float, group_name: str, algo: str
+                                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return reduce_scatter_add_rms_norm_fwd(x, residual, weight, eps, group_of(group_name), algo)
+
+
+@_reduce_scatter_add_rms_norm_op.register_fake
+def _(x, residual, weight, eps, group_name, algo):
+    dt = _promoted(x, residual)
+    return (residual.new_empty(residual.shape, dtype=dt),
+            residual.new_empty(residual.shape, dtype=dt),
+            x.new_empty(_rows_of(residual.shape), dtype=torch.float32))
+
+
+def _reduce_scatter_norm_setup(ctx, inputs, output):
+    x, residual, weight, _, group_name, algo = inputs
+    ctx.save_for_backward(output[1], weight, output[2])
+    ctx.x_dtype, ctx.r_dtype, ctx.args = x.dtype, residual.dtype, (group_name, algo)
+
+
+def _reduce_scatter_norm_backward(ctx, dy, dres_out, drstd):
+    res_out, weight, rstd = ctx.saved_tensors
+    group_name, algo = ctx.args
+    dshard, dw = torch.ops.aiter_dist.rms_norm_bwd(dy, res_out, weight, rstd, dres_out, True)
+    # reduce_scatter's backward gathers the shards' gradients; the weight's is summed.
+    dx = torch.ops.aiter_dist.all_gather(dshard.to(ctx.x_dtype).contiguous(), 0, group_name, algo)
+    dw = torch.ops.aiter_dist.all_reduce(dw, group_name, "auto").to(weight.dtype)
+    return dx, dshard.to(ctx.r_dtype), dw, None, None, None
+
+
+torch.library.register_autograd("aiter_dist::reduce_scatter_add_rms_norm",
+                                _reduce_scatter_norm_backward,
+                                setup_context=_reduce_scatter_norm_setup)
+
+
+@torch.library.custom_op("aiter_dist::rms_norm_all_gather", mutates_args=())
+def _rms_norm_all_gather_op(x: torch.Tensor, weight: torch.Tensor, eps: float, group_name: str,
+                            algo: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm_all_gather_fwd(x, weight, eps, group_of(group_name), algo)
+
+
+@_rms_norm_all_gather_op.register_fake
+def _(x, weight, eps, group_name, algo):
+    world = group_of(group_name).size()
+    return (x.new_empty((x.shape[0] * world, *x.shape[1:])),
+            x.new_empty(_rows_of(x.shape), dtype=torch.float32))
+
+
+def _norm_gather_setup(ctx, inputs, output):
+    x, weight, _, group_name, algo = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.args = (group_name, algo)
+
+
+def _norm_gather_backward(ctx, dout, drstd):
+    x, weight, rstd = ctx.saved_tensors
+    group_name, algo = ctx.args
+    # all_gather's backward reduce-scatters the gradient (each rank's is partial).
+    dshard = torch.ops.aiter_dist.reduce_scatter(dout.contiguous(), 0, group_name, algo)
+    dx, dw = torch.ops.aiter_dist.rms_norm_bwd(dshard, x, weight, rstd, None, True)
+    return dx, torch.ops.aiter_dist.all_reduce(dw, group_name, "auto").to(weight.dtype), None, \
+        None, None
+
+
+torch.library.register_autograd("aiter_dist::rms_norm_all_gather", _norm_gather_backward,
+                                setup_context=_norm_gather_setup)
+
+
 # ----------------------------------------------------------------------------- functional API
 
 def all_reduce_add_rms_norm(x, residual, weight, eps=1e-6, group=None, *, algo="auto"):
-    """``residual_out = all_reduce(x) + residual; out = rms_norm(residual_out) * weight``.
+    """Sum ``x`` over the group, add the residual and RMSNorm the result, in one launch::
 
-    Returns ``(out, residual_out)``. ``algo`` is ``"auto"``, ``"one_shot"`` (the fused kernel) or
-    ``"fallback"``; ``last_path("all_reduce_add_rms_norm")`` tells which served the call.
+        residual_out = all_reduce(x) + residual
+        out = residual_out * rsqrt(mean(residual_out**2, dim=-1) + eps) * weight
+
+    (``weight`` is applied once, as in ``aiter_dist.rms_norm(residual_out, weight, eps)``.) The
+    place where a row-parallel layer's partial output meets the residual stream and the next
+    norm.
+
+    Args:
+        x: (..., N), this rank's partial sum; float32, float16 or bfloat16, on this rank's
+            device.
+        residual: x's shape, the same on every rank (the replicated residual stream); any of
+            those dtypes, possibly not x's (an fp32 residual stream under a bf16 autocast).
+        weight: (N,), the same on every rank.
+        eps: added to the mean square.
+        group: the process group (default: the world).
+        algo: ``"auto"`` (the fused kernel for small messages, by the table in
+            ``comm/policy.py``), ``"one_shot"`` (the fused kernel) or ``"fallback"`` (the
+            unfused composition over torch.distributed).
+
+    Returns:
+        ``(out, residual_out)``, x's shape, in the promoted dtype of x and residual.
+
+    Every rank must call it with the same shape and dtype of ``x`` (and the same ``algo``);
+    ranks that differ get a ``RuntimeError`` on every rank. ``last_path("all_reduce_add_rms_norm")``
+    names the path: ``"one_shot"`` (fused), ``"all_reduce + add_rms_norm"`` (unfused, for example
+    for rows wider than 16384 columns, messages past the table, ``algo="fallback"`` or groups
+    spanning hosts) or ``"identity"`` (a group of one).
+
+    Autograd: the all-reduce's backward is the identity (Megatron's convention), so ``x`` and
+    ``residual`` both receive the gradient of ``residual_out`` plus the norm's input gradient,
+    each in its own dtype; ``weight`` receives this rank's gradient (the same on every rank when
+    the inputs are replicated, as in tensor parallelism).
+
+    Numerics: the sum is taken in rank order with fp32 accumulation and rounded to x's dtype,
+    as ``all_reduce`` would, then the residual is added and rounded to the promoted dtype; on
+    the kernel path every rank holds bitwise the same ``out`` and ``residual_out``, and
+    ``residual_out`` equals the unfused composition's bit for bit (``out`` is within a few ulps
+    of it: the sum of squares is reduced in another order). The unfused path has
+    torch.distributed's numerics.
     """
+    if compiling():
+        out, res_out, _ = torch.ops.aiter_dist.all_reduce_add_rms_norm(
+            x, residual, weight, eps, group_name_of(group), algo)
+        return out, res_out
     return AllReduceAddRMSNormFunc.apply(x, residual, weight, eps, group, algo)
 
 
 def all_reduce_add_rms_norm_fp8(x, residual, weight, eps=1e-6, group=None, *, fp8_dtype=None,
                                 algo="auto"):
-    """``all_reduce_add_rms_norm`` with ``out`` in fp8 (e4m3) and one fp32 scale per token.
+    """:func:`all_reduce_add_rms_norm` with ``out`` quantized to fp8 (e4m3), one fp32 scale per
+    token (row), ready for a rowwise-scaled fp8 GEMM.
 
-    Returns ``(out, scale, residual_out)``: ``out`` has x's shape in ``fp8_dtype`` (default
-    ``torch.float8_e4m3fn``; ``float8_e4m3fnuz`` on MI300-class GPUs), ``scale`` is
-    ``(*x.shape[:-1], 1)`` fp32 with ``out.float() * scale`` ~ the normalized rows (the layout
-    ``torch._scaled_mm`` takes for rowwise scales). Only ``residual_out`` carries a gradient.
+    Arguments, rank rules and paths as :func:`all_reduce_add_rms_norm`
+    (``last_path("all_reduce_add_rms_norm_fp8")``); ``fp8_dtype`` is ``torch.float8_e4m3fn``
+    (the default) or ``torch.float8_e4m3fnuz`` (the default on MI300-class GPUs, refused on
+    NVIDIA ones).
+
+    Returns:
+        ``(out, scale, residual_out)``: ``out`` has x's shape in ``fp8_dtype``; ``scale`` is
+        float32 of shape ``(*x.shape[:-1], 1)`` (the layout ``torch._scaled_mm`` takes for
+        rowwise scales), ``amax(|y|) / fp8_max`` of each normalized row ``y`` (at least 1e-12),
+        so ``out.float() * scale`` approximates ``y`` within half an fp8 step; ``residual_out``
+        as in :func:`all_reduce_add_rms_norm`.
+
+    Autograd: only ``residual_out`` carries a gradient, to ``x`` and ``residual`` alike; ``out``
+    and ``scale`` are not differentiable, so ``weight`` receives none (an fp8 GEMM downstream
+    defines its own backward).
+
+    Numerics: ``residual_out`` as in :func:`all_reduce_add_rms_norm`; the quantization rounds to
+    nearest (ties to even) and saturates at the format's largest value, the same bits on every
+    rank on the kernel path.
     """
     fp8_dtype = fp8_dtype or default_fp8_dtype()
     _fp8_format(fp8_dtype, x.device if isinstance(x, torch.Tensor) else None)
+    if compiling():
+        return torch.ops.aiter_dist.all_reduce_add_rms_norm_fp8(
+            x, residual, weight, eps, group_name_of(group), algo, fp8_dtype)
     return AllReduceAddRMSNormFP8Func.apply(x, residual, weight, eps, group, algo, fp8_dtype)
 
 
 def reduce_scatter_add_rms_norm(x, residual, weight, eps=1e-6, group=None, *, algo="auto"):
-    """Sequence parallel: ``residual_out = reduce_scatter(x, dim=0) + residual`` (``residual`` is
-    this rank's shard), ``out = rms_norm(residual_out) * weight``. Returns ``(out, residual_out)``,
-    both shards. The weight's gradient is summed over the group."""
+    """Sequence parallel: reduce-scatter ``x`` over the tokens, add this rank's residual shard and
+    RMSNorm it, in one launch::
+
+        residual_out = reduce_scatter(x, dim=0) + residual
+        out = residual_out * rsqrt(mean(residual_out**2, dim=-1) + eps) * weight
+
+    Args:
+        x: (tokens, ..., N), this rank's partial sum over all tokens; ``tokens`` divisible by
+            the world size; float32, float16 or bfloat16.
+        residual: this rank's shard of the residual stream, (tokens / world, ..., N): rows
+            ``rank * tokens / world`` onwards; its dtype may differ from x's.
+        weight: (N,), the same on every rank.
+        eps, group, algo: as in :func:`all_reduce_add_rms_norm`.
+
+    Returns:
+        ``(out, residual_out)``, both this rank's shard (tokens / world, ..., N) in the promoted
+        dtype of x and residual.
+
+    Every rank must pass the same shape and dtype of ``x``; ranks that differ get a
+    ``RuntimeError`` on every rank. Paths: ``last_path("reduce_scatter_add_rms_norm")`` is
+    ``"one_shot"`` (fused), ``"reduce_scatter + add_rms_norm"`` or ``"identity"``.
+
+    Autograd: the reduce-scatter's backward is an all-gather, so ``x`` receives the gathered
+    shard gradients (all tokens) and ``residual`` this rank's shard gradient. Each rank sees
+    only its tokens, so ``weight``'s gradient is summed over the group: every rank holds the
+    same full gradient.
+
+    Numerics: sums in rank order with fp32 accumulation, rounded to x's dtype, then the
+    residual added and rounded to the promoted dtype; on the kernel path ``residual_out`` equals
+    the unfused composition's bit for bit (``out`` is within a few ulps of it). The unfused path
+    has torch.distributed's numerics.
+    """
+    if compiling():
+        out, res_out, _ = torch.ops.aiter_dist.reduce_scatter_add_rms_norm(
+            x, residual, weight, eps, group_name_of(group), algo)
+        return out, res_out
     return ReduceScatterAddRMSNormFunc.apply(x, residual, weight, eps, group, algo)
 
 
 def rms_norm_all_gather(x, weight, eps=1e-6, group=None, *, algo="auto"):
-    """Sequence parallel: ``all_gather(rms_norm(x) * weight, dim=0)`` of this rank's shard ``x``.
-    The weight's gradient is summed over the group."""
+    """Sequence parallel: RMSNorm this rank's token shard and all-gather the result, in one
+    launch::
+
+        out = all_gather(x * rsqrt(mean(x**2, dim=-1) + eps) * weight, dim=0)
+
+    Args:
+        x: (tokens_per_rank, ..., N), this rank's shard; float32, float16 or bfloat16.
+        weight: (N,), the same on every rank.
+        eps, group, algo: as in :func:`all_reduce_add_rms_norm`.
+
+    Returns:
+        ``out`` of shape (world * tokens_per_rank, ..., N) in x's dtype: rank ``r``'s normalized
+        rows at ``r * tokens_per_rank`` onwards, the same tensor on every rank.
+
+    Every rank must pass the same shape and dtype; ranks that differ get a ``RuntimeError`` on
+    every rank. Paths: ``last_path("rms_norm_all_gather")`` is ``"one_shot"`` (fused),
+    ``"rms_norm + all_gather"`` or ``"identity"``.
+
+    Autograd: the all-gather's backward is a reduce-scatter (each rank's gradient of the
+    gathered tensor is partial), then the norm's backward on this rank's rows; ``weight``'s
+    gradient is summed over the group, so every rank holds the same full gradient.
+
+    Numerics: each rank normalizes its own rows (fp32 statistics) and the gather copies bits, so
+    every rank holds bitwise the same ``out``.
+    """
+    if compiling():
+        return torch.ops.aiter_dist.rms_norm_all_gather(x, weight, eps, group_name_of(group),
+                                                        algo)[0]
     return RMSNormAllGatherFunc.apply(x, weight, eps, group, algo)
 
 

@@ -18,9 +18,11 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from ..kernels._runtime import cdiv
+from ..kernels._runtime import compiling
 from .policy import route
 from .protocol import (OP_NAMES, _finish, _peer_buf, _report_mismatch, _start, check_comm_input,
-                       launch_collective, pieces, resolve_group)
+                       group_name_of, group_of, launch_collective, pieces, resolve_group)
 from .workspace import max_grid
 
 OP_ALL_GATHER, OP_REDUCE_SCATTER = 2, 3
@@ -90,7 +92,7 @@ def _gather_scatter_kernel(
 def _launch_flat(ws, call, x_flat, out_flat, n_per_rank, reduce, copy_in=True):
     cpu = ws.device.type == "cpu"
     block = 16384 if cpu else 2048
-    programs = max(1, min(triton.cdiv(max(n_per_rank, 1), block), max_grid(ws)))
+    programs = max(1, min(cdiv(max(n_per_rank, 1), block), max_grid(ws)))
     launch_collective(_gather_scatter_kernel, programs, ws, call, n_per_rank, 0,
                       tensors=(x_flat, out_flat), REDUCE=reduce, COPY_IN=copy_in, BLOCK=block,
                       num_warps=1 if cpu else 8)
@@ -163,7 +165,7 @@ def all_gather_raw(x, dim=0, group=None, algo="auto"):
     r = route("all_gather", OP_ALL_GATHER, "gather_scatter", x, group, algo, nbytes=nbytes,
               total=x.numel(), dim=dim)
     if r.path == "identity":
-        return x.clone()
+        return x.clone(memory_format=torch.contiguous_format)
     world = r.world
     if r.path == "fallback":
         stacked = _fallback_all_gather(x.contiguous(), resolve_group(group), world)
@@ -184,7 +186,7 @@ def reduce_scatter_raw(x, dim=0, group=None, algo="auto"):
     r = route("reduce_scatter", OP_REDUCE_SCATTER, "gather_scatter", x, group, algo,
               nbytes=x.numel() * x.element_size(), total=x.numel(), dim=dim)
     if r.path == "identity":
-        return x.clone()
+        return x.clone(memory_format=torch.contiguous_format)
     chunk = x.shape[dim] // world
     # (..., world * c, ...) -> (world, ..., c, ...), contiguous: chunk r is block r.
     x2 = x.unflatten(dim, (world, chunk)).movedim(dim, 0).contiguous()
@@ -227,6 +229,45 @@ class ReduceScatterFunc(torch.autograd.Function):
         return all_gather_raw(grad, dim, group, algo), None, None, None
 
 
+# ----------------------------------------------------------------------------- torch.library
+
+def _resized(x, dim, group_name, grow):
+    """A fake output: x with ``dim`` multiplied (grow) or divided by the group's size."""
+    world = group_of(group_name).size()
+    shape = list(x.shape)
+    shape[dim] = shape[dim] * world if grow else shape[dim] // world
+    return x.new_empty(shape)
+
+
+@torch.library.custom_op("aiter_dist::all_gather", mutates_args=())
+def _all_gather_op(x: torch.Tensor, dim: int, group_name: str, algo: str) -> torch.Tensor:
+    return all_gather_raw(x, dim, group_of(group_name), algo)
+
+
+@torch.library.custom_op("aiter_dist::reduce_scatter", mutates_args=())
+def _reduce_scatter_op(x: torch.Tensor, dim: int, group_name: str, algo: str) -> torch.Tensor:
+    return reduce_scatter_raw(x, dim, group_of(group_name), algo)
+
+
+_all_gather_op.register_fake(lambda x, dim, group_name, algo: _resized(x, dim, group_name, True))
+_reduce_scatter_op.register_fake(
+    lambda x, dim, group_name, algo: _resized(x, dim, group_name, False))
+
+
+def _dual_setup(ctx, inputs, output):
+    ctx.args = inputs[1:]
+
+
+torch.library.register_autograd(
+    "aiter_dist::all_gather",
+    lambda ctx, grad: (torch.ops.aiter_dist.reduce_scatter(grad, *ctx.args), None, None, None),
+    setup_context=_dual_setup)
+torch.library.register_autograd(
+    "aiter_dist::reduce_scatter",
+    lambda ctx, grad: (torch.ops.aiter_dist.all_gather(grad, *ctx.args), None, None, None),
+    setup_context=_dual_setup)
+
+
 # ----------------------------------------------------------------------------- functional API
 
 def all_gather(x, dim=0, group=None, *, algo="auto"):
@@ -238,6 +279,8 @@ def all_gather(x, dim=0, group=None, *, algo="auto"):
     ``"fallback"`` (torch.distributed); ``last_path("all_gather")`` records which served. The
     kernel copies bits, so every rank holds the same result. Autograd: the backward is a
     reduce-scatter of the gradient along ``dim`` (Megatron's sequence parallelism)."""
+    if compiling():
+        return torch.ops.aiter_dist.all_gather(x, dim, group_name_of(group), algo)
     if x.requires_grad and torch.is_grad_enabled():
         return AllGatherFunc.apply(x, dim, group, algo)
     return all_gather_raw(x, dim, group, algo)
@@ -251,6 +294,8 @@ def reduce_scatter(x, dim=0, group=None, *, algo="auto"):
     sums in rank order in fp32 and rounds once: bitwise the same on every rank (the fallback has
     NCCL's or gloo's numerics). ``algo`` as for :func:`all_gather`. Autograd: the backward is an
     all-gather of the gradient along ``dim``."""
+    if compiling():
+        return torch.ops.aiter_dist.reduce_scatter(x, dim, group_name_of(group), algo)
     if x.requires_grad and torch.is_grad_enabled():
         return ReduceScatterFunc.apply(x, dim, group, algo)
     return reduce_scatter_raw(x, dim, group, algo)

@@ -34,8 +34,8 @@ import torch.distributed as dist
 from ..kernels._runtime import INTERPRETED, record_path
 from .protocol import (DTYPE_CODE, OP_NAMES, VARIANT_FALLBACK, Call, _describe, check_comm_errors,
                        handshake, resolve_group, shape_key, timeout_s)
-from .workspace import (CTL_SEQ, CTL_SLOT_WORDS, CTL_SLOTS, HEADER_WORDS, MAX_WORLD,
-                        get_workspace, group_state)
+from .workspace import (CTL_SEQ, CTL_SLOT_WORDS, CTL_SLOTS, HEADER_WORDS, MAX_WORLD, _groups,
+                        get_workspace, group_name, group_state)
 
 # algo="auto": per op family, device row and world size, (largest message in bytes, algorithm)
 # in increasing order; larger messages go to torch.distributed. "cuda" applies while a CUDA graph
@@ -69,11 +69,15 @@ AUTO = {
 }
 
 
+_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing",
+                     lambda: torch.cuda.is_current_stream_capturing())
+
+
 def auto_row(device: torch.device) -> str:
     """Which row of the tables applies to a call on ``device`` right now."""
     if device.type == "cpu":
         return "cpu"
-    return "cuda" if torch.cuda.is_current_stream_capturing() else "cuda-eager"
+    return "cuda" if _capturing() else "cuda-eager"
 
 
 def auto_algo(family: str, device: torch.device, world: int, nbytes: int) -> str:
@@ -113,11 +117,15 @@ def route(op: str, op_id: int, family: str, x: torch.Tensor, group, algo: str, *
     record). Composed paths are agreed with the peers before they start. ``one_rank_kernel``:
     a group of one still runs the kernel (tests)."""
     group = resolve_group(group)
-    world = dist.get_world_size(group)
-    if world == 1 and not one_rank_kernel:
-        record_path(op, "identity")
-        return Route("identity", None, None, 1)
-    st = group_state(group)
+    st = _groups.get(group_name(group))
+    if st is not None and st.group is group:
+        world = st.world_size
+    else:
+        world = dist.get_world_size(group)
+        if world == 1 and not one_rank_kernel:
+            record_path(op, "identity")
+            return Route("identity", None, None, 1)
+        st = group_state(group)
     if st.broken:
         raise RuntimeError(f"aiter_dist.{op}: {st.describe()} is unusable after an earlier error "
                            f"({st.broken}); call aiter_dist.comm.release_workspaces() on every "
@@ -148,7 +156,8 @@ def route(op: str, op_id: int, family: str, x: torch.Tensor, group, algo: str, *
         # waiting in agree() must learn that this rank reached the call.
         st.ctl[st.rank, CTL_SEQ] = seq
         record_path(op, path)
-        return Route(path, get_workspace(group, x.device), call, world)
+        ws = st.workspaces.get(x.device)
+        return Route(path, ws if ws is not None else get_workspace(group, x.device), call, world)
     agree(st, call, x.device, op, group)
     record_path(op, composed, reason)
     return Route("fallback", None, call, world)

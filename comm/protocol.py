@@ -34,11 +34,11 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ..kernels._runtime import FLOAT_DTYPES, check_tensor, launch
+from ..kernels._runtime import FLOAT_DTYPES, check_tensor, launch, spec_int, spec_tensor
 from .workspace import (ABORT_PEER_EXITED, ERR_ABORT, ERR_ABORT_RANK, ERR_CODE, ERR_MISMATCH,
                         ERR_MY_HEADER, ERR_NONE, ERR_OP, ERR_PEER, ERR_PEER_EXITED,
                         ERR_PEER_FAILED, ERR_PEER_HEADER, ERR_PROGRAM, ERR_TIMEOUT, HEADER_BYTES,
-                        HEADER_WORDS, MAX_WORLD, SIGNAL_CHANNELS, poison_index)
+                        HEADER_WORDS, MAX_WORLD, SIGNAL_CHANNELS)
 
 # Op ids kernels write into headers and error records; each collective file registers its own.
 OP_NAMES: dict[int, str] = {}
@@ -59,13 +59,33 @@ _ABORT_POLL = {"cpu": 1, "cuda": 64}
 SYNC_CHECK = os.environ.get("AITER_DIST_SYNC_CHECK") == "1"
 
 
+# AITER_DIST_COMM_TIMEOUT_S, read when a group's state is set up (reading the environment on every
+# call would cost a microsecond a call); set_timeout() overrides it from then on.
+_TIMEOUT_S = float(os.environ.get("AITER_DIST_COMM_TIMEOUT_S", "60"))
+_TIMEOUT_FROM_ENV = True
+
+
 def timeout_s() -> float:
-    return float(os.environ.get("AITER_DIST_COMM_TIMEOUT_S", "60"))
+    return _TIMEOUT_S
+
+
+def set_timeout(seconds: float) -> None:
+    """Change the comm timeout at run time; ``AITER_DIST_COMM_TIMEOUT_S`` no longer applies."""
+    global _TIMEOUT_S, _TIMEOUT_FROM_ENV
+    _TIMEOUT_S, _TIMEOUT_FROM_ENV = float(seconds), False
+
+
+def read_timeout_env() -> None:
+    """Take ``AITER_DIST_COMM_TIMEOUT_S`` as it is now, unless set_timeout() has been called:
+    a script may set it after importing aiter_dist."""
+    global _TIMEOUT_S
+    if _TIMEOUT_FROM_ENV:
+        _TIMEOUT_S = float(os.environ.get("AITER_DIST_COMM_TIMEOUT_S", "60"))
 
 
 def max_spins(device: torch.device) -> int:
     rate = _POLLS_PER_S["cpu" if device.type == "cpu" else "cuda"]
-    return min(int(timeout_s() * rate), 2**31 - 1)
+    return min(int(_TIMEOUT_S * rate), 2**31 - 1)
 
 
 class Header(NamedTuple):
@@ -82,8 +102,9 @@ class Header(NamedTuple):
 
 
 def shape_key(shape, dim: int = 0) -> int:
-    """31 bits that differ (almost always) when the shapes or the dim differ."""
-    return hash((tuple(shape), dim)) & 0x7FFFFFFF
+    """31 bits that differ (almost always) when the shapes or the dim differ (a torch.Size
+    hashes as the tuple it is)."""
+    return hash((shape, dim)) & 0x7FFFFFFF
 
 
 def _describe(h) -> str:
@@ -330,24 +351,34 @@ def launch_collective(kernel, programs: int, ws, call: Call, numel: int, variant
     """Launch one piece of ``call``: ``kernel(*tensors, <protocol arguments>, *scalars, **meta)``
     on ``programs`` programs, the protocol arguments being the pointer tables, the error record,
     the header fields (seq, op, dtype, numel, total, key, variant), rank, world and the spin
-    bound, followed by the protocol's constexprs. On CPU it raises at once if the call failed."""
+    bound, followed by the protocol's constexprs. On CPU it raises at once if the call failed.
+
+    The launch key names only what varies between calls (the tensors, numel and the scalars,
+    which Triton specializes on); the header fields, rank and world are never specialized, the
+    pointer tables and record are the workspace's, the spin bound is fixed."""
     check_comm_errors(ws)
     device = ws.device
-    cpu = device.type == "cpu"
-    if cpu:  # the watchdog enforces the timeout of a synchronous CPU launch by the clock
-        ws.set_deadline(time.monotonic() + timeout_s())
+    common = getattr(ws, "launch_meta", None)
+    if common is None:
+        common = ws.launch_meta = protocol_meta(ws)
+    args = (*tensors, ws.buffer_ptrs, ws.signal_ptrs, ws.err, call.seq, call.op, call.dtype,
+            numel, call.total, call.key, variant, ws.rank, ws.world_size, max_spins(device),
+            *scalars)
+    if device.type != "cpu":
+        key = (ws.max_programs, tuple(map(spec_tensor, tensors)), spec_int(numel),
+               tuple(spec_int(v) if type(v) is int else type(v) for v in scalars),
+               tuple(meta.items()))
+        launch(kernel, (programs,), device, *args, launch_key=key, **common, **meta)
+        if SYNC_CHECK:
+            torch.cuda.current_stream(device).synchronize()
+            check_comm_errors(ws)
+        return
+    ws.set_deadline(time.monotonic() + _TIMEOUT_S)  # the watchdog enforces the CPU timeout
     try:
-        launch(kernel, (programs,), device, *tensors, ws.buffer_ptrs, ws.signal_ptrs, ws.err,
-               call.seq, call.op, call.dtype, numel, call.total, call.key, variant, ws.rank,
-               ws.world_size, max_spins(device), *scalars, **protocol_meta(ws), **meta)
+        launch(kernel, (programs,), device, *args, **common, **meta)
     finally:
-        if cpu:
-            ws.set_deadline(0.0)
-    if cpu:
-        check_comm_errors(ws)
-    elif SYNC_CHECK:
-        torch.cuda.current_stream(device).synchronize()
-        check_comm_errors(ws)
+        ws.set_deadline(0.0)
+    check_comm_errors(ws)
 
 
 def pieces(n: int, cap: int):
@@ -433,6 +464,16 @@ def check_comm_input(op: str, name: str, x, ndim_min: int = 0) -> None:
         raise ValueError(f"aiter_dist.{op}: {name} is on {x.device} but this rank's device is "
                          f"cuda:{torch.cuda.current_device()}; move it there or call "
                          f"torch.cuda.set_device() (aiter_dist.init_distributed() does)")
+
+
+def group_name_of(group) -> str:
+    """The name a custom op carries for ``group`` (None: the world)."""
+    return resolve_group(group).group_name
+
+
+def group_of(name: str):
+    """The process group a custom op's ``group_name`` names."""
+    return dist.distributed_c10d._resolve_process_group(name)
 
 
 def resolve_group(group):

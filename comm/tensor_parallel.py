@@ -16,8 +16,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from ..kernels._runtime import compiling
 from .gather_scatter import all_gather_raw
-from .protocol import resolve_group
+from .protocol import group_name_of, group_of, resolve_group
 
 
 def _split_raw(x: torch.Tensor, group, dim: int) -> torch.Tensor:
@@ -61,20 +62,78 @@ class SplitFunc(torch.autograd.Function):
         return _gather_raw(grad, *ctx.args), None, None
 
 
+# ----------------------------------------------------------------------------- torch.library
+
+def _unaliased(out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``out``, copied if it shares ``x``'s memory (a view: an op's output may not alias its
+    input)."""
+    same = out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()
+    return out.clone(memory_format=torch.contiguous_format) if same else out.contiguous()
+
+
+@torch.library.custom_op("aiter_dist::gather_region", mutates_args=())
+def _gather_region_op(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
+    return _unaliased(_gather_raw(x, group_of(group_name), dim), x)
+
+
+@torch.library.custom_op("aiter_dist::split_region", mutates_args=())
+def _split_region_op(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor:
+    return _unaliased(_split_raw(x, group_of(group_name), dim), x)
+
+
+def _region_fake(x, dim, group_name, grow):
+    world = group_of(group_name).size()
+    shape = list(x.shape)
+    shape[dim] = shape[dim] * world if grow else shape[dim] // world
+    return x.new_empty(shape)
+
+
+_gather_region_op.register_fake(lambda x, dim, group_name: _region_fake(x, dim, group_name, True))
+_split_region_op.register_fake(lambda x, dim, group_name: _region_fake(x, dim, group_name, False))
+
+
+def _region_setup(ctx, inputs, output):
+    ctx.args = inputs[1:]
+
+
+torch.library.register_autograd(
+    "aiter_dist::gather_region",
+    lambda ctx, grad: (torch.ops.aiter_dist.split_region(grad, *ctx.args), None, None),
+    setup_context=_region_setup)
+torch.library.register_autograd(
+    "aiter_dist::split_region",
+    lambda ctx, grad: (torch.ops.aiter_dist.gather_region(grad, *ctx.args), None, None),
+    setup_context=_region_setup)
+
+
+# ----------------------------------------------------------------------------- functional API
+
+def _gather(x, group, dim):
+    if compiling():
+        return torch.ops.aiter_dist.gather_region(x, dim, group_name_of(group))
+    return GatherFunc.apply(x, resolve_group(group), dim)
+
+
+def _split(x, group, dim):
+    if compiling():
+        return torch.ops.aiter_dist.split_region(x, dim, group_name_of(group))
+    return SplitFunc.apply(x, resolve_group(group), dim)
+
+
 def gather_last_dim(x, group=None):
-    return GatherFunc.apply(x, resolve_group(group), -1)
+    return _gather(x, group, -1)
 
 
 def split_last_dim(x, group=None):
-    return SplitFunc.apply(x, resolve_group(group), -1)
+    return _split(x, group, -1)
 
 
 def split_first_dim(x, group=None):
     """This rank's chunk of dim 0 of a replicated tensor; backward all-gathers the gradient."""
-    return SplitFunc.apply(x, resolve_group(group), 0)
+    return _split(x, group, 0)
 
 
 def gather_first_dim(x, group=None):
     """All-gather along dim 0 for replicated computation after it; backward keeps this rank's
     slice of the gradient."""
-    return GatherFunc.apply(x, resolve_group(group), 0)
+    return _gather(x, group, 0)

@@ -191,9 +191,10 @@ class GroupState:
         self.seq = 0  # collective calls made on the group
         self.composed = 0  # of which composed (torch.distributed, unfused): agreed with peers
         self.workspaces: dict = {}
-        self.exited_peer: int | None = None  # set by the watchdog
         self.broken: str | None = None  # set after an error: ranks may be mid-call
         sweep_stale_files()
+        from . import protocol  # (imports this module)
+        protocol.read_timeout_env()
         token = f"{os.getpid()}-{uuid.uuid4().hex[:12]}" if self.rank == 0 else None
         ctl_path = f"{_SHM_PREFIX}{token}-ctl" if token else None
         nbytes = self.world_size * CTL_WORDS * 8
@@ -228,7 +229,13 @@ class GroupState:
                 _unlink_all([ctl_path])
         elif self.rank == 0:
             _unlink_all([ctl_path])
-        _watchdog.watch(self)
+        self.watch = _GroupWatch(self.pids, self.rank)
+        _watchdog.watch(self.watch)
+
+    @property
+    def exited_peer(self) -> int | None:
+        """A peer whose process is gone (noticed by the watchdog), or None."""
+        return self.watch.exited_peer
 
     @property
     def eligible(self) -> bool:
@@ -239,7 +246,7 @@ class GroupState:
 
     def release(self) -> None:
         self.workspaces.clear()
-        _watchdog.forget(self)
+        _watchdog.forget(self.watch)
 
 
 _groups: dict[str, GroupState] = {}
@@ -275,8 +282,6 @@ class SymmetricWorkspace:
         self.sig_bytes = signal_bytes(self.max_programs)
         self.data_bytes = nbytes - HEADER_BYTES
         self.broken: str | None = None  # set after an error: flags may be mid-handshake
-        self.deadline = 0.0  # CPU launches: when the watchdog aborts the running kernel
-        self._deadline_lock = threading.Lock()
         self._keepalive = []
         total = self.sig_bytes + nbytes
         if device.type == "cpu":
@@ -293,6 +298,8 @@ class SymmetricWorkspace:
         # Error record in host memory the device can write (pinned), read without a device sync.
         self.err = torch.zeros(ERR_FIELDS, dtype=torch.int64, pin_memory=device.type != "cpu")
         self.err_host = self.err.numpy()
+        self.watch = _WorkspaceWatch(self.err_host)
+        self.state.watch.slots[device] = self.watch  # (replaces a replaced workspace's)
 
     # ------------------------------------------------------------------ backends
     def _init_shm(self, total: int) -> list[int]:
@@ -357,17 +364,8 @@ class SymmetricWorkspace:
     # ------------------------------------------------------------------ helpers
     def set_deadline(self, t: float) -> None:
         """Arm (``t`` > 0, a ``time.monotonic()`` value) or disarm the watchdog's abort of a
-        synchronous CPU launch; disarming withdraws an abort that came too late to matter."""
-        with self._deadline_lock:
-            self.deadline = t
-            if not t and self.err_host[ERR_ABORT] == ABORT_DEADLINE \
-                    and self.err_host[ERR_CODE] == ERR_NONE:
-                self.err_host[ERR_ABORT] = 0
-
-    def abort_if_late(self, now: float) -> None:
-        with self._deadline_lock:
-            if self.deadline and now > self.deadline and not self.err_host[ERR_ABORT]:
-                self.err_host[ERR_ABORT] = ABORT_DEADLINE
+        synchronous CPU launch."""
+        self.watch.set_deadline(t)
 
     def signal_pads_clean(self) -> bool:
         """Whether every signal that reached this rank has been consumed: for every channel and
@@ -477,52 +475,95 @@ class _IpcMapping:
 
 # ----------------------------------------------------------------------------- watchdog
 
+class _WorkspaceWatch:
+    """What the watchdog touches of a workspace: its error record and deadline, nothing that
+    refers to the process group. (A thread holding the last reference to a group destroys it,
+    which releases and retakes the GIL; a daemon thread that does so while the interpreter
+    finalizes is ended mid-destructor, and the process aborts.)"""
+    __slots__ = ("err", "deadline", "lock")
+
+    def __init__(self, err_host):
+        self.err, self.deadline, self.lock = err_host, 0.0, threading.Lock()
+
+    def set_deadline(self, t: float) -> None:
+        # Disarming withdraws an abort that came too late to matter.
+        with self.lock:
+            self.deadline = t
+            if not t and self.err[ERR_ABORT] == ABORT_DEADLINE and self.err[ERR_CODE] == ERR_NONE:
+                self.err[ERR_ABORT] = 0
+
+    def abort_if_late(self, now: float) -> None:
+        with self.lock:
+            if self.deadline and now > self.deadline and not self.err[ERR_ABORT]:
+                self.err[ERR_ABORT] = ABORT_DEADLINE
+
+    def abort_exited(self, rank: int) -> None:
+        if self.err[ERR_ABORT] != ABORT_PEER_EXITED:
+            self.err[ERR_ABORT_RANK] = rank
+            self.err[ERR_ABORT] = ABORT_PEER_EXITED
+
+
+class _GroupWatch:
+    """What the watchdog reads of a group: the peers' pids and its workspaces' watches (by
+    device)."""
+    __slots__ = ("pids", "rank", "exited_peer", "slots")
+
+    def __init__(self, pids, rank):
+        self.pids, self.rank, self.exited_peer, self.slots = list(pids), rank, None, {}
+
+
 class _Watchdog:
-    """One daemon thread per process while any group is live: it notices a peer that exited
+    """One daemon thread per process while any group is watched: it notices a peer that exited
     (pid gone) and a CPU launch past its deadline, and sets the abort word of the affected
-    workspaces, which waiting kernels poll. Wakes every ``PERIOD_S``; costs nothing per call."""
+    workspaces, which waiting kernels poll. Wakes every ``PERIOD_S``; costs nothing per call.
+    Stopped and joined when the last group is released (``release_workspaces``)."""
 
     PERIOD_S = 0.2
 
     def __init__(self):
-        self._groups: weakref.WeakSet = weakref.WeakSet()
+        self._watches: list = []
         self._lock = threading.Lock()
         self._thread = None
+        self._stop = None  # the running thread's own stop event
 
-    def watch(self, st: GroupState) -> None:
+    def watch(self, w: _GroupWatch) -> None:
         with self._lock:
-            self._groups.add(st)
+            self._watches.append(w)
+            # (not alive: it died, or this process was forked from one that ran it)
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._run, name="aiter_dist-watchdog",
-                                                daemon=True)
+                # A fresh event per thread: a thread being stopped cannot miss its stop.
+                self._stop = threading.Event()
+                self._thread = threading.Thread(target=self._run, args=(self._stop,),
+                                                name="aiter_dist-watchdog", daemon=True)
                 self._thread.start()
 
-    def forget(self, st: GroupState) -> None:
+    def forget(self, w: _GroupWatch) -> None:
         with self._lock:
-            self._groups.discard(st)
+            if w in self._watches:
+                self._watches.remove(w)
+            thread = self._thread if not self._watches else None
+            if thread is not None:
+                self._thread = None
+                self._stop.set()
+                self._stop = None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
 
-    def _run(self) -> None:
-        while True:
-            time.sleep(self.PERIOD_S)
+    def _run(self, stop: threading.Event) -> None:
+        while not stop.wait(self.PERIOD_S):
             with self._lock:
-                groups = list(self._groups)
-                if not groups:  # nothing to watch: end (the next group starts a new thread)
-                    self._thread = None
-                    return
+                watches = list(self._watches)
             now = time.monotonic()
-            for st in groups:
-                if st.exited_peer is None:
-                    for r, pid in enumerate(st.pids):
-                        if r != st.rank and not _alive(pid):
-                            st.exited_peer = r
-                            break
-                for ws in list(st.workspaces.values()):
-                    if st.exited_peer is not None:
-                        if ws.err_host[ERR_ABORT] != ABORT_PEER_EXITED:
-                            ws.err_host[ERR_ABORT_RANK] = st.exited_peer
-                            ws.err_host[ERR_ABORT] = ABORT_PEER_EXITED
+            for w in watches:
+                if w.exited_peer is None:
+                    w.exited_peer = next((r for r, pid in enumerate(w.pids)
+                                          if r != w.rank and not _alive(pid)), None)
+                for slot in list(w.slots.values()):
+                    if w.exited_peer is not None:
+                        slot.abort_exited(w.exited_peer)
                     else:
-                        ws.abort_if_late(now)
+                        slot.abort_if_late(now)
+            del watches
 
 
 _watchdog = _Watchdog()

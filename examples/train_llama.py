@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import statistics
 import time
 
 import torch
@@ -66,6 +67,17 @@ def parse_args(argv=None):
                         "with RMSNorm); batch * seq-len must divide by the world size")
     p.add_argument("--no-fuse-norm", action="store_true",
                    help="all-reduce each row-parallel output on its own (no fused add+RMSNorm)")
+    p.add_argument("--gemm", choices=("auto", "triton", "vendor"), default="auto",
+                   help="which GEMM the parallel layers use: the tuned per-shape table (auto), "
+                        "aiter_dist's Triton kernel, or cuBLAS/hipBLASLt")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the model (aiter_dist's ops are custom ops it traces)")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend (default: inductor on GPUs, aot_eager on CPU, "
+                        "which needs no C++ toolchain)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="compile with mode='reduce-overhead': forward and backward replay from "
+                        "CUDA graphs (static shapes; the collectives are capturable)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                    help="bf16: autocast with fp32 master weights (default on CUDA); fp32 on CPU")
     p.add_argument("--log-every", type=int, default=5)
@@ -79,6 +91,10 @@ def parse_args(argv=None):
     args.dtype = args.dtype or ("bf16" if cuda else "fp32")
     if args.resume and not args.checkpoint_dir:
         p.error("--resume needs --checkpoint-dir")
+    if args.cuda_graphs and not cuda:
+        p.error("--cuda-graphs needs a GPU")
+    args.compile = args.compile or args.cuda_graphs
+    args.compile_backend = args.compile_backend or ("inductor" if cuda else "aot_eager")
     if args.no_aiter and (args.sequence_parallel or args.no_fuse_norm):
         p.error("--sequence-parallel and --no-fuse-norm choose aiter_dist's communication; "
                 "they do not apply with --no-aiter")
@@ -267,11 +283,17 @@ def main(argv=None):
     n_params = model.num_params()
     n_matmul = model.num_params(exclude_embedding=True)
     full_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    aiter_dist.tgemm.default_backend = args.gemm
     if not args.no_aiter:
         model = aiter_dist.parallelize(model, group=group, fuse_norm=not args.no_fuse_norm,
                                        sequence_parallel=args.sequence_parallel)
     elif world > 1:
         model = torch_tensor_parallel(model, world, device)
+
+    # The compiled module wraps the model (its parameters keep their names for checkpoints).
+    forward = (torch.compile(model, backend=args.compile_backend,
+                             mode="reduce-overhead" if args.cuda_graphs else None)
+               if args.compile else model)
 
     # PyTorch's TP leaves sharded parameters as DTensors and replicated ones as plain tensors;
     # AdamW's multi-tensor (foreach) step needs one kind per parameter group.
@@ -304,12 +326,12 @@ def main(argv=None):
     model.train()
     named = list(model.named_parameters())
     first_loss = last_loss = None
-    timed_s, timed_steps = 0.0, 0
+    step_times = []  # every step but the first (allocator warm-up, compilation)
     for step in range(start, args.steps):
         t0 = time.perf_counter()
         x, y = get_batch(data, gen, args.batch_size, args.seq_len, device)
         with autocast:
-            logits = model(x)
+            logits = forward(x)
         loss = F.cross_entropy(logits.float().view(-1, cfg.vocab_size), y.reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -322,8 +344,7 @@ def main(argv=None):
         if first_loss is None:
             first_loss = last_loss
         elif step > start:  # the first step (allocator warm-up, autotuning) is not timed
-            timed_s += dt
-            timed_steps += 1
+            step_times.append(dt)
         if not math.isfinite(last_loss):
             raise SystemExit(f"rank {rank}: loss is {last_loss} at step {step + 1}")
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps or step == start:
@@ -342,13 +363,17 @@ def main(argv=None):
         t = torch.tensor([last_loss, -last_loss], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         spread = float(t[0] + t[1])
-    tps = tokens_per_step * timed_steps / timed_s if timed_steps else None
+    # The median step: a compiled model may still recompile in its first steps after the first.
+    tps = tokens_per_step / statistics.median(step_times) if step_times else None
     summary = {"first_loss": first_loss, "last_loss": last_loss, "tokens_per_s": tps,
                "world_size": world, "steps": args.steps, "start_step": start,
                "config": args.config, "aiter": not args.no_aiter, "device": device.type,
                "comm": (getattr(model, "aiter_parallel", {}).get("fused_norm")
                         if not args.no_aiter else "torch"),
-               "dtype": args.dtype, "params": n_params, "batch_size": args.batch_size,
+               "dtype": args.dtype, "gemm": args.gemm, "params": n_params,
+               "compile": (("cuda-graphs" if args.cuda_graphs else args.compile_backend)
+                           if args.compile else None),
+               "batch_size": args.batch_size,
                "seq_len": args.seq_len, "loss_rank_spread": spread,
                "mfu": (flops_tok * tps / (args.peak_flops * world)
                        if device.type == "cuda" and tps else None)}

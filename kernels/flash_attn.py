@@ -19,13 +19,16 @@ fixed order, P recomputed). Memory stays linear in sequence length.
 from __future__ import annotations
 
 import math
+import numbers
+import os
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from ._runtime import INTERPRETED, check_same_device, record_path, runs_triton
+from ._runtime import (INTERPRETED, cdiv, check_same_device, compiling, launch, next_pow2,
+                       record_path, runs_triton)
 
 LOG2E = 1.4426950408889634
 
@@ -488,8 +491,8 @@ class Blocks(NamedTuple):
 def _cpu_blocks(sq: int, sk: int) -> Blocks:
     # The interpreter pays per program and per op, not per element: whole short sequences per
     # block (few programs, few loop trips), capped so one block's numpy arrays stay small.
-    return Blocks(min(128, max(16, triton.next_power_of_2(sq))),
-                  min(128, max(16, triton.next_power_of_2(sk))), 1, 1)
+    return Blocks(min(128, max(16, next_pow2(sq))),
+                  min(128, max(16, next_pow2(sk))), 1, 1)
 
 
 def _fwd_blocks(d: int, device: torch.device, sq: int = 0, sk: int = 0) -> Blocks:
@@ -528,7 +531,7 @@ def _bwd_blocks(d: int, device: torch.device, sq: int = 0, sk: int = 0,
     return Blocks(64, 128, 8, 3, False, True)
 
 
-def _check(op, q, k, v, varlen, cu_seqlens_q=None, cu_seqlens_k=None):
+def _check(op, q, k, v, varlen):
     names = (("q", q), ("k", k), ("v", v))
     for name, t in names:
         if not isinstance(t, torch.Tensor):
@@ -540,7 +543,7 @@ def _check(op, q, k, v, varlen, cu_seqlens_q=None, cu_seqlens_k=None):
                              f"{tuple(t.shape)}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"aiter_dist.{op}: q, k, v dtypes differ ({q.dtype}, {k.dtype}, {v.dtype})")
-    check_same_device(op, q=q, k=k, v=v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    check_same_device(op, q=q, k=k, v=v)
     allowed = (torch.float16, torch.bfloat16, torch.float32)
     if q.dtype not in allowed:
         raise TypeError(f"aiter_dist.{op}: dtype {q.dtype} is not supported; use float16 or "
@@ -564,15 +567,6 @@ def _check(op, q, k, v, varlen, cu_seqlens_q=None, cu_seqlens_k=None):
         raise ValueError(f"aiter_dist.{op}: k {tuple(k.shape)} and v {tuple(v.shape)} disagree")
     if not varlen and k.shape[0] != q.shape[0]:
         raise ValueError(f"aiter_dist.{op}: batch sizes differ: q {q.shape[0]}, k {k.shape[0]}")
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        if varlen:
-            if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32 or cu.dim() != 1:
-                got = cu.dtype if isinstance(cu, torch.Tensor) else type(cu).__name__
-                raise TypeError(f"aiter_dist.{op}: {name} must be a 1-D int32 tensor "
-                                f"(got {got}); use .to(torch.int32)")
-    if varlen and cu_seqlens_q.numel() != cu_seqlens_k.numel():
-        raise ValueError(f"aiter_dist.{op}: cu_seqlens_q and cu_seqlens_k hold different "
-                         f"numbers of sequences")
 
 
 def _tiles(wanted: bool, rows: int, varlen: bool, *tensors):
@@ -580,7 +574,7 @@ def _tiles(wanted: bool, rows: int, varlen: bool, *tensors):
     ``rows``-row tiles when wanted and the layout allows (dense, not empty, head dim a power of
     2, 16-byte aligned base and strides), else the tensors."""
     d = tensors[0].shape[-1]
-    if wanted and not varlen and d == triton.next_power_of_2(d) and all(
+    if wanted and not varlen and d == next_pow2(d) and all(
             t.numel() > 0 and t.data_ptr() % 16 == 0 and t.stride(-1) == 1
             and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in tensors):
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -637,13 +631,13 @@ def flash_attn_fwd(q, k, v, softmax_scale, causal, window_size, cu_seqlens_q=Non
     # TMA (tensor descriptors for K and V) serves dense layouts whose head dim is a power of 2.
     config = Blocks(*(config or _fwd_blocks(d, q.device, sq, sk)))
     block_m, block_n, warps, stages = config[:4]
-    block_d = triton.next_power_of_2(d)
-    grid = (triton.cdiv(max(sq, 1), block_m), batch * h)
+    block_d = next_pow2(d)
+    grid = (cdiv(max(sq, 1), block_m), batch * h)
     cu_q = cu_seqlens_q if varlen else lse  # unused placeholders when dense
     cu_k = cu_seqlens_k if varlen else lse
     use_tma, (kk, vv) = _tiles(config.tma, block_n, varlen, k, v)
     if batch * h > 0 and sq > 0:
-        _attn_fwd_kernel[grid](
+        launch(_attn_fwd_kernel, grid, q.device,
             q, kk, vv, out, lse, cu_q, cu_k,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
             *_strides(out, varlen), *lse_strides,
@@ -703,12 +697,12 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
         # 64 rows of any head dim keep the tile in registers (4 warps); the interpreter likes
         # whole short sequences.
         delta_rows = cfg_q.block_m if q.device.type == "cpu" else 64
-        _attn_bwd_delta_kernel[(triton.cdiv(sq, delta_rows), batch * h)](
+        launch(_attn_bwd_delta_kernel, (cdiv(sq, delta_rows), batch * h), q.device,
             out, do, delta, cu_q, *_strides(out, varlen), *_strides(do, varlen), *lse_strides,
             sq, h, IS_VARLEN=varlen, HEAD_DIM=d, BLOCK_M=delta_rows,
-            BLOCK_D=triton.next_power_of_2(d), num_warps=4)
+            BLOCK_D=next_pow2(d), num_warps=4)
     common = dict(IS_VARLEN=varlen, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HEAD_DIM=d,
-                  BLOCK_D=triton.next_power_of_2(d), PRECISION=_precision(q.dtype))
+                  BLOCK_D=next_pow2(d), PRECISION=_precision(q.dtype))
 
     def blocks(cfg):
         return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.warps,
@@ -725,7 +719,7 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
         # The interpreter has no bulk reduce: CPU runs keep the pointer atomics.
         dq_tma, (dq_arg,) = _tiles(cfg_kv.tma_dq and not deterministic and not INTERPRETED,
                                    cfg_kv.block_m, varlen, dq)
-        _attn_bwd_dkdv_kernel[(triton.cdiv(sk, cfg_kv.block_n), batch * hk)](
+        launch(_attn_bwd_dkdv_kernel, (cdiv(sk, cfg_kv.block_n), batch * hk), q.device,
             qq, k, v, dd, lse, delta, dk, dv, dq_arg, cu_q, cu_k,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
             *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
@@ -738,7 +732,7 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
         return dq.to(q.dtype), dk, dv
     if batch * h > 0 and sq > 0:
         use_tma, (kk, vv) = _tiles(cfg_q.tma, cfg_q.block_n, varlen, k, v)
-        _attn_bwd_dq_kernel[(triton.cdiv(sq, cfg_q.block_m), batch * h)](
+        launch(_attn_bwd_dq_kernel, (cdiv(sq, cfg_q.block_m), batch * h), q.device,
             q, kk, vv, do, lse, delta, dq, cu_q, cu_k,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
             *_strides(do, varlen), *_strides(dq, varlen), *lse_strides,
@@ -804,7 +798,188 @@ class FlashAttnFunction(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None, None, None
 
 
+# ----------------------------------------------------------------------------- torch.library
+
+@torch.library.custom_op("aiter_dist::flash_attn_fwd", mutates_args=())
+def _flash_attn_fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       cu_seqlens_q: torch.Tensor | None, cu_seqlens_k: torch.Tensor | None,
+                       max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool,
+                       window_left: int, window_right: int,
+                       deterministic: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    varlen = cu_seqlens_q is not None
+    if varlen:  # traced code cannot read the offsets: they are checked where the op runs
+        _check_offsets_values("flash_attn_varlen_func", q, k, cu_seqlens_q, cu_seqlens_k,
+                              max_seqlen_q, max_seqlen_k)
+    return flash_attn_fwd(q, k, v, softmax_scale, causal, (window_left, window_right),
+                          cu_seqlens_q, cu_seqlens_k, max_seqlen_q if varlen else None,
+                          max_seqlen_k if varlen else None)
+
+
+@_flash_attn_fwd_op.register_fake
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+      window_left, window_right, deterministic):
+    if cu_seqlens_q is not None:
+        lse = q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+    else:
+        lse = q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+    return torch.empty_like(q), lse
+
+
+@torch.library.custom_op("aiter_dist::flash_attn_bwd", mutates_args=())
+def _flash_attn_bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
+                       cu_seqlens_k: torch.Tensor | None, max_seqlen_q: int, max_seqlen_k: int,
+                       softmax_scale: float, causal: bool, window_left: int, window_right: int,
+                       deterministic: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    varlen = cu_seqlens_q is not None
+    return flash_attn_bwd(dout, q, k, v, out, lse, softmax_scale, causal,
+                          (window_left, window_right), cu_seqlens_q, cu_seqlens_k,
+                          max_seqlen_q if varlen else None, max_seqlen_k if varlen else None,
+                          deterministic=deterministic)
+
+
+@_flash_attn_bwd_op.register_fake
+def _(dout, q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+      softmax_scale, causal, window_left, window_right, deterministic):
+    # dQ as flash_attn_bwd allocates it: like q (deterministic), else contiguous (from fp32 sums).
+    dq = torch.empty_like(q) if deterministic else q.new_empty(q.shape)
+    return dq, torch.empty_like(k), torch.empty_like(v)
+
+
+def _flash_attn_setup(ctx, inputs, output):
+    q, k, v, cu_q, cu_k, *args = inputs
+    ctx.save_for_backward(q, k, v, output[0], output[1], cu_q, cu_k)
+    ctx.args = args
+    ctx.mark_non_differentiable(output[1])
+
+
+def _flash_attn_backward(ctx, dout, dlse):
+    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    dq, dk, dv = torch.ops.aiter_dist.flash_attn_bwd(dout, q, k, v, out, lse, cu_q, cu_k,
+                                                     *ctx.args)
+    return (dq, dk, dv) + (None,) * 9
+
+
+torch.library.register_autograd("aiter_dist::flash_attn_fwd", _flash_attn_backward,
+                                setup_context=_flash_attn_setup)
+
+
+def _attention(q, k, v, scale, causal, window_size, cu_q, cu_k, max_q, max_k, deterministic):
+    """(out, lse): through the custom op when compiling, else the autograd Function."""
+    if compiling():
+        return torch.ops.aiter_dist.flash_attn_fwd(q, k, v, cu_q, cu_k, max_q or 0, max_k or 0,
+                                                   scale, bool(causal), int(window_size[0]),
+                                                   int(window_size[1]), deterministic)
+    return FlashAttnFunction.apply(q, k, v, scale, causal, tuple(window_size), cu_q, cu_k,
+                                   max_q, max_k, deterministic)
+
+
 # ----------------------------------------------------------------------------- functional API
+
+CHECK_VARLEN_ENV = "AITER_DIST_CHECK_VARLEN"
+_OFFSETS_FIX = ("build the offsets from the per-sequence lengths as "
+                "torch.nn.functional.pad(seqlens.cumsum(0), (1, 0)).to(torch.int32)")
+_SYNC_NOTE = (f"on GPU this check costs one device synchronization per call; "
+              f"{CHECK_VARLEN_ENV}=0 turns it off")
+
+
+def _seqlen_arg(op, name, value) -> int:
+    """``max_seqlen_*`` as a Python int >= 0 (a one-element tensor is read once)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"aiter_dist.{op}: {name} must be an int (the longest sequence's "
+                        f"length), got {value!r}")
+    if value < 0:
+        raise ValueError(f"aiter_dist.{op}: {name} must be >= 0 (the longest sequence's "
+                         f"length), got {value}")
+    return int(value)
+
+
+def _check_offsets_layout(op, q, k, cu_seqlens_q, cu_seqlens_k):
+    """dtype, rank, device and count of the offsets: cheap, no look at their values."""
+    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        if not isinstance(cu, torch.Tensor) or cu.dtype != torch.int32:
+            got = cu.dtype if isinstance(cu, torch.Tensor) else type(cu).__name__
+            raise TypeError(f"aiter_dist.{op}: {name} must be a 1-D int32 tensor (got {got}); "
+                            f"use .to(torch.int32)")
+        if cu.dim() != 1 or cu.numel() == 0:
+            raise ValueError(f"aiter_dist.{op}: {name} must be a 1-D int32 tensor of batch + 1 "
+                             f"offsets starting at 0, got shape {tuple(cu.shape)}; "
+                             f"{_OFFSETS_FIX}")
+    check_same_device(op, q=q, k=k, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
+    if cu_seqlens_q.numel() != cu_seqlens_k.numel():
+        raise ValueError(f"aiter_dist.{op}: cu_seqlens_q has {cu_seqlens_q.numel()} offsets but "
+                         f"cu_seqlens_k has {cu_seqlens_k.numel()}; both must hold batch + 1 "
+                         f"(one sequence of queries and one of keys per batch entry)")
+
+
+def _checks_offset_values(device: torch.device) -> bool:
+    """Whether the offsets' values are checked: always on CPU (no synchronization to pay); on
+    GPU unless AITER_DIST_CHECK_VARLEN=0, or while a CUDA graph is captured (no host reads
+    there)."""
+    if device.type == "cpu":
+        return True
+    if os.environ.get(CHECK_VARLEN_ENV, "1") == "0":
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _offsets_summary(cu):
+    """(first, last, shortest, longest) of offsets ``cu`` as one int64 device tensor. The 0
+    appended to the lengths keeps min and max defined for a batch of none."""
+    cu = cu.long()
+    lens = torch.cat([cu[1:] - cu[:-1], cu.new_zeros(1)])
+    return torch.stack([cu[0], cu[-1], lens.min(), lens.max()])
+
+
+def _offsets_problem(name, offsets, rows, rows_of, max_name, max_seqlen):
+    """What is wrong with ``offsets`` (a list) for a packed tensor of ``rows`` rows, and the
+    fix; None when nothing is."""
+    if offsets[0] != 0:
+        return f"{name}[0] is {offsets[0]}; the offsets must start at 0; {_OFFSETS_FIX}"
+    for i in range(1, len(offsets)):
+        if offsets[i] < offsets[i - 1]:
+            return (f"{name} decreases at index {i} ({offsets[i - 1]} then {offsets[i]}); "
+                    f"offsets must be non-decreasing (sequence {i - 1} would have a negative "
+                    f"length); {_OFFSETS_FIX}")
+    if offsets[-1] != rows:
+        return (f"{name}[-1] is {offsets[-1]} but {rows_of} has {rows} rows; the last offset "
+                f"must equal the number of packed rows; {_OFFSETS_FIX}")
+    lens = [b - a for a, b in zip(offsets, offsets[1:])]
+    longest = max(lens, default=0)
+    if longest > max_seqlen:
+        i = lens.index(longest)
+        return (f"sequence {i} has {longest} rows ({name}[{i + 1}] - {name}[{i}]) but "
+                f"{max_name} is {max_seqlen}; pass {max_name} >= {longest} (the longest "
+                f"sequence)")
+    return None
+
+
+def _check_offsets_values(op, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    """Offsets that start at 0, never decrease, end at the packed tensor's row count, and whose
+    longest sequence fits max_seqlen: the kernels trust them for every address they form."""
+    if not _checks_offset_values(q.device):
+        return
+    # Both summaries in one transfer: a single synchronization on GPU.
+    summaries = torch.stack([_offsets_summary(cu_seqlens_q),
+                             _offsets_summary(cu_seqlens_k)]).tolist()
+    args = (("cu_seqlens_q", cu_seqlens_q, q.shape[0], "q", "max_seqlen_q", max_seqlen_q),
+            ("cu_seqlens_k", cu_seqlens_k, k.shape[0], "k (and v)", "max_seqlen_k",
+             max_seqlen_k))
+    for (first, last, shortest, longest), (name, cu, rows, rows_of, max_name, max_len) in zip(
+            summaries, args):
+        if first == 0 and last == rows and shortest >= 0 and longest <= max_len:
+            continue
+        raise _offsets_error(op, _offsets_problem(name, cu.tolist(), rows, rows_of, max_name,
+                                                  max_len), q.device)
+
+
+def _offsets_error(op, problem, device):
+    # Off CPU the check has a cost: say how to drop it.
+    note = "" if device.type == "cpu" else f" ({_SYNC_NOTE})"
+    return ValueError(f"aiter_dist.{op}: {problem}{note}")
+
 
 def _common_args(op, dropout_p, softmax_scale, window_size, d):
     if dropout_p:
@@ -822,32 +997,118 @@ def _common_args(op, dropout_p, softmax_scale, window_size, d):
 
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                     window_size=(-1, -1), deterministic=False, return_lse=False):
-    """Attention over (batch, seqlen, nheads, headdim) tensors; GQA when k/v have fewer heads.
+    """Attention over batched sequences of one length: forward and backward in Triton.
 
-    ``deterministic=True`` makes the backward bitwise reproducible (two kernels, seven matrix
-    products per tile instead of five); by default dQ is summed with fp32 atomics in no fixed
-    order.
-    Returns ``out``, or ``(out, lse)`` with ``return_lse=True`` (lse fp32, (batch, nheads,
-    seqlen_q)).
+    Args:
+        q: (batch, seqlen_q, nheads, headdim).
+        k, v: (batch, seqlen_k, nheads_k, headdim), the same batch as q.
+        dropout_p: 0.0 (nothing else is implemented).
+        softmax_scale: the factor on q @ k^T; None for ``1 / sqrt(headdim)``.
+        causal: mask later keys, bottom-right aligned (below).
+        window_size: ``(left, right)`` keys visible on either side of the diagonal, -1 unbounded.
+        deterministic: a bitwise reproducible backward (slower).
+        return_lse: also return ``lse``.
+
+    Returns:
+        ``out`` (batch, seqlen_q, nheads, headdim) in q's dtype; with ``return_lse=True``,
+        ``(out, lse)`` with ``lse`` the natural-log logsumexp of each row's scaled scores, float32
+        of shape (batch, nheads, seqlen_q).
+
+    Masks. Within each sequence, query row ``i`` (0-based, of ``seqlen_q`` rows) may attend to key
+    ``j`` (of ``seqlen_k``) when ``i + seqlen_k - seqlen_q - left <= j <= i + seqlen_k - seqlen_q
+    + right``, with ``(left, right) = window_size`` and -1 meaning unbounded on that side; the
+    default ``(-1, -1)`` is full attention. ``causal=True`` sets ``right`` to 0 and keeps
+    ``left`` (``window_size=(w, 0)`` with ``causal=True`` is a causal sliding window of ``w + 1``
+    keys). Both masks are aligned to the bottom-right corner of the score matrix: when
+    ``seqlen_q != seqlen_k`` the last query row lines up with the last key (as in decoding with a
+    cache), so with ``causal=True`` and ``seqlen_q > seqlen_k`` the first ``seqlen_q - seqlen_k``
+    rows see no key at all. A row that sees no key gets ``out`` = 0 and ``lse`` = +inf, and
+    passes no gradient (its dq is 0 and it adds nothing to dk, dv); no NaN appears.
+
+    Scores are ``softmax_scale * q @ k^T`` with ``softmax_scale`` defaulting to
+    ``1 / sqrt(headdim)`` (it must be positive). ``dropout_p`` must be 0.0: dropout is not
+    implemented (``NotImplementedError``). GQA / MQA: ``nheads`` must be a multiple of
+    ``nheads_k``; query head ``h`` reads KV head ``h // (nheads // nheads_k)``, and k, v are not
+    repeated in memory.
+
+    Dtypes: q, k, v share one dtype and one device: float16 or bfloat16 (tensor-core products),
+    or float32 (products in full fp32, no TF32). bfloat16 is refused on CPU, where Triton's
+    interpreter cannot multiply it. ``headdim`` is a multiple of 8 up to 256. Any strides are
+    accepted (a last dimension that is not contiguous is copied).
+
+    Autograd: q, k and v receive gradients of their own shapes and dtypes; ``lse`` is not
+    differentiable. ``deterministic=False`` (the default) sums dq with fp32 atomics in no fixed
+    order, so its last bits may change from run to run; ``deterministic=True`` computes dq in a
+    second kernel with a fixed order (about 7 matrix products per tile instead of 5) and the
+    whole backward is bitwise reproducible.
+
+    Numerics: softmax statistics and accumulation in fp32, ``out`` rounded once to q's dtype.
+    Bitwise promises hold on the kernel paths only (``aiter_dist.last_path("flash_attn")`` is
+    ``"triton"``, ``"triton-tma"`` or ``"triton-interpreter"``): the same inputs on the same
+    device give the same forward bits every run, and with ``deterministic=True`` the same
+    gradients. CPU tensors on a GPU machine take a PyTorch path (fp32, quadratic memory,
+    recorded as ``"torch"``) with the same masks but no bitwise promise.
     """
     _check("flash_attn_func", q, k, v, varlen=False)
     scale = _common_args("flash_attn_func", dropout_p, softmax_scale, window_size, q.shape[-1])
-    out, lse = FlashAttnFunction.apply(q, k, v, scale, causal, tuple(window_size), None, None,
-                                       None, None, bool(deterministic))
+    out, lse = _attention(q, k, v, scale, causal, window_size, None, None, None, None,
+                          bool(deterministic))
     return (out, lse) if return_lse else out
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                            dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1),
                            deterministic=False, return_lse=False):
-    """Attention over packed sequences: q (total_q, nheads, headdim), k/v (total_k, nheads_k,
-    headdim), sequence b at rows ``cu_seqlens[b]:cu_seqlens[b+1]`` (int32). lse is (nheads,
-    total_q)."""
-    _check("flash_attn_varlen_func", q, k, v, varlen=True, cu_seqlens_q=cu_seqlens_q,
-           cu_seqlens_k=cu_seqlens_k)
-    scale = _common_args("flash_attn_varlen_func", dropout_p, softmax_scale, window_size,
-                         q.shape[-1])
-    out, lse = FlashAttnFunction.apply(q, k, v, scale, causal, tuple(window_size), cu_seqlens_q,
-                                       cu_seqlens_k, int(max_seqlen_q), int(max_seqlen_k),
-                                       bool(deterministic))
+    """Attention over sequences of different lengths packed along one dimension.
+
+    Args:
+        q: (total_q, nheads, headdim): every sequence's queries, one after another.
+        k, v: (total_k, nheads_k, headdim), packed the same way.
+        cu_seqlens_q, cu_seqlens_k: int32, 1-D, ``batch + 1`` offsets each, on q's device:
+            sequence ``b`` is rows ``cu_seqlens_q[b]:cu_seqlens_q[b + 1]`` of q and rows
+            ``cu_seqlens_k[b]:cu_seqlens_k[b + 1]`` of k and v. The offsets start at 0, never
+            decrease (empty sequences are allowed) and end at the packed row count
+            (``cu_seqlens_q[-1] == total_q``, ``cu_seqlens_k[-1] == total_k``); build them as
+            ``F.pad(seqlens.cumsum(0), (1, 0)).to(torch.int32)``.
+        max_seqlen_q, max_seqlen_k: ints at least the longest query / key sequence (larger is
+            allowed and only launches idle programs).
+        dropout_p, softmax_scale, causal, window_size, deterministic: as in
+            :func:`flash_attn_func`, applied to each sequence on its own (the causal mask is
+            aligned to the bottom-right of each sequence's own score matrix).
+        return_lse: also return ``lse``, float32 of shape (nheads, total_q).
+
+    Returns:
+        ``out`` (total_q, nheads, headdim) in q's dtype, or ``(out, lse)``.
+
+    Offsets are checked before any kernel runs, since the kernels form every address from them:
+    wrong ones raise ``ValueError`` naming the argument, the index and the fix. On CPU tensors
+    the check is always on (it is cheap). On GPU it is on by default and costs one device
+    synchronization per call (the offsets are read back to the host);
+    ``AITER_DIST_CHECK_VARLEN=0`` turns it off, and it is skipped while a CUDA graph is
+    captured. Unchecked offsets that are wrong read and write out of bounds: undefined results
+    or a crash.
+
+    Everything else is :func:`flash_attn_func`'s, sequence by sequence: query row ``i`` of a
+    sequence with ``sq`` queries and ``sk`` keys may see key ``j`` when ``i + sk - sq - left <= j
+    <= i + sk - sq + right`` (bottom-right alignment; ``causal=True`` sets ``right = 0``); a row
+    that sees no key (a sequence with more queries than keys under ``causal``, or with no keys)
+    gets ``out`` = 0 and ``lse`` = +inf and passes no gradient. ``softmax_scale`` defaults to
+    ``1 / sqrt(headdim)``; only ``dropout_p=0.0``; ``nheads`` a multiple of ``nheads_k``;
+    float16 / bfloat16 / float32 (no bfloat16 on CPU), headdim a multiple of 8 up to 256.
+    Gradients reach q, k and v, not ``lse``; they are bitwise reproducible with
+    ``deterministic=True``, and the forward always, on the kernel paths only
+    (``last_path("flash_attn")``).
+    """
+    op = "flash_attn_varlen_func"
+    _check(op, q, k, v, varlen=True)
+    _check_offsets_layout(op, q, k, cu_seqlens_q, cu_seqlens_k)
+    max_seqlen_q = _seqlen_arg(op, "max_seqlen_q", max_seqlen_q)
+    max_seqlen_k = _seqlen_arg(op, "max_seqlen_k", max_seqlen_k)
+    if not compiling():  # (the custom op checks them where it runs)
+        _check_offsets_values(op, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    scale = _common_args(op, dropout_p, softmax_scale, window_size, q.shape[-1])
+    # The kernels read offset b at cu + b: a strided view would be misread.
+    cu_q, cu_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
+    out, lse = _attention(q, k, v, scale, causal, window_size, cu_q, cu_k, max_seqlen_q,
+                          max_seqlen_k, bool(deterministic))
     return (out, lse) if return_lse else out

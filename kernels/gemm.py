@@ -39,7 +39,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._runtime import INTERPRETED, check_same_device, check_tensor, record_path, runs_triton
+from ._runtime import (INTERPRETED, cdiv, check_same_device, check_tensor, compiling, launch,
+                       next_pow2, record_path, runs_triton)
 from .gemm_tuned import TUNED
 
 # SCALING modes of the kernels: plain, per-token x per-channel fp8, 1x128 x 128x128 fp8 blocks.
@@ -295,7 +296,7 @@ DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp
 def shape_class(layout: str, kind: str, M: int, N: int, K: int) -> str:
     """The dispatch table's key: layout, operand kind (``bf16``, ``fp8``, ``fp8-block``, ...)
     and the sizes rounded up to powers of 2 (16 at least)."""
-    m, n, k = (triton.next_power_of_2(max(v, 16)) for v in (M, N, K))
+    m, n, k = (next_pow2(max(v, 16)) for v in (M, N, K))
     return f"{layout} {kind} {m}x{n}x{k}"
 
 
@@ -308,8 +309,8 @@ def default_config(kind: str, M: int, N: int, K: int, device: torch.device,
     """The config for a class the table does not tune."""
     if device.type == "cpu":
         # The interpreter pays per program and per loop trip, not per element: few big tiles.
-        m, n = (min(64, max(16, triton.next_power_of_2(v))) for v in (M, N))
-        k = SCALE_BLOCK if kind == "fp8-block" else min(64, max(16, triton.next_power_of_2(K)))
+        m, n = (min(64, max(16, next_pow2(v))) for v in (M, N))
+        k = SCALE_BLOCK if kind == "fp8-block" else min(64, max(16, next_pow2(K)))
         return GemmConfig(m, n, k, 8, 1, 1)
     if kind == "fp8-block":
         # Two 128x128 fp32 tiles (sum and 128-deep partial) per program: 8 warps hold them.
@@ -383,8 +384,8 @@ def run_gemm(op: str, kind: str, a, b, out, bias=None, x_scale=None, w_scale=Non
         def desc(t, block):
             return TensorDescriptor(t, list(t.shape), list(t.stride()), block)
 
-        tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-        _gemm_tma_kernel[(min(sms, tiles),)](
+        tiles = cdiv(M, bm) * cdiv(N, bn)
+        launch(_gemm_tma_kernel, (min(sms, tiles),), a.device,
             desc(a_view, [bm, bk] if a_k_major else [bk, bm]),
             desc(b_view, [bn, bk] if b_k_major else [bk, bn]),
             desc(out, [bm, bn // 2 if config.subtile else bn]),
@@ -392,9 +393,9 @@ def run_gemm(op: str, kind: str, a, b, out, bias=None, x_scale=None, w_scale=Non
             A_K_MAJOR=a_k_major, B_K_MAJOR=b_k_major, NUM_SMS=sms, FLATTEN=config.flatten,
             SUBTILE=config.subtile, **common)
     else:
-        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        _gemm_kernel[grid](a, b, out, bias_arg, xs, ws, M, N, K, *a.stride(), *b.stride(),
-                           *out.stride(), *scale_strides, EVEN_K=K % bk == 0, **common)
+        grid = (cdiv(M, bm) * cdiv(N, bn),)
+        launch(_gemm_kernel, grid, a.device, a, b, out, bias_arg, xs, ws, M, N, K, *a.stride(),
+               *b.stride(), *out.stride(), *scale_strides, EVEN_K=K % bk == 0, **common)
     return out
 
 
@@ -533,6 +534,70 @@ class LinearFunction(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
+# ----------------------------------------------------------------------------- torch.library
+
+@torch.library.custom_op("aiter_dist::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               backends: str, op: str) -> torch.Tensor:
+    # backends: the (forward, dgrad, wgrad) backends joined by commas (schemas take no str list)
+    out = linear_fwd(_rows(x), weight, bias, backends.split(",")[0], op)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, backends, op):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("aiter_dist::linear_bwd", mutates_args=())
+def _linear_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                   backends: str, op: str, need_dx: bool, need_dw: bool,
+                   need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias); an empty tensor for each one not needed."""
+    backends = backends.split(",")
+    dy2 = _rows(dy)
+    # (a fresh empty tensor for each output not needed: an op's outputs may not alias each other)
+    dx = linear_dgrad(dy2, weight, backends[1], op).view(x.shape) if need_dx else x.new_empty(0)
+    dw = linear_wgrad(dy2, _rows(x), backends[2], op) if need_dw else x.new_empty(0)
+    db = dy2.sum(0, dtype=torch.float32).to(weight.dtype) if need_db else x.new_empty(0)
+    return dx, dw, db
+
+
+@_linear_bwd_op.register_fake
+def _(dy, x, weight, backends, op, need_dx, need_dw, need_db):
+    # Contiguous, as the real outputs are, whatever the inputs' strides.
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
+            weight.new_empty(weight.shape) if need_dw else x.new_empty(0),
+            weight.new_empty(weight.shape[0]) if need_db else x.new_empty(0))
+
+
+def _linear_setup(ctx, inputs, output):
+    x, weight, bias, backends, op = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.args, ctx.has_bias = (backends, op), bias is not None
+
+
+def _linear_backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dw, db = torch.ops.aiter_dist.linear_bwd(dy, x, weight, *ctx.args, need[0], need[1],
+                                                 ctx.has_bias and need[2])
+    return (dx if need[0] else None, dw if need[1] else None,
+            db if ctx.has_bias and need[2] else None, None, None)
+
+
+torch.library.register_autograd("aiter_dist::linear", _linear_backward,
+                                setup_context=_linear_setup)
+
+
+def apply_linear(x, weight, bias, backends, op):
+    """``x @ weight.T + bias`` by ``backends`` (forward, dgrad, wgrad): the custom op when
+    compiling, else the autograd Function."""
+    if compiling():
+        return torch.ops.aiter_dist.linear(x, weight, bias, ",".join(backends), op)
+    return LinearFunction.apply(x, weight, bias, backends, op)
+
+
 # ----------------------------------------------------------------------------- functional API
 
 def linear(x, weight, bias=None, *, backend="auto"):
@@ -550,7 +615,7 @@ def linear(x, weight, bias=None, *, backend="auto"):
     x, weight, bias = autocast_inputs(x, weight, bias)
     backends = linear_backends(op, math.prod(x.shape[:-1]), weight.shape[0],
                                weight.shape[1], x.dtype, x.device, backend, prefer="triton")
-    return LinearFunction.apply(x, weight, bias, backends, op)
+    return apply_linear(x, weight, bias, backends, op)
 
 
 __all__ = ["linear", "matmul", "run_gemm", "gemm_ref", "linear_ref", "LinearFunction",

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from ._runtime import FLOAT_DTYPES, check_same_device, check_tensor, record_path, runs_triton
+from ._runtime import (FLOAT_DTYPES, check_same_device, check_tensor, compiling, record_path,
+                       runs_triton)
 from .gemm import BACKENDS, BLOCKWISE, ROWWISE, SCALE_BLOCK, _tuned, run_gemm, shape_class
 
 FP8 = torch.float8_e4m3fn
@@ -187,12 +188,41 @@ def gemm_a8w8_blockscale_fwd(xq, wq, x_scale, w_scale, dtype=torch.bfloat16, *, 
 
 # ----------------------------------------------------------------------------- functional API
 
+# ----------------------------------------------------------------------------- torch.library
+
+@torch.library.custom_op("aiter_dist::gemm_a8w8", mutates_args=())
+def _gemm_a8w8_op(xq: torch.Tensor, wq: torch.Tensor, x_scale: torch.Tensor,
+                  w_scale: torch.Tensor, bias: torch.Tensor | None,
+                  dtype: torch.dtype) -> torch.Tensor:
+    return gemm_a8w8_fwd(xq, wq, x_scale, w_scale, bias, dtype)
+
+
+@_gemm_a8w8_op.register_fake
+def _(xq, wq, x_scale, w_scale, bias, dtype):
+    return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=dtype)
+
+
+@torch.library.custom_op("aiter_dist::gemm_a8w8_blockscale", mutates_args=())
+def _gemm_a8w8_blockscale_op(xq: torch.Tensor, wq: torch.Tensor, x_scale: torch.Tensor,
+                             w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return gemm_a8w8_blockscale_fwd(xq, wq, x_scale, w_scale, dtype)
+
+
+@_gemm_a8w8_blockscale_op.register_fake
+def _(xq, wq, x_scale, w_scale, dtype):
+    return xq.new_empty((xq.shape[0], wq.shape[0]), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- functional API
+
 def gemm_a8w8(xq, wq, x_scale, w_scale, bias=None, dtype=torch.bfloat16):
     """fp8 GEMM with per-token / per-channel scales: ``(xq * x_scale) @ (wq * w_scale.T).T + bias``.
 
     xq: (M, K) float8_e4m3fn; wq: (N, K) float8_e4m3fn; x_scale: (M, 1) fp32; w_scale: (1, N)
     fp32; bias: (N,) or None; returns (M, N) in ``dtype``. No autograd (inference / forward).
     """
+    if compiling():
+        return torch.ops.aiter_dist.gemm_a8w8(xq, wq, x_scale, w_scale, bias, dtype)
     return gemm_a8w8_fwd(xq, wq, x_scale, w_scale, bias, dtype)
 
 
@@ -201,6 +231,8 @@ def gemm_a8w8_blockscale(xq, wq, x_scale, w_scale, dtype=torch.bfloat16):
     xq (M, K), ``w_scale`` (ceil(N/128), ceil(K/128)) per 128x128 block of wq (N, K); returns
     (M, N) in ``dtype``. Make the inputs with ``quantize_per_block_fp8(x, (1, 128))`` and
     ``quantize_per_block_fp8(w, (128, 128))``."""
+    if compiling():
+        return torch.ops.aiter_dist.gemm_a8w8_blockscale(xq, wq, x_scale, w_scale, dtype)
     return gemm_a8w8_blockscale_fwd(xq, wq, x_scale, w_scale, dtype)
 
 

@@ -10,17 +10,22 @@ stored in another dtype (fp32 master weights under autocast). ``residual_out`` i
 Rows up to ``ONE_PASS_MAX_N`` columns are held in registers (one read of x, one write of y); wider
 rows take a two-pass loop over column chunks. The backward writes one fp32 partial of dweight per
 program and sums them afterwards in a fixed order, so it is deterministic.
+
+float64 inputs and zero-size inputs (no rows, or rows of 0 columns) take a PyTorch path with the
+same contract (float64 statistics for float64), recorded as ``last_path(op) == "torch"``.
 """
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
 import triton.language as tl
 
-from ._runtime import (INTERPRETED, check_last_dim_contiguous, check_same_device, check_tensor,
-                       launch, record_path, runs_triton)
+from ._runtime import (FLOAT_DTYPES, INTERPRETED, cdiv, check_last_dim_contiguous,
+                       check_same_device, check_tensor, compiling, launch, next_pow2,
+                       record_path, runs_triton)
 
 ONE_PASS_MAX_N = 65536
 
@@ -40,21 +45,29 @@ def add_rms_norm_ref(x, residual, weight, eps=1e-6):
     return rms_norm_ref(residual_out, weight, eps), residual_out
 
 
+def _acc_dtype(*tensors):
+    """fp32 statistics, or fp64 where any input is fp64 (the reference path's precision)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
 def _rms_norm_fwd_torch(x2, weight, eps, r2):
-    """The same contract as the kernels (fp32 statistics), for CPU tensors on GPU machines."""
-    res_out = (x2.float() + r2.float()).to(x2.dtype) if r2 is not None else None
-    src = (res_out if res_out is not None else x2).float()
+    """The kernels' contract in PyTorch ops: for CPU tensors on GPU machines, float64, and
+    zero-size inputs."""
+    acc = _acc_dtype(x2, weight)
+    res_out = (x2.to(acc) + r2.to(acc)).to(x2.dtype) if r2 is not None else None
+    src = (res_out if res_out is not None else x2).to(acc)
     rstd = torch.rsqrt(src.pow(2).mean(-1) + eps)
-    return (src * rstd[:, None] * weight.float()).to(x2.dtype), res_out, rstd
+    return (src * rstd[:, None] * weight.to(acc)).to(x2.dtype), res_out, rstd
 
 
 def _rms_norm_bwd_torch(dy2, x2, weight, rstd, dres2):
-    xhat = x2.float() * rstd[:, None]
-    wdy = dy2.float() * weight.float()
+    acc = _acc_dtype(x2, weight)
+    xhat = x2.to(acc) * rstd[:, None]
+    wdy = dy2.to(acc) * weight.to(acc)
     dx = (wdy - xhat * (xhat * wdy).mean(-1, keepdim=True)) * rstd[:, None]
     if dres2 is not None:
-        dx = dx + dres2.float()
-    return dx.to(x2.dtype), (dy2.float() * xhat).sum(0).to(weight.dtype)
+        dx = dx + dres2.to(acc)
+    return dx.to(x2.dtype), (dy2.to(acc) * xhat).sum(0).to(weight.dtype)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -226,8 +239,8 @@ def _rms_norm_bwd_kernel(
 
 def _block_n(N: int, max_n: int) -> tuple[int, int]:
     if N <= max_n:
-        return triton.next_power_of_2(N), 1
-    return 4096, triton.cdiv(N, 4096)
+        return next_pow2(N), 1
+    return 4096, cdiv(N, 4096)
 
 
 def _fwd_config(M: int, N: int, device: torch.device, max_n: int = ONE_PASS_MAX_N,
@@ -236,7 +249,7 @@ def _fwd_config(M: int, N: int, device: torch.device, max_n: int = ONE_PASS_MAX_
     block_n, chunks = _block_n(N, max_n)
     if device.type == "cpu":
         # The interpreter pays per program and per op, not per element: few, large programs.
-        block_m = min(triton.next_power_of_2(triton.cdiv(M, 4)), max(1, 16384 // block_n))
+        block_m = min(next_pow2(cdiv(M, 4)), max(1, 16384 // block_n))
         return max(block_m, 1), block_n, chunks, 1
     if chunks > 1:
         return 1, block_n, chunks, 16
@@ -257,9 +270,9 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _check_norm_inputs(op: str, x, weight, residual=None):
-    check_tensor(op, "x", x)
-    check_tensor(op, "weight", weight)
+def _check_norm_inputs(op: str, x, weight, residual=None, dtypes=FLOAT_DTYPES):
+    check_tensor(op, "x", x, dtypes=dtypes)
+    check_tensor(op, "weight", weight, dtypes=dtypes)
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
         raise ValueError(f"aiter_dist.{op}: weight must have shape ({x.shape[-1]},) to match the "
                          f"last dimension of x {tuple(x.shape)}, got {tuple(weight.shape)}")
@@ -267,7 +280,7 @@ def _check_norm_inputs(op: str, x, weight, residual=None):
     check_last_dim_contiguous(op, "x", x)
     check_last_dim_contiguous(op, "weight", weight)
     if residual is not None:
-        check_tensor(op, "residual", residual)
+        check_tensor(op, "residual", residual, dtypes=dtypes)
         if residual.shape != x.shape:
             raise ValueError(f"aiter_dist.{op}: residual shape {tuple(residual.shape)} differs "
                              f"from x shape {tuple(x.shape)}")
@@ -277,23 +290,66 @@ def _check_norm_inputs(op: str, x, weight, residual=None):
         check_last_dim_contiguous(op, "residual", residual)
 
 
-def _needs_64bit_offsets(rows: int, *tensors) -> bool:
-    return any(rows * t.stride(0) + t.shape[-1] >= 2**31 for t in tensors)
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
-    """A 2-D (rows, N) view; copies only when the leading dims cannot be flattened."""
-    return t.reshape(-1, t.shape[-1])
+    """A 2-D (rows, N) view; copies only when the leading dims cannot be flattened. (The row
+    count is spelled out: ``-1`` is ambiguous when N is 0.)"""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+# float64 is accepted and computed by PyTorch ops in float64 (tests compare against float64).
+NORM_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+def _takes_torch_path(op: str, x2: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``op`` serves this call with PyTorch ops instead of the kernel (recorded as
+    ``"torch"``): float64 (the kernels compute in fp32), zero-size inputs (nothing to launch),
+    CPU tensors on a GPU machine."""
+    if torch.float64 in (x2.dtype, weight.dtype):
+        record_path(op, "torch", "float64 input: computed by PyTorch in float64; the Triton "
+                                 "kernels take float32, float16 and bfloat16")
+        return True
+    if x2.numel() == 0:
+        record_path(op, "torch")
+        return True
+    return not runs_triton(op, x2.device)
+
+
+_KERNEL_DTYPES = frozenset(FLOAT_DTYPES)
+
+
+def _plain_inputs(x, weight, residual) -> bool:
+    """The common case in a few attribute reads: kernel dtypes, matching shapes and device,
+    unit last-dim strides, something to compute. Anything else takes the full checks, which
+    name the problem, and the PyTorch path where one serves."""
+    return (isinstance(x, torch.Tensor) and isinstance(weight, torch.Tensor)
+            and x.dtype in _KERNEL_DTYPES and weight.dtype in _KERNEL_DTYPES and weight.dim() == 1
+            and x.dim() != 0 and weight.shape[0] == x.shape[-1] and x.device == weight.device
+            and x.stride(-1) == 1 and weight.stride(-1) == 1 and x.numel() != 0
+            and (residual is None
+                 or (isinstance(residual, torch.Tensor) and residual.shape == x.shape
+                     and residual.dtype == x.dtype and residual.device == x.device
+                     and residual.stride(-1) == 1)))
+
+
+def _needs_64bit_offsets(rows: int, n: int, *row_strides: int) -> bool:
+    """Whether element offsets up to ``rows`` rows of ``n`` (strided by any of ``row_strides``, or
+    ``n`` for the contiguous outputs) reach 2**31."""
+    return rows * max(n, *row_strides) + n >= 2**31
+
+
+_fwd_configs: dict = {}  # (N, residual) -> a GPU forward config (it does not depend on M)
+_PATH = "triton-interpreter" if INTERPRETED else "triton"
 
 
 def rms_norm_fwd(x, weight, eps=1e-6, residual=None, *, config=None):
     """Forward launcher. Returns (y, residual_out or None, rstd)."""
     op = "add_rms_norm" if residual is not None else "rms_norm"
-    _check_norm_inputs(op, x, weight, residual)
-    x2 = _rows(x)
+    if not _plain_inputs(x, weight, residual):
+        _check_norm_inputs(op, x, weight, residual, dtypes=NORM_DTYPES)
+    x2 = x if x.dim() == 2 else _rows(x)
     M, N = x2.shape
-    r2 = _rows(residual) if residual is not None else None
-    if not runs_triton(op, x.device):
+    r2 = None if residual is None else residual if residual.dim() == 2 else _rows(residual)
+    if _takes_torch_path(op, x2, weight):
         y, res_out, rstd = _rms_norm_fwd_torch(x2, weight, eps, r2)
         return y.view(x.shape), (res_out.view(x.shape) if res_out is not None else None), rstd
     y = torch.empty_like(x2, memory_format=torch.contiguous_format)
@@ -302,20 +358,29 @@ def rms_norm_fwd(x, weight, eps=1e-6, residual=None, *, config=None):
         res_out = torch.empty_like(y)
     else:
         r2 = res_out = y  # unused placeholders, never dereferenced (HAS_RESIDUAL=False)
-    block_m, block_n, chunks, num_warps = config or _fwd_config(M, N, x.device,
-                                                                residual=residual is not None)
-    if M > 0:
-        grid = (triton.cdiv(M, block_m),)
-        launch(_rms_norm_fwd_kernel, grid, x.device,
-               x2, r2, weight, y, res_out, rstd,
-               M, N, x2.stride(0), r2.stride(0), y.stride(0), res_out.stride(0), eps,
-               HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-               NUM_CHUNKS=chunks, EVEN=(chunks == 1 and block_n == N and M % block_m == 0),
-               OFFSETS_64=_needs_64bit_offsets(M + block_m, x2, r2, y, res_out),
-               num_warps=num_warps)
-    record_path(op, "triton-interpreter" if INTERPRETED else "triton")
-    y = y.view(x.shape)
-    return y, (res_out.view(x.shape) if residual is not None else None), rstd
+    if config is None:
+        if x.device.type == "cpu":
+            config = _fwd_config(M, N, x.device, residual=residual is not None)
+        else:
+            key = (N, residual is not None)
+            config = _fwd_configs.get(key)
+            if config is None:
+                config = _fwd_configs[key] = _fwd_config(M, N, x.device,
+                                                         residual=residual is not None)
+    block_m, block_n, chunks, num_warps = config
+    stride_x, stride_r = x2.stride(0), r2.stride(0)
+    launch(_rms_norm_fwd_kernel, (cdiv(M, block_m),), x.device,
+           x2, r2, weight, y, res_out, rstd, M, N, stride_x, stride_r, N, N, eps,
+           HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+           NUM_CHUNKS=chunks, EVEN=(chunks == 1 and block_n == N and M % block_m == 0),
+           OFFSETS_64=_needs_64bit_offsets(M + block_m, N, stride_x, stride_r),
+           num_warps=num_warps)
+    record_path(op, _PATH)
+    if x.dim() != 2:
+        y = y.view(x.shape)
+        if residual is not None:
+            res_out = res_out.view(x.shape)
+    return y, (res_out if residual is not None else None), rstd
 
 
 def _bwd_config(M: int, N: int, device: torch.device, max_n: int):
@@ -323,7 +388,7 @@ def _bwd_config(M: int, N: int, device: torch.device, max_n: int):
     block_n, chunks = _block_n(N, max_n)
     if device.type == "cpu":
         programs = 2
-        block_m = max(1, min(triton.next_power_of_2(triton.cdiv(max(M, 1), programs)),
+        block_m = max(1, min(next_pow2(cdiv(max(M, 1), programs)),
                              16384 // block_n))
         return programs, block_m, block_n, chunks, 1
     sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
@@ -346,23 +411,19 @@ def rms_norm_bwd(dy, x_normed, weight, rstd, dresidual=None, *, max_n=ONE_PASS_M
     M, N = x2.shape
     dy2 = _rows(dy.contiguous())
     dres2 = _rows(dresidual.contiguous()) if dresidual is not None else dy2
-    if not runs_triton("rms_norm_bwd", x2.device):
+    if _takes_torch_path("rms_norm_bwd", x2, weight):
         dx, dw = _rms_norm_bwd_torch(dy2, x2, weight, rstd,
                                      dres2 if dresidual is not None else None)
         return dx.view(x_normed.shape), (dw.float() if dw_fp32 else dw)
     dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
     programs, block_m, block_n, chunks, num_warps = config or _bwd_config(M, N, x2.device, max_n)
     programs = max(1, min(programs, M))
-    rows_per_program = triton.cdiv(M, programs) if M else 0
     dw_partial = torch.empty(programs, N, dtype=torch.float32, device=x2.device)
-    if M > 0:
-        launch(_rms_norm_bwd_kernel, (programs,), x2.device,
-               x2, weight, dy2, dres2, dx, dw_partial, rstd,
-               M, N, x2.stride(0), dy2.stride(0), dres2.stride(0), dx.stride(0), rows_per_program,
-               HAS_DRES=dresidual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-               NUM_CHUNKS=chunks, num_warps=num_warps)
-    else:
-        dw_partial.zero_()
+    launch(_rms_norm_bwd_kernel, (programs,), x2.device,
+           x2, weight, dy2, dres2, dx, dw_partial, rstd,
+           M, N, x2.stride(0), dy2.stride(0), dres2.stride(0), dx.stride(0),
+           cdiv(M, programs), HAS_DRES=dresidual is not None, BLOCK_M=block_m,
+           BLOCK_N=block_n, NUM_CHUNKS=chunks, num_warps=num_warps)
     dw = dw_partial.sum(0)
     return dx.view(x_normed.shape), (dw if dw_fp32 else dw.to(weight.dtype))
 
@@ -406,19 +467,127 @@ class AddRMSNormFunction(torch.autograd.Function):
         return dx, dx, dw, None
 
 
+# ----------------------------------------------------------------------------- torch.library
+
+def _stat_dtype(x, weight):
+    return torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
+
+
+@torch.library.custom_op("aiter_dist::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    y, res_out, rstd = rms_norm_fwd(x, weight, eps, residual)
+    return y, (res_out if res_out is not None else x.new_empty(0)), rstd
+
+
+@_rms_norm_fwd_op.register_fake
+def _(x, weight, residual, eps):
+    rows = math.prod(x.shape[:-1])
+    # Contiguous, as the real outputs are, whatever x's strides.
+    return (x.new_empty(x.shape), x.new_empty(x.shape) if residual is not None else x.new_empty(0),
+            x.new_empty(rows, dtype=_stat_dtype(x, weight)))
+
+
+@torch.library.custom_op("aiter_dist::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd_op(dy: torch.Tensor, x_normed: torch.Tensor, weight: torch.Tensor,
+                     rstd: torch.Tensor, dresidual: torch.Tensor | None,
+                     dw_fp32: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return rms_norm_bwd(dy, x_normed, weight, rstd, dresidual, dw_fp32=dw_fp32)
+
+
+@_rms_norm_bwd_op.register_fake
+def _(dy, x_normed, weight, rstd, dresidual, dw_fp32):
+    return x_normed.new_empty(x_normed.shape), weight.new_empty(
+        weight.shape, dtype=torch.float32 if dw_fp32 else weight.dtype)
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, residual, _ = inputs
+    _, res_out, rstd = output
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(res_out if residual is not None else x, weight, rstd)
+
+
+def _rms_norm_backward(ctx, dy, dres_out, drstd):
+    x_normed, weight, rstd = ctx.saved_tensors
+    dx, dw = torch.ops.aiter_dist.rms_norm_bwd(dy, x_normed, weight, rstd,
+                                               dres_out if ctx.has_residual else None, False)
+    return dx, dw, (dx if ctx.has_residual else None), None
+
+
+torch.library.register_autograd("aiter_dist::rms_norm_fwd", _rms_norm_backward,
+                                setup_context=_rms_norm_setup)
+
+
+def _needs_grad(*tensors) -> bool:
+    # (getattr: a non-tensor goes on to the checks, which name it)
+    return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
+
+
 # ----------------------------------------------------------------------------- functional API
 
 def rms_norm(x, weight, eps=1e-6):
-    """RMSNorm over the last dimension: ``x * rsqrt(mean(x**2) + eps) * weight``."""
-    return RMSNormFunction.apply(x, weight, eps)
+    """RMSNorm over the last dimension: ``x * rsqrt(mean(x**2, dim=-1) + eps) * weight``.
+
+    Args:
+        x: (..., N), float32, float16, bfloat16 or float64, contiguous in its last dimension
+            (rows may be strided). Zero-size shapes are fine: (0, N) and (M, 0) give an empty
+            output of the same shape.
+        weight: (N,) on x's device, in any of those dtypes (an fp32 weight with fp16/bf16 ``x``
+            is the usual mixed-precision layout).
+        eps: added to the mean square before the square root.
+
+    Returns:
+        A new tensor of x's shape and dtype.
+
+    Autograd: ``x`` receives a gradient in its dtype, ``weight`` in its own; dweight is summed
+    over rows in fp32, in a fixed order.
+
+    Numerics: statistics and the product in fp32, rounded once to x's dtype. On the kernel paths
+    (``aiter_dist.last_path("rms_norm")`` is ``"triton"`` or ``"triton-interpreter"``) forward
+    and backward are deterministic: the same inputs on the same device give the same bits every
+    run. float64 inputs (computed in float64, on any device), zero-size inputs and CPU tensors
+    on a GPU machine take a PyTorch path, recorded as ``"torch"``: the same formula, without
+    that bitwise promise.
+    """
+    if compiling():
+        return torch.ops.aiter_dist.rms_norm_fwd(x, weight, None, eps)[0]
+    if _needs_grad(x, weight):
+        return RMSNormFunction.apply(x, weight, eps)
+    return rms_norm_fwd(x, weight, eps)[0]
 
 
 def add_rms_norm(x, residual, weight, eps=1e-6):
-    """Fused ``residual_out = x + residual; out = rms_norm(residual_out, weight)``.
+    """Fused residual add and RMSNorm, one read of each input:
 
-    Returns ``(out, residual_out)``.
+        residual_out = x + residual
+        out = residual_out * rsqrt(mean(residual_out**2, dim=-1) + eps) * weight
+
+    Args:
+        x, residual: (..., N), one shape and one dtype (float32, float16, bfloat16 or float64;
+            cast one of them if they differ), contiguous in the last dimension. Zero-size shapes
+            give empty outputs.
+        weight: (N,), as in :func:`rms_norm`.
+        eps: as in :func:`rms_norm`.
+
+    Returns:
+        ``(out, residual_out)``, both of x's shape and dtype. The sum is rounded to x's dtype
+        before it is normalized, so on the kernel paths ``out`` equals
+        ``rms_norm(residual_out, weight, eps)`` bit for bit.
+
+    Autograd: ``x`` and ``residual`` receive the same gradient (the incoming gradient of
+    ``residual_out`` plus the norm's input gradient); either output may go unused. ``weight``
+    as in :func:`rms_norm`.
+
+    Numerics and paths: as :func:`rms_norm`, recorded under ``last_path("add_rms_norm")``.
     """
-    return AddRMSNormFunction.apply(x, residual, weight, eps)
+    if compiling():
+        out, residual_out, _ = torch.ops.aiter_dist.rms_norm_fwd(x, weight, residual, eps)
+        return out, residual_out
+    if _needs_grad(x, residual, weight):
+        return AddRMSNormFunction.apply(x, residual, weight, eps)
+    out, residual_out, _ = rms_norm_fwd(x, weight, eps, residual)
+    return out, residual_out
 
 
 __all__ = ["rms_norm", "add_rms_norm", "rms_norm_ref", "add_rms_norm_ref", "rms_norm_fwd",

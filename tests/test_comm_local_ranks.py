@@ -210,7 +210,9 @@ def test_mismatched_grids_fail_fast_on_every_rank():
 def test_missing_rank_times_out_near_the_configured_wait(monkeypatch):
     """One virtual rank launches, its peer never does: the kernel gives up after about the
     timeout (a spin bound calibrated in polls per second) and reports the missing rank."""
-    monkeypatch.setenv("AITER_DIST_COMM_TIMEOUT_S", "1")
+    from aiter_dist.comm import protocol
+
+    monkeypatch.setattr(protocol, "_TIMEOUT_S", 1.0)
     ranks = local_group(2)
     ws = ranks[0]
     x = torch.ones(1000, device=ws.device)

@@ -138,6 +138,25 @@ def test_lse_and_empty_rows():
     assert torch.isinf(lse[:, :, :5]).all() and (out[:, :5] == 0).all()  # 5 rows see no key
 
 
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_rows_that_see_no_key_pass_no_gradient(deterministic):
+    """The documented contract: out 0, lse +inf, dq 0 and no NaN anywhere, for causal rows with
+    seqlen_q > seqlen_k (bottom-right alignment) and for a varlen sequence with no keys."""
+    q, k, v, do = _inputs(1, 9, 4, 2, 2, 16, torch.float32, "cpu")
+    _, dq, dk, dv = _grads(lambda q, k, v: aiter_dist.flash_attn_func(
+        q, k, v, causal=True, deterministic=deterministic), q, k, v, do)
+    assert (dq[:, :5] == 0).all() and (dq[:, 5:] != 0).any()
+    assert all(torch.isfinite(t).all() for t in (dq, dk, dv))
+    cu_q = torch.tensor([0, 3, 7], dtype=torch.int32)
+    cu_k = torch.tensor([0, 0, 4], dtype=torch.int32)  # sequence 0 has no keys
+    qv = q[0, :7].clone().requires_grad_()
+    out, lse = aiter_dist.flash_attn_varlen_func(qv, k[0], v[0], cu_q, cu_k, 4, 4,
+                                                 deterministic=deterministic, return_lse=True)
+    out.backward(do[0, :7])
+    assert (out[:3] == 0).all() and torch.isinf(lse[:, :3]).all()
+    assert (qv.grad[:3] == 0).all() and torch.isfinite(qv.grad).all()
+
+
 def test_non_contiguous_inputs():
     base = torch.randn(2, 19, 3, 3, 16)  # k and v interleaved per head: strided views
     k, v = base[..., 1, :], base[..., 2, :]
@@ -229,6 +248,23 @@ GPU_CASES = [
     (1, 1, 300, 4, 2, 128, True, (-1, -1)),
     (1, 300, 100, 4, 4, 128, True, (-1, -1)),  # sq > sk: 200 rows see no key
 ]
+
+
+@pytest.mark.gpu
+def test_varlen_offsets_checked_on_gpu(monkeypatch):
+    """On by default (one synchronization), named in the error; off with
+    AITER_DIST_CHECK_VARLEN=0 (only valid offsets are passed then)."""
+    monkeypatch.delenv("AITER_DIST_CHECK_VARLEN", raising=False)
+    q = torch.randn(10, 2, 64, device="cuda", dtype=torch.float16)
+    bad = torch.tensor([0, 4, 12], dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match=r"cu_seqlens_q\[-1\] is 12 but q has 10 rows.*"
+                                         r"AITER_DIST_CHECK_VARLEN=0"):
+        aiter_dist.flash_attn_varlen_func(q, q, q, bad, bad, 8, 8)
+    good = torch.tensor([0, 4, 10], dtype=torch.int32, device="cuda")
+    want = aiter_dist.flash_attn_varlen_func(q, q, q, good, good, 6, 6, causal=True)
+    monkeypatch.setenv("AITER_DIST_CHECK_VARLEN", "0")
+    got = aiter_dist.flash_attn_varlen_func(q, q, q, good, good, 6, 6, causal=True)
+    assert torch.equal(got, want)
 
 
 @pytest.mark.gpu

@@ -1,7 +1,6 @@
 """All-gather and reduce-scatter over the workspace (CPU ranks through /dev/shm)."""
 import pytest
 import torch
-import torch.distributed as dist
 
 import aiter_dist
 from aiter_dist.comm.gather_scatter import all_gather_ref, reduce_scatter_ref

@@ -115,6 +115,51 @@ def test_empty_rows():
     assert y.shape == (0, 16) and torch.equal(w.grad, torch.zeros(16))
 
 
+@pytest.mark.parametrize("shape", [(5, 0), (0, 0), (2, 0, 3), (3, 4, 0)], ids=str)
+def test_zero_size_inputs_give_empty_outputs(shape):
+    """Like F.rms_norm: an empty output of the input's shape, and gradients of the right shapes
+    (dweight zeros), both ops, through the recorded PyTorch path (nothing to launch)."""
+    x = torch.randn(shape, requires_grad=True)
+    r = torch.randn(shape, requires_grad=True)
+    w = torch.ones(shape[-1], requires_grad=True)
+    y = aiter_dist.rms_norm(x, w)
+    assert y.shape == shape and y.dtype == x.dtype
+    assert y.shape == torch.nn.functional.rms_norm(x, (shape[-1],), w).shape
+    assert aiter_dist.last_path("rms_norm") == "torch"
+    out, res = aiter_dist.add_rms_norm(x, r, w)
+    assert out.shape == res.shape == shape
+    assert aiter_dist.last_path("add_rms_norm") == "torch"
+    (y.sum() + out.sum() + res.sum()).backward()
+    assert x.grad.shape == r.grad.shape == shape
+    assert torch.equal(w.grad, torch.zeros(shape[-1]))
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["rms_norm", "add_rms_norm"])
+def test_float64_takes_recorded_torch_path(fused):
+    """float64 is computed in float64 by PyTorch ops (the kernels are fp32 inside): exact
+    against the float64 reference, gradients checked numerically."""
+    g = torch.Generator().manual_seed(5)
+    x, r = (torch.randn(6, 37, generator=g, dtype=torch.float64).requires_grad_()
+            for _ in range(2))
+    w = (1 + 0.3 * torch.randn(37, generator=g, dtype=torch.float64)).requires_grad_()
+    if fused:
+        out, res = aiter_dist.add_rms_norm(x, r, w)
+        ref, ref_res = K.add_rms_norm_ref(x, r, w)
+        assert torch.equal(res, ref_res)
+        assert torch.autograd.gradcheck(aiter_dist.add_rms_norm, (x, r, w))
+    else:
+        out, ref = aiter_dist.rms_norm(x, w), K.rms_norm_ref(x, w)
+        assert torch.autograd.gradcheck(aiter_dist.rms_norm, (x, w))
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, rtol=1e-14, atol=1e-14)
+    assert aiter_dist.last_path("add_rms_norm" if fused else "rms_norm") == "torch"
+    assert aiter_dist.last_path("rms_norm_bwd") == "torch"
+    # The module too, and a float64 weight under a float32 input (output stays float32).
+    norm = aiter_dist.nn.RMSNorm(37, dtype=torch.float64)
+    torch.testing.assert_close(norm(x), K.rms_norm_ref(x, norm.weight))
+    assert aiter_dist.rms_norm(x.detach().float(), w.detach()).dtype == torch.float32
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match="rms_norm: weight must have shape"):
         aiter_dist.rms_norm(torch.randn(4, 8), torch.randn(7))
@@ -152,6 +197,17 @@ def test_rmsnorm_gpu(shape, dtype, fused):
 
 
 @pytest.mark.gpu
+def test_float64_on_gpu_takes_recorded_torch_path():
+    x = torch.randn(5, 33, dtype=torch.float64, device="cuda", requires_grad=True)
+    w = torch.randn(33, dtype=torch.float64, device="cuda", requires_grad=True)
+    y = aiter_dist.rms_norm(x, w)
+    assert aiter_dist.last_path("rms_norm") == "torch" and y.dtype == torch.float64
+    torch.testing.assert_close(y, K.rms_norm_ref(x, w), rtol=1e-14, atol=1e-14)
+    y.sum().backward()
+    assert w.grad.dtype == torch.float64 and aiter_dist.last_path("rms_norm_bwd") == "torch"
+
+
+@pytest.mark.gpu
 def test_cpu_tensor_on_gpu_host_takes_recorded_torch_path():
     x = torch.randn(5, 33, requires_grad=True)
     w = torch.randn(33, requires_grad=True)
@@ -167,8 +223,9 @@ def test_cpu_tensor_on_gpu_host_takes_recorded_torch_path():
 
 def test_64bit_offset_branch_and_predicate():
     """Huge tensors switch to int64 offsets; run that branch on a small tensor to check it."""
-    assert K._needs_64bit_offsets(2**20, torch.empty(1, 2**12))  # 2**20 rows of 4096
-    assert not K._needs_64bit_offsets(1024, torch.empty(4, 4096))
+    assert K._needs_64bit_offsets(2**20, 2**12, 2**12)  # 2**20 rows of 4096
+    assert not K._needs_64bit_offsets(1024, 4096, 4096)
+    assert K._needs_64bit_offsets(1024, 64, 2**21)  # few narrow rows, far apart
     x, w = torch.randn(6, 40), torch.randn(40)
     y, rstd = torch.empty_like(x), torch.empty(6)
     K.launch(K._rms_norm_fwd_kernel, (3,), x.device, x, x, w, y, y, rstd, 6, 40, 40, 40, 40, 40,

@@ -69,3 +69,41 @@ def test_shutdown_leaves_no_thread_waiting():
                        timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "busy 0 gloo 0" in p.stdout, p.stdout
+
+
+def test_watchdog_restarts_and_stops_under_concurrent_use():
+    """Groups set up and released from two threads at once: every release returns (a thread
+    being stopped cannot miss its stop), the last one leaves no watchdog thread, and a watchdog
+    thread that is gone (it died, or the process was forked) is replaced by the next group."""
+    import threading
+
+    from aiter_dist.comm.workspace import _GroupWatch, _Watchdog
+
+    wd = _Watchdog()
+    wd.PERIOD_S = 0.0005
+
+    def churn():
+        for _ in range(200):
+            w = _GroupWatch([os.getpid()], 0)
+            wd.watch(w)
+            wd.forget(w)
+
+    threads = [threading.Thread(target=churn, daemon=True) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a release hung waiting for the watchdog"
+    assert wd._thread is None
+
+    gone = threading.Thread(target=lambda: None)
+    gone.start()
+    gone.join()
+    wd._thread = gone  # as after a fork: the object is there, the thread is not
+    w = _GroupWatch([os.getpid()], 0)
+    wd.watch(w)
+    try:
+        assert wd._thread is not gone and wd._thread.is_alive()
+    finally:
+        wd.forget(w)
+    assert wd._thread is None

@@ -112,6 +112,17 @@ def test_communication_modes_reach_the_same_loss():
         assert other["last_loss"] == pytest.approx(fused["last_loss"], rel=TP_RTOL), (flag, other)
 
 
+@pytest.mark.parametrize("mode", ["fused", "--sequence-parallel"])
+def test_compiled_training_matches_eager(mode):
+    """--compile (aot_eager on CPU: aiter_dist's ops are custom ops torch.compile traces, their
+    kernels run as in eager) computes the same losses as the eager run."""
+    extra = [] if mode == "fused" else [mode]
+    eager = cached(2, "--steps", STEPS, *extra)
+    compiled = torchrun(2, "--steps", STEPS, "--compile", *extra)
+    assert compiled["compile"] == "aot_eager" and eager["compile"] is None
+    assert compiled["last_loss"] == pytest.approx(eager["last_loss"], rel=1e-6), (eager, compiled)
+
+
 def test_torch_tp2_baseline_matches_aiter():
     """--no-aiter TP=2 (PyTorch's DTensor tensor parallel) reaches the same loss as aiter_dist."""
     base = cached(2, "--steps", STEPS, "--no-aiter")

@@ -29,6 +29,27 @@ class ParallelAttention(nn.Module):
     ``q_proj``/``k_proj``/``v_proj`` are column-parallel (this rank's ``num_heads / world`` query
     heads and ``num_kv_heads / world`` KV heads), ``o_proj`` row-parallel; rotary embeddings, then
     flash attention (GQA native). Input (batch, seq, hidden), replicated; output the same.
+
+    Args:
+        hidden_size: the model width (input and output features).
+        num_heads: query heads; a multiple of ``num_kv_heads`` and divisible by the group size.
+        num_kv_heads: key/value heads (default ``num_heads``); divisible by the group size.
+        head_dim: default ``hidden_size // num_heads``; a multiple of 8 up to 256 (flash
+            attention's rule).
+        bias: biases on the four projections.
+        rope_theta, max_seq_len: rotate-half rotary embeddings at positions ``0 .. seq - 1``;
+            longer inputs raise ``ValueError``.
+        group, device, dtype: as in :class:`ColumnParallelLinear`.
+
+    Forward: ``x`` (batch, seq, hidden_size), the same on every rank, float32 or float16 on CPU
+    (bfloat16 too on GPU); returns (batch, seq, hidden_size), the same on every rank. Every rank
+    must call it with the same shapes in the same order (the projections run collectives).
+
+    Autograd: gradients reach ``x`` (complete on every rank, summed over the group by the
+    column-parallel projections' backward) and every parameter (this rank's shards). Numerics:
+    :func:`aiter_dist.flash_attn_func` with ``causal=True`` and its default non-deterministic
+    backward (dq summed with atomics); the output projection's all-reduce gives every rank the
+    same bits on its kernel paths.
     """
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int | None = None,

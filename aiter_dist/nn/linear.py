@@ -74,6 +74,39 @@ class _ParallelLinear(nn.Module):
 
 
 class ColumnParallelLinear(_ParallelLinear):
+    """``nn.Linear`` with its output features split over ``group``: this rank computes
+    ``x @ weight.T + bias`` for its ``out_features / world`` outputs.
+
+    Args:
+        in_features, out_features: the full layer's sizes; ``out_features`` must be divisible
+            by the group's size.
+        bias: whether the layer has a bias (this rank holds its slice).
+        gather_output: all-gather the outputs so every rank returns all ``out_features``
+            (default: this rank's slice, ready for a :class:`RowParallelLinear`).
+        group: the tensor-parallel group; default the world once torch.distributed is
+            initialized, else a plain one-process layer.
+        device, dtype: of the parameters.
+
+    Parameters: ``weight`` is rows ``rank * out_features / world`` onwards of the full
+    ``(out_features, in_features)`` weight, shape ``(out_features / world, in_features)``;
+    ``bias`` the matching ``(out_features / world,)`` slice.
+
+    Forward: ``x`` is ``(..., in_features)``, the same on every rank (replicated); the output is
+    ``(..., out_features / world)``, or ``(..., out_features)`` with ``gather_output``, in x's
+    dtype (or autocast's). Every rank must run the same calls with the same shapes and dtypes in
+    the same order: the backward (and ``gather_output``) run collectives, which raise a
+    ``RuntimeError`` on every rank when ranks disagree.
+
+    Autograd: each rank's input gradient is partial (its slice of outputs only), so it is
+    all-reduced over the group in the backward and comes out complete, and equal, on every rank;
+    ``weight`` and ``bias`` get this rank's slices of the gradient. With ``gather_output`` the
+    backward keeps this rank's slice of the output gradient (which must be the same on every
+    rank).
+
+    Numerics: the GEMM is ``aiter_dist.tgemm.mm`` (``last_path("tgemm.mm")``); the gradient's
+    reduce is ``aiter_dist.all_reduce``, bitwise the same on every rank on its kernel paths.
+    """
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  gather_output: bool = False, group=None, device=None, dtype=None):
         super().__init__()
@@ -116,6 +149,38 @@ class ColumnParallelLinear(_ParallelLinear):
 
 
 class RowParallelLinear(_ParallelLinear):
+    """``nn.Linear`` with its input features split over ``group``: each rank multiplies its
+    slice of the input by its columns of the weight, the partial products are all-reduced, and
+    the full bias is added once: ``y = all_reduce(x_r @ weight.T) + bias``.
+
+    Args:
+        in_features, out_features: the full layer's sizes; ``in_features`` must be divisible by
+            the group's size.
+        bias: whether the layer has a bias (held whole on every rank).
+        input_is_parallel: True (default): ``x`` is already this rank's slice
+            ``(..., in_features / world)``, e.g. a :class:`ColumnParallelLinear`'s output.
+            False: ``x`` is the replicated ``(..., in_features)`` and is split here (the
+            backward all-gathers its gradient).
+        group, device, dtype: as in :class:`ColumnParallelLinear`.
+
+    Parameters: ``weight`` is columns ``rank * in_features / world`` onwards of the full
+    weight, shape ``(out_features, in_features / world)``; ``bias`` is ``(out_features,)``.
+
+    Forward: returns ``(..., out_features)`` in x's dtype, the same on every rank. Setting
+    ``reduce_output = False`` (layers without bias only) returns the partial product unreduced,
+    for a caller that fuses the reduce with what follows (``parallelize`` does). Every rank must
+    run the same calls with the same shapes and dtypes in the same order; ranks that disagree
+    get a ``RuntimeError`` from the all-reduce on every rank.
+
+    Autograd: the all-reduce's backward is the identity (Megatron's convention): the output
+    gradient, the same on every rank, reaches each rank's slice; ``weight`` gets this rank's
+    columns of the gradient, ``bias`` the whole (equal on every rank).
+
+    Numerics: the GEMM is ``aiter_dist.tgemm.mm``; the all-reduce sums in rank order with fp32
+    accumulation on its kernel paths (``last_path("all_reduce")``), so every rank holds bitwise
+    the same output; torch.distributed's path has NCCL's or gloo's numerics.
+    """
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  input_is_parallel: bool = True, group=None, device=None, dtype=None):
         super().__init__()

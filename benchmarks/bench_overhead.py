@@ -1,0 +1,125 @@
+"""Host time per eager call: aiter_dist's ops against their PyTorch counterparts, one GPU.
+
+    python benchmarks/bench_overhead.py [--profile]
+
+Each op runs on small inputs (its GPU time is a few microseconds) in a loop of N calls; the
+wall time of the loop before the closing synchronize, divided by N, is the host's cost of one
+call (the GPU keeps up). Median of 7 loops. The collectives run in a process group of one with
+the kernel forced (``custom_all_reduce_raw``, ``algo="one_shot"`` with ``one_rank_kernel``): the
+same Python path and launch as in a larger group; NCCL and ``torch.ops.symm_mem`` run in the same
+group of one. ``--profile`` prints a cProfile of 300 calls of each of our ops.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import importlib
+import os
+import pstats
+import statistics
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import aiter_dist
+from common import emit
+
+N = 300
+
+
+def host_us(fn, n=N, loops=7):
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(loops):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        samples.append((time.perf_counter() - t0) / n * 1e6)
+        torch.cuda.synchronize()
+    return statistics.median(samples)
+
+
+def cases():
+    dev, bf16 = "cuda", torch.bfloat16
+    x = torch.randn(8, 1024, device=dev, dtype=bf16)
+    r = torch.randn_like(x)
+    w = torch.ones(1024, device=dev, dtype=bf16)
+    xg = x.clone().requires_grad_()
+    g = torch.randn_like(x)
+    q = torch.randn(1, 128, 8, 64, device=dev, dtype=bf16)
+    qg, kg, vg = (q.clone().requires_grad_() for _ in range(3))
+    qt = q.transpose(1, 2)
+    qtg, ktg, vtg = (qt.detach().clone().requires_grad_() for _ in range(3))
+    dout = torch.randn_like(q)
+    dout_t = dout.transpose(1, 2)
+    lin_w = torch.randn(1024, 1024, device=dev, dtype=bf16)
+    ar = importlib.import_module("aiter_dist.comm.all_reduce")
+    small = torch.randn(4096, device=dev, dtype=bf16)
+
+    def fa_fwd_bwd():
+        aiter_dist.flash_attn_func(qg, kg, vg, causal=True).backward(dout)
+
+    def sdpa_fwd_bwd():
+        F.scaled_dot_product_attention(qtg, ktg, vtg, is_causal=True).backward(dout_t)
+
+    rows = [
+        ("torch.add (reference)", lambda: torch.add(x, 1), None),
+        ("rms_norm", lambda: aiter_dist.rms_norm(x, w), lambda: F.rms_norm(x, (1024,), w)),
+        ("rms_norm fwd+bwd", lambda: aiter_dist.rms_norm(xg, w).backward(g),
+         lambda: F.rms_norm(xg, (1024,), w).backward(g)),
+        ("add_rms_norm", lambda: aiter_dist.add_rms_norm(x, r, w),
+         lambda: F.rms_norm(x + r, (1024,), w)),
+        ("flash_attn_func fwd", lambda: aiter_dist.flash_attn_func(q, q, q, causal=True),
+         lambda: F.scaled_dot_product_attention(qt, qt, qt, is_causal=True)),
+        ("flash_attn_func fwd+bwd", fa_fwd_bwd, sdpa_fwd_bwd),
+        ("linear", lambda: aiter_dist.linear(x, lin_w), lambda: F.linear(x, lin_w)),
+        ("tgemm.mm", lambda: aiter_dist.tgemm.mm(x, lin_w), lambda: F.linear(x, lin_w)),
+        ("all_reduce 8 KB (kernel)", lambda: ar.all_reduce_raw(small, algo="one_shot",
+                                                                one_rank_kernel=True),
+         lambda: dist.all_reduce(small)),
+    ]
+    try:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        buf = symm_mem.empty(4096, device=dev, dtype=bf16)
+        symm_mem.rendezvous(buf, dist.group.WORLD.group_name)
+        rows.append(("symm_mem one_shot 8 KB", lambda: torch.ops.symm_mem.one_shot_all_reduce(
+            buf, "sum", dist.group.WORLD.group_name), None))
+    except Exception as e:  # noqa: BLE001  (reported, not fatal)
+        print(f"torch.ops.symm_mem unavailable: {type(e).__name__}: {e}")
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--profile", action="store_true")
+    args = ap.parse_args()
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    aiter_dist.init_distributed()
+    table, summary = [], {}
+    for name, ours, base in cases():
+        us = host_us(ours)
+        base_us = host_us(base) if base else None
+        table.append((name, us, base_us if base_us else "-",
+                      us / base_us if base_us else "-", aiter_dist.last_path(name.split()[0])))
+        summary[name] = {"ours_us": round(us, 2), "base_us": round(base_us, 2) if base_us else None}
+        if args.profile and base is not None:
+            prof = cProfile.Profile()
+            prof.enable()
+            for _ in range(N):
+                ours()
+            prof.disable()
+            torch.cuda.synchronize()
+            print(f"===== {name}")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+    emit("Host time per eager call (us): ours vs PyTorch", ["op", "ours", "PyTorch", "ratio",
+                                                            "our path"], table, summary,
+         "bench_overhead.md")
+
+
+if __name__ == "__main__":
+    main()
