@@ -40,6 +40,7 @@ from ..kernels.rmsnorm import (_check_norm_inputs, add_rms_norm_bwd, add_rms_nor
 from .all_reduce import all_reduce_raw
 from .gather_scatter import all_gather_raw, reduce_scatter_raw
 from ..kernels._runtime import cdiv, compiling, next_pow2
+from ..kernels.gemm_fp8 import FP8_MIN_SCALE  # one convention for an all-zero row's scale
 from .policy import route
 from .protocol import (OP_NAMES, _finish, _peer_buf, _report_mismatch, _start, check_comm_input,
                        group_name_of, group_of, launch_collective, pieces, resolve_group)
@@ -54,7 +55,6 @@ _MODE_OP = {MODE_ALL_REDUCE: OP_ALL_REDUCE_ADD_RMS_NORM,
             MODE_REDUCE_SCATTER: OP_REDUCE_SCATTER_ADD_RMS_NORM,
             MODE_ALL_GATHER: OP_RMS_NORM_ALL_GATHER}
 FUSED_ROW_MAX_N = 16384  # whole rows in registers; wider rows take the unfused path
-FP8_MIN_SCALE = 1e-12  # scale of an all-zero row (any positive value dequantizes it to 0)
 
 
 def _fp8_format(dtype: torch.dtype, device: torch.device | None = None) -> tuple[float, int]:
@@ -219,7 +219,7 @@ def _fused_norm_kernel(
                     amax = tl.max(tl.abs(y), axis=1)
                     # Correctly rounded, as PyTorch divides (a plain "/" is approximate on GPUs).
                     scale = tl.maximum(tl.div_rn(amax, tl.full(amax.shape, FP8_MAX, tl.float32)),
-                                       1e-12)
+                                       1e-12)  # FP8_MIN_SCALE
                     scale_b = scale[:, None] + tl.zeros_like(y)  # div_rn: operands of one shape
                     q = _round_to_fp8_grid(tl.div_rn(y, scale_b), FP8_MAX, FP8_MIN_EXP)
                     tl.store(Y + offs, q.to(Y.dtype.element_ty), mask=mask)

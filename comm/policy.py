@@ -44,8 +44,9 @@ from .workspace import (CTL_SEQ, CTL_SLOT_WORDS, CTL_SLOTS, HEADER_WORDS, MAX_WO
 #   from 4 KB to 4 MB and loses from 16 MB (113 vs 75 us); all-gather and reduce-scatter beat
 #   NCCL up to 4 MB and tie at 16 MB (benchmarks/results/h200_collectives.md, 2026-12-01).
 #   Other world sizes use the 2-GPU figures until runs on 4 and 8 GPUs retune them.
-# cuda-eager: every kernel call costs more host time than NCCL's (60-130 us against 35-60):
-#   NCCL serves eager calls until the launch gets cheaper.
+# cuda-eager: every kernel call costs more host time than NCCL's (39 us against 14.5 in a group
+#   of one on H200, benchmarks/results/h200_overhead.md; 60-130 against 35-60 on 2 GPUs before
+#   the cached launch): NCCL serves eager calls until two-GPU runs show the kernel ahead.
 # cpu: the CPU backend exists so the real kernels run in CI and in CPU training; gloo is faster
 #   there, but small messages take the kernels so that CPU runs exercise both.
 _WORLDS = range(2, MAX_WORLD + 1)

@@ -35,8 +35,7 @@ import triton
 import triton.language as tl
 
 from ..kernels._runtime import FLOAT_DTYPES, check_tensor, launch, spec_int, spec_tensor
-from .workspace import (ABORT_PEER_EXITED, ERR_ABORT, ERR_ABORT_RANK, ERR_CODE, ERR_MISMATCH,
-                        ERR_MY_HEADER, ERR_NONE, ERR_OP, ERR_PEER, ERR_PEER_EXITED,
+from .workspace import (ERR_CODE, ERR_MISMATCH, ERR_MY_HEADER, ERR_NONE, ERR_OP, ERR_PEER, ERR_PEER_EXITED,
                         ERR_PEER_FAILED, ERR_PEER_HEADER, ERR_PROGRAM, ERR_TIMEOUT, HEADER_BYTES,
                         HEADER_WORDS, MAX_WORLD, SIGNAL_CHANNELS)
 
@@ -59,28 +58,18 @@ _ABORT_POLL = {"cpu": 1, "cuda": 64}
 SYNC_CHECK = os.environ.get("AITER_DIST_SYNC_CHECK") == "1"
 
 
-# AITER_DIST_COMM_TIMEOUT_S, read when a group's state is set up (reading the environment on every
-# call would cost a microsecond a call); set_timeout() overrides it from then on.
+# AITER_DIST_COMM_TIMEOUT_S: read at import and again when a group's state is set up (a script may
+# set it after importing aiter_dist), never per call (a microsecond a call).
 _TIMEOUT_S = float(os.environ.get("AITER_DIST_COMM_TIMEOUT_S", "60"))
-_TIMEOUT_FROM_ENV = True
 
 
 def timeout_s() -> float:
     return _TIMEOUT_S
 
 
-def set_timeout(seconds: float) -> None:
-    """Change the comm timeout at run time; ``AITER_DIST_COMM_TIMEOUT_S`` no longer applies."""
-    global _TIMEOUT_S, _TIMEOUT_FROM_ENV
-    _TIMEOUT_S, _TIMEOUT_FROM_ENV = float(seconds), False
-
-
 def read_timeout_env() -> None:
-    """Take ``AITER_DIST_COMM_TIMEOUT_S`` as it is now, unless set_timeout() has been called:
-    a script may set it after importing aiter_dist."""
     global _TIMEOUT_S
-    if _TIMEOUT_FROM_ENV:
-        _TIMEOUT_S = float(os.environ.get("AITER_DIST_COMM_TIMEOUT_S", "60"))
+    _TIMEOUT_S = float(os.environ.get("AITER_DIST_COMM_TIMEOUT_S", "60"))
 
 
 def max_spins(device: torch.device) -> int:
@@ -446,14 +435,6 @@ def check_comm_errors(ws) -> None:
     ws.broken = msg
     ws.state.broken = msg
     raise RuntimeError(msg)
-
-
-def abort_reason(ws) -> str | None:
-    """Why the host aborted waits on ``ws`` (None: it did not)."""
-    a = int(ws.err_host[ERR_ABORT])
-    if a == ABORT_PEER_EXITED:
-        return f"rank {int(ws.err_host[ERR_ABORT_RANK])} exited"
-    return "the timeout passed" if a else None
 
 
 def check_comm_input(op: str, name: str, x, ndim_min: int = 0) -> None:

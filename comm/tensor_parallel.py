@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..kernels._runtime import compiling
-from .gather_scatter import all_gather_raw
+from .gather_scatter import _dual_setup, _resized, all_gather_raw
 from .protocol import group_name_of, group_of, resolve_group
 
 
@@ -81,29 +81,18 @@ def _split_region_op(x: torch.Tensor, dim: int, group_name: str) -> torch.Tensor
     return _unaliased(_split_raw(x, group_of(group_name), dim), x)
 
 
-def _region_fake(x, dim, group_name, grow):
-    world = group_of(group_name).size()
-    shape = list(x.shape)
-    shape[dim] = shape[dim] * world if grow else shape[dim] // world
-    return x.new_empty(shape)
-
-
-_gather_region_op.register_fake(lambda x, dim, group_name: _region_fake(x, dim, group_name, True))
-_split_region_op.register_fake(lambda x, dim, group_name: _region_fake(x, dim, group_name, False))
-
-
-def _region_setup(ctx, inputs, output):
-    ctx.args = inputs[1:]
+_gather_region_op.register_fake(lambda x, dim, group_name: _resized(x, dim, group_name, True))
+_split_region_op.register_fake(lambda x, dim, group_name: _resized(x, dim, group_name, False))
 
 
 torch.library.register_autograd(
     "aiter_dist::gather_region",
     lambda ctx, grad: (torch.ops.aiter_dist.split_region(grad, *ctx.args), None, None),
-    setup_context=_region_setup)
+    setup_context=_dual_setup)
 torch.library.register_autograd(
     "aiter_dist::split_region",
     lambda ctx, grad: (torch.ops.aiter_dist.gather_region(grad, *ctx.args), None, None),
-    setup_context=_region_setup)
+    setup_context=_dual_setup)
 
 
 # ----------------------------------------------------------------------------- functional API

@@ -47,6 +47,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..kernels._runtime import cdiv
+
 MAX_WORLD = 8
 SIGNAL_CHANNELS = 2
 HEADER_WORDS = 8  # int64 words of a launch header (see protocol.Header)
@@ -88,11 +90,7 @@ def signal_words(max_programs: int) -> int:
 
 
 def signal_bytes(max_programs: int) -> int:
-    return -(-signal_words(max_programs) * 4 // 4096) * 4096  # whole pages: data stays aligned
-
-
-def poison_index(max_programs: int) -> int:
-    return SIGNAL_CHANNELS * max_programs * (MAX_WORLD + 1)
+    return cdiv(signal_words(max_programs) * 4, 4096) * 4096  # whole pages: data stays aligned
 
 
 def group_name(group) -> str:

@@ -1,6 +1,6 @@
-"""Where kernels run, which path an op took, and the shared input checks.
+"""Where kernels run, how they are launched, which path an op took, and the shared input checks.
 
-Three concerns every kernel family shares, kept here so each family file stays in the
+Concerns every kernel family shares, kept here so each family file stays in the
 reference / kernels / launchers / Function / functional order:
 
 * **Interpreter selection.** On a machine with no GPU, Triton kernels run through Triton's
@@ -10,6 +10,11 @@ reference / kernels / launchers / Function / functional order:
 * **Path records.** Every op notes which implementation served the last call
   (``last_path(op)``); a fallback away from the fast path is logged once per (op, reason).
 * **Checks.** Bad input raises ``ValueError``/``TypeError`` that names the op and the fix.
+* **Launches.** ``launch()`` calls a kernel's compiled launcher directly once the kernel is
+  known for the call's specialization (``fast_launch``; ``AITER_DIST_FAST_LAUNCH=0`` restores
+  Triton's JIT call), and ``cdiv``/``next_pow2`` do host arithmetic without Triton's
+  constexpr machinery.
+* **torch.compile.** ``compiling()`` tells the public functions to call their custom ops.
 """
 from __future__ import annotations
 
@@ -184,7 +189,6 @@ def fast_launch(kernel, grid, device: torch.device, args, kwargs, key=None):
 # registered on it) that torch.compile traces as one node. Eager calls do not go through the
 # dispatcher, which would add tens of microseconds a call: the public functions check this.
 compiling = torch.compiler.is_compiling
-LIBRARY = "aiter_dist"
 
 
 # ----------------------------------------------------------------------------- host arithmetic

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import torch
 
-from ._runtime import (FLOAT_DTYPES, check_same_device, check_tensor, compiling, record_path,
-                       runs_triton)
+from ._runtime import (FLOAT_DTYPES, cdiv, check_same_device, check_tensor, compiling,
+                       record_path, runs_triton)
 from .gemm import BACKENDS, BLOCKWISE, ROWWISE, SCALE_BLOCK, _tuned, run_gemm, shape_class
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
-_EPS = 1e-12  # amax floor: an all-zero block gets a tiny scale, not a division by zero
+FP8_MIN_SCALE = 1e-12  # scale of an all-zero block (any positive value dequantizes it to 0)
 
 
 # ----------------------------------------------------------------------------- reference
@@ -43,11 +43,11 @@ def quantize_per_block_fp8(x: torch.Tensor, block_shape=(1, SCALE_BLOCK)):
                          f"{tuple(x.shape)}; reshape it to (rows, features) first")
     rows, cols = x.shape
     br, bc = block_shape
-    nr, nc = -(-rows // br), -(-cols // bc)
+    nr, nc = cdiv(rows, br), cdiv(cols, bc)
     padded = torch.zeros(nr * br, nc * bc, dtype=torch.float32, device=x.device)
     padded[:rows, :cols] = x
     blocks = padded.view(nr, br, nc, bc)
-    scale = blocks.abs().amax(dim=(1, 3)).clamp_min(_EPS) / FP8_MAX
+    scale = (blocks.abs().amax(dim=(1, 3)) / FP8_MAX).clamp_min(FP8_MIN_SCALE)
     q = (blocks / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     if br == 1:
         scale = scale.t().contiguous().t()
@@ -69,7 +69,7 @@ def dequantize_fp8(q: torch.Tensor, scale: torch.Tensor, block_shape, dtype=torc
 
 
 def gemm_a8w8_ref(xq, wq, x_scale, w_scale, bias=None, dtype=torch.bfloat16):
-    """Dequantize, multiply and add in fp64 (fp32 unless ``dtype`` is fp64), return ``dtype``."""
+    """Dequantize, multiply and add in fp32 (fp64 when ``dtype`` is fp64), return ``dtype``."""
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     out = (xq.to(acc) * x_scale.to(acc)) @ (wq.to(acc) * w_scale.to(acc).t()).t()
     if bias is not None:
@@ -174,7 +174,7 @@ def gemm_a8w8_blockscale_fwd(xq, wq, x_scale, w_scale, dtype=torch.bfloat16, *, 
     """Launcher of gemm_a8w8_blockscale: checks, then our kernel or torch._scaled_mm."""
     op = "gemm_a8w8_blockscale"
     (M, K), N = xq.shape, wq.shape[0]
-    kb, nb = -(-K // SCALE_BLOCK), -(-N // SCALE_BLOCK)
+    kb, nb = cdiv(K, SCALE_BLOCK), cdiv(N, SCALE_BLOCK)
     _check_fp8_inputs(op, xq, wq, x_scale, w_scale, None, dtype, ((M, kb), (nb, kb)))
     if _use_vendor(op, "fp8-block", xq, wq, backend):
         record_path(op, "torch._scaled_mm")
@@ -185,8 +185,6 @@ def gemm_a8w8_blockscale_fwd(xq, wq, x_scale, w_scale, dtype=torch.bfloat16, *, 
     return run_gemm(op, "fp8-block", xq, wq.t(), out, None, x_scale, w_scale, BLOCKWISE, config,
                     tma)
 
-
-# ----------------------------------------------------------------------------- functional API
 
 # ----------------------------------------------------------------------------- torch.library
 

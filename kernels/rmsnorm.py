@@ -469,10 +469,6 @@ class AddRMSNormFunction(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- torch.library
 
-def _stat_dtype(x, weight):
-    return torch.float64 if torch.float64 in (x.dtype, weight.dtype) else torch.float32
-
-
 @torch.library.custom_op("aiter_dist::rms_norm_fwd", mutates_args=())
 def _rms_norm_fwd_op(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None,
                      eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -485,7 +481,7 @@ def _(x, weight, residual, eps):
     rows = math.prod(x.shape[:-1])
     # Contiguous, as the real outputs are, whatever x's strides.
     return (x.new_empty(x.shape), x.new_empty(x.shape) if residual is not None else x.new_empty(0),
-            x.new_empty(rows, dtype=_stat_dtype(x, weight)))
+            x.new_empty(rows, dtype=_acc_dtype(x, weight)))
 
 
 @torch.library.custom_op("aiter_dist::rms_norm_bwd", mutates_args=())
