@@ -572,9 +572,9 @@ def _check(op, q, k, v, varlen):
 def _tiles(wanted: bool, rows: int, varlen: bool, *tensors):
     """``(use_tma, args)``: tensor descriptors of ``tensors`` (batch, seq, head, dim) with
     ``rows``-row tiles when wanted and the layout allows (dense, not empty, head dim a power of
-    2, 16-byte aligned base and strides), else the tensors."""
+    2 from 16 on, 16-byte aligned base and strides), else the tensors."""
     d = tensors[0].shape[-1]
-    if wanted and not varlen and d == next_pow2(d) and all(
+    if wanted and not varlen and d == _block_d(d) and all(
             t.numel() > 0 and t.data_ptr() % 16 == 0 and t.stride(-1) == 1
             and all(st * t.element_size() % 16 == 0 for st in t.stride()[:-1]) for t in tensors):
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -582,6 +582,12 @@ def _tiles(wanted: bool, rows: int, varlen: bool, *tensors):
         return True, [TensorDescriptor(t, list(t.shape), list(t.stride()), [1, rows, 1, d])
                       for t in tensors]
     return False, list(tensors)
+
+
+def _block_d(d: int) -> int:
+    """Head-dim tile: a power of 2, at least 16 (a matrix product needs K >= 16 on the GPU;
+    head dim 8 is padded with masked columns)."""
+    return max(16, next_pow2(d))
 
 
 def _last_dim_contiguous(t):
@@ -631,7 +637,7 @@ def flash_attn_fwd(q, k, v, softmax_scale, causal, window_size, cu_seqlens_q=Non
     # TMA (tensor descriptors for K and V) serves dense layouts whose head dim is a power of 2.
     config = Blocks(*(config or _fwd_blocks(d, q.device, sq, sk)))
     block_m, block_n, warps, stages = config[:4]
-    block_d = next_pow2(d)
+    block_d = _block_d(d)
     grid = (cdiv(max(sq, 1), block_m), batch * h)
     cu_q = cu_seqlens_q if varlen else lse  # unused placeholders when dense
     cu_k = cu_seqlens_k if varlen else lse
@@ -700,9 +706,9 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
         launch(_attn_bwd_delta_kernel, (cdiv(sq, delta_rows), batch * h), q.device,
             out, do, delta, cu_q, *_strides(out, varlen), *_strides(do, varlen), *lse_strides,
             sq, h, IS_VARLEN=varlen, HEAD_DIM=d, BLOCK_M=delta_rows,
-            BLOCK_D=next_pow2(d), num_warps=4)
+            BLOCK_D=_block_d(d), num_warps=4)
     common = dict(IS_VARLEN=varlen, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HEAD_DIM=d,
-                  BLOCK_D=next_pow2(d), PRECISION=_precision(q.dtype))
+                  BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype))
 
     def blocks(cfg):
         return dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.warps,

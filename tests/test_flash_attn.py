@@ -247,6 +247,7 @@ GPU_CASES = [
     (2, 1, 1, 4, 4, 64, True, (-1, -1)),       # seqlen 1: ints Triton specializes as constants
     (1, 1, 300, 4, 2, 128, True, (-1, -1)),
     (1, 300, 100, 4, 4, 128, True, (-1, -1)),  # sq > sk: 200 rows see no key
+    (2, 64, 64, 8, 4, 8, True, (-1, -1)),      # head dim 8: padded to the 16-wide dot tile
 ]
 
 
