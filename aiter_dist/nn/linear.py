@@ -107,6 +107,10 @@ class ColumnParallelLinear(_ParallelLinear):
     reduce is ``aiter_dist.all_reduce``, bitwise the same on every rank on its kernel paths.
     """
 
+    # The dim along which each parameter is this rank's slice of the full one (checkpoints
+    # reshard by it: aiter_dist.checkpoint).
+    tp_shard_dims = {"weight": 0, "bias": 0}
+
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  gather_output: bool = False, group=None, device=None, dtype=None):
         super().__init__()
@@ -135,12 +139,17 @@ class ColumnParallelLinear(_ParallelLinear):
             self.bias.copy_(bias[rows])
 
     def forward(self, x):
-        if self.world_size > 1 and not self.sequence_parallel:
-            x = copy_to_parallel_region(x, self.group)
-        y = mm(x, self.weight, self.bias)
+        y = self.forward_shard(x)
         if self.gather_output and self.world_size > 1:
             y = gather_last_dim(y, self.group)
         return y
+
+    def forward_shard(self, x):
+        """This rank's slice of the outputs whatever ``gather_output`` says (a vocab-parallel
+        loss takes the logits' shard from a head that otherwise gathers them)."""
+        if self.world_size > 1 and not self.sequence_parallel:
+            x = copy_to_parallel_region(x, self.group)
+        return mm(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features} "
@@ -180,6 +189,9 @@ class RowParallelLinear(_ParallelLinear):
     accumulation on its kernel paths (``last_path("all_reduce")``), so every rank holds bitwise
     the same output; torch.distributed's path has NCCL's or gloo's numerics.
     """
+
+    # As in ColumnParallelLinear; the bias is whole on every rank (replicated).
+    tp_shard_dims = {"weight": 1}
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  input_is_parallel: bool = True, group=None, device=None, dtype=None):

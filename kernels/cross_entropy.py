@@ -1,0 +1,959 @@
+"""Cross-entropy over class logits, and cross-entropy fused with the output projection.
+
+    cross_entropy(logits, target)              = F.cross_entropy(logits, target)
+    linear_cross_entropy(x, weight, target, b) = cross_entropy(x @ weight.T + b, target),
+                                                 without the (tokens, vocab) logits in memory
+
+Per row of logits ``x`` (C classes) with target ``t`` and label smoothing ``e``:
+
+    lse  = log(sum_j exp(x_j))
+    loss = lse - (1 - e) * x_t - (e / C) * sum_j x_j        (0 for rows whose t == ignore_index)
+    dx_j = (softmax(x)_j - (1 - e) * [j == t] - e / C) * dloss
+
+The forward reads each row once (an online max / sum of exponentials over blocks of classes, in
+fp32) and writes the row's loss and lse; the backward reads the logits and lse and writes dlogits:
+two reads and one write of the logits in all, the memory floor. Rows are strided, classes
+contiguous; logits whose class dimension is not last, (N, C, d1, ...), are moved to (rows, C)
+first (a copy, recorded in the path).
+
+``linear_cross_entropy`` runs over chunks of tokens: the chunk's logits come from one GEMM, one
+kernel computes the chunk's loss and overwrites the logits with their gradient, and two more GEMMs
+turn that into the chunk's rows of dx and its share of dweight. Only one chunk of logits exists at
+a time.
+
+Targets outside ``[0, C)`` that are not ``ignore_index`` are never read past the row: on CPU they
+raise (the check is free there); on GPU the row's loss is NaN (and so is a mean over it), found
+without a device synchronization.
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._runtime import (INTERPRETED, cdiv, check_same_device, check_tensor, compiling, last_path,
+                       launch, next_pow2, record_path, runs_triton)
+from .gemm import DTYPE_NAMES, linear_backends, run_gemm
+
+REDUCTIONS = ("none", "mean", "sum")
+TARGET_DTYPES = (torch.int64, torch.int32)
+LOGIT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_KERNEL_DTYPES = frozenset((torch.float32, torch.float16, torch.bfloat16))
+_PATH = "triton-interpreter" if INTERPRETED else "triton"
+
+# linear_cross_entropy: bytes of logits one chunk of tokens may hold (GPU). The chunk's rows are
+# also the K of the dweight GEMM, whose (V, H) accumulator is read and written once per chunk.
+# H200, 8192 tokens x 4096 x 128256 bf16, forward + backward (F.linear + F.cross_entropy: 5.87
+# GiB above the inputs, 40.2 ms): 256 MB (1024 rows) 1.29 GiB, 42.2 ms; 512 MB 1.53 GiB, 40.2
+# ms; 128 MB (512 rows) 1.16 GiB, 44.7 ms.
+LCE_CHUNK_BYTES = 256 << 20
+LCE_MIN_CHUNK_ROWS = 1024
+# The interpreter: a few hundred logits (at least 8 rows) a chunk, so CPU tests run several.
+LCE_CPU_CHUNK_ELEMS = 256
+LCE_CPU_MIN_ROWS = 8
+
+
+# ----------------------------------------------------------------------------- references
+
+def cross_entropy_ref(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    """``F.cross_entropy`` in the logits' dtype (float64 logits give the float64 reference)."""
+    return F.cross_entropy(logits, target.long(), ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+
+
+def linear_cross_entropy_ref(x, weight, target, bias=None, ignore_index=-100, reduction="mean"):
+    """``F.cross_entropy(F.linear(x, weight, bias))`` over every leading dim of ``x``, the GEMM
+    in x's dtype (weight and bias cast to it), logits materialized: the unfused baseline."""
+    logits = F.linear(x, weight.to(x.dtype), bias.to(x.dtype) if bias is not None else None)
+    loss = F.cross_entropy(logits.reshape(-1, weight.shape[0]), target.reshape(-1).long(),
+                           ignore_index=ignore_index, reduction=reduction)
+    return loss.view(target.shape) if reduction == "none" else loss
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _ce_fwd_torch(x2, target1, ignore_index, label_smoothing):
+    """The forward kernel's contract in PyTorch ops: (loss rows, lse), in fp32 (fp64 for fp64)."""
+    x = x2.to(_acc_dtype(x2))
+    C = x.shape[1]
+    lse = torch.logsumexp(x, dim=1)
+    t = target1.long()
+    valid = t != ignore_index
+    bad = valid & ((t < 0) | (t >= C))
+    xt = x.gather(1, torch.where(valid & ~bad, t, 0)[:, None])[:, 0]
+    loss = lse - (1.0 - label_smoothing) * xt
+    if label_smoothing:
+        loss = loss - label_smoothing / C * x.sum(1)
+    loss = torch.where(valid, loss, 0.0).masked_fill(bad, float("nan"))
+    return loss, lse
+
+
+def _ce_grad_torch(dloss, x2, target1, lse, ignore_index, label_smoothing, class_start,
+                   n_classes):
+    """The backward kernel's contract in PyTorch ops: dlogits of the columns
+    ``[class_start, class_start + C)`` of ``n_classes``, in x2's dtype."""
+    acc = _acc_dtype(x2)
+    p = torch.exp(x2.to(acc) - lse.to(acc)[:, None])
+    t = target1.long()
+    valid = t != ignore_index
+    bad = valid & ((t < 0) | (t >= n_classes))
+    local = t - class_start
+    hit = valid & (local >= 0) & (local < x2.shape[1])
+    p[hit, local[hit]] -= 1.0 - label_smoothing
+    if label_smoothing:
+        p -= label_smoothing / n_classes
+    dl = dloss.to(acc).expand(x2.shape[0]).masked_fill(bad, float("nan"))
+    return torch.where(valid[:, None], p * dl[:, None], 0.0).to(x2.dtype)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _targets(TGT, rows, row_mask, ignore_index, class_start, n_local, n_classes):
+    """Per row: (valid: not ignored, bad: valid but outside [0, n_classes), the target's column
+    among this tensor's n_local classes or -1 when it lies elsewhere). The range test runs in the
+    targets' own integer type, before any narrowing."""
+    t = tl.load(TGT + rows, mask=row_mask, other=ignore_index)
+    valid = t != ignore_index
+    bad = valid & ((t < 0) | (t >= n_classes))
+    local = t - class_start
+    hit = valid & (local >= 0) & (local < n_local)
+    return valid, bad, tl.where(hit, local, -1).to(tl.int32)
+
+
+@triton.jit
+def _online_lse(X, row_off, row_mask, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                WANT_SUM: tl.constexpr):
+    """One read of BLOCK_M rows of C logits: (max, sum of exp(x - max), sum of x), fp32.
+
+    Per block of classes: the block's max, then one exponential per element (a per-element
+    running max would cost two, more than H200's SFUs keep up with at copy bandwidth)."""
+    cols0 = tl.arange(0, BLOCK_C)[None, :]
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    s = tl.zeros([BLOCK_M], dtype=tl.float32)
+    xs = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + cols0
+        mask = row_mask[:, None] & (cols < C)
+        x = tl.load(X + row_off + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, axis=1))
+        # All -inf so far (masked rows, or -inf logits): exponents against 0, giving 0, not NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - m_safe) + tl.sum(tl.exp(x - m_safe[:, None]), axis=1)
+        m = m_new
+        if WANT_SUM:
+            xs += tl.sum(tl.where(mask, x, 0.0), axis=1)
+    return m, s, xs
+
+
+@triton.jit
+def _write_grad(X, DX, row_off_x, row_off_dx, row_mask, C, lse, dl, local, valid,
+                on_value, off_value, BLOCK_C: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """dx = (exp(x - lse) - on_value * [col == local] - off_value) * dl for BLOCK_M rows of C
+    columns; 0 for rows that are not valid. DX may be X (in place: each row is read before the
+    same program writes it)."""
+    cols0 = tl.arange(0, BLOCK_C)[None, :]
+    lse2 = lse[:, None]
+    dl2 = dl[:, None]
+    valid2 = valid[:, None]
+    local2 = local[:, None]
+    for c0 in range(0, C, BLOCK_C):
+        cols = c0 + cols0
+        mask = row_mask[:, None] & (cols < C)
+        x = tl.load(X + row_off_x + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.exp(x - lse2) - tl.where(cols == local2, on_value, 0.0)
+        if HAS_SMOOTHING:
+            g = g - off_value
+        g = tl.where(valid2, g * dl2, 0.0)
+        tl.store(DX + row_off_dx + cols, g.to(DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    X,            # (M, C) logits: rows stride_x apart, classes contiguous. WRITE_GRAD: overwritten
+                  # with dlogits (this program's rows only, after it has read them)
+    TGT,          # (M,) int32 / int64 class ids
+    LOSS, LSE,    # (M,) fp32: the row's loss (0 ignored, NaN out-of-range target) and logsumexp
+    G,            # WRITE_GRAD: the loss gradient of row i at G[i * stride_g] (stride 0: a scalar)
+    M, C, stride_x, stride_g, ignore_index, label_smoothing,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    row_base = rows.to(tl.int64) * stride_x  # 64-bit: M * C passes 2**31 at LLM sizes
+    row_off = row_base[:, None]
+    valid, bad, local = _targets(TGT, rows, row_mask, ignore_index, 0, C, C)
+    m, s, xs = _online_lse(X, row_off, row_mask, C, BLOCK_M, BLOCK_C, HAS_SMOOTHING)
+    lse = m + tl.log(s)
+    # The target's logit: one gathered element per row, never outside the row.
+    xt = tl.load(X + row_base + tl.maximum(local, 0), mask=row_mask & (local >= 0),
+                 other=0.0).to(tl.float32)
+    loss = lse - (1.0 - label_smoothing) * xt
+    if HAS_SMOOTHING:
+        loss = loss - label_smoothing / C * xs
+    loss = tl.where(valid, loss, 0.0)
+    loss = tl.where(bad, float("nan"), loss)
+    tl.store(LOSS + rows, loss, mask=row_mask)
+    tl.store(LSE + rows, lse, mask=row_mask)
+    if WRITE_GRAD:
+        dl = tl.load(G + rows.to(tl.int64) * stride_g, mask=row_mask, other=0.0).to(tl.float32)
+        dl = tl.where(bad, float("nan"), dl)
+        _write_grad(X, X, row_off, row_off, row_mask, C, lse, dl, local, valid,
+                    1.0 - label_smoothing, label_smoothing / C, BLOCK_C, HAS_SMOOTHING)
+
+
+@triton.jit
+def _cross_entropy_bwd_kernel(
+    X, DX,        # (M, C) logits (rows stride_x apart) and their gradient (stride_dx); may alias
+    TGT,          # (M,) class ids among n_classes; this tensor holds [class_start, class_start + C)
+    LSE,          # (M,) fp32 logsumexp over all n_classes
+    G,            # the loss gradient of row i at G[i * stride_g] (stride 0: a scalar)
+    M, C, stride_x, stride_dx, stride_g, ignore_index, label_smoothing, class_start, n_classes,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    rows64 = rows.to(tl.int64)
+    valid, bad, local = _targets(TGT, rows, row_mask, ignore_index, class_start, C, n_classes)
+    lse = tl.load(LSE + rows, mask=row_mask, other=0.0)
+    dl = tl.load(G + rows64 * stride_g, mask=row_mask, other=0.0).to(tl.float32)
+    dl = tl.where(bad, float("nan"), dl)
+    _write_grad(X, DX, rows64[:, None] * stride_x, rows64[:, None] * stride_dx, row_mask, C,
+                lse, dl, local, valid, 1.0 - label_smoothing, label_smoothing / n_classes,
+                BLOCK_C, HAS_SMOOTHING)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def ce_config(C: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_M rows per program, BLOCK_C classes per loop step, num_warps) for all the kernels.
+
+    The knob to retune on a GPU. Wide rows (vocabularies) take one row per program and loop over
+    the classes; narrow rows are packed several to a program."""
+    if device.type == "cpu":
+        # The interpreter pays per program and per loop step, not per element; 256 classes a
+        # step still lets small CPU tests run the online loop over several blocks.
+        block_c = min(next_pow2(C), 256)
+        return max(1, min(64, 4096 // block_c)), block_c, 1
+    # H200, 4096 x 128256 bf16 (one row a program): 8192 classes a step with 8 warps ran the
+    # forward at 89% of copy bandwidth, the backward at 91%, the forward that writes the gradient
+    # at 89%; 4096 with 16 warps at 56 / 76 / 80%, 1024 with 4 warps at 64 / 79 / 84%.
+    # Narrow rows are latency-bound (65536 x 37: 15 us): few rows and warps a program won there,
+    # (4, 64, 1) over (64, 64, 4) at 41 us; 16384 x 1000: (1, 1024, 2), 21 / 27 us.
+    block_c = min(next_pow2(C), 8192)
+    if block_c >= 2048:
+        return 1, block_c, 8 if block_c >= 8192 else 4
+    block_m = max(1, 256 // block_c)
+    return block_m, block_c, max(1, min(4, block_m * block_c // 512))
+
+
+_configs: dict = {}
+
+
+def _config(C: int, device: torch.device, config):
+    if config is not None:
+        return config
+    key = (C, device.type)
+    cfg = _configs.get(key)
+    if cfg is None:
+        cfg = _configs[key] = ce_config(C, device)
+    return cfg
+
+
+def _takes_torch_path(op: str, x2: torch.Tensor) -> bool:
+    """float64 (computed by PyTorch in float64), nothing to compute, or a CPU tensor on a GPU
+    machine: PyTorch ops with the kernels' contract, recorded as ``"torch"``."""
+    if x2.dtype == torch.float64:
+        record_path(op, "torch", "float64 input: computed by PyTorch in float64; the Triton "
+                                 "kernels take float32, float16 and bfloat16")
+        return True
+    if x2.shape[0] == 0:
+        record_path(op, "torch")
+        return True
+    return not runs_triton(op, x2.device)
+
+
+def cross_entropy_fwd(logits2, target1, ignore_index=-100, label_smoothing=0.0, *, grad=None,
+                      out=None, config=None, op="cross_entropy"):
+    """Forward launcher: per-row ``(loss, lse)`` of (M, C) logits, fp32 (float64 for float64).
+
+    Args:
+        logits2: (M, C), classes contiguous (rows may be strided).
+        target1: (M,) int64 / int32.
+        grad: None, or the loss gradient per row, broadcast over rows (a 0-d tensor, or (M,)):
+            the logits are then overwritten in place with their gradient.
+        out: optional (loss, lse) tensors of (M,) fp32 to write into.
+    """
+    M, C = logits2.shape
+    if out is None:
+        acc = _acc_dtype(logits2)
+        out = (torch.empty(M, dtype=acc, device=logits2.device),
+               torch.empty(M, dtype=acc, device=logits2.device))
+    loss, lse = out
+    if _takes_torch_path(op, logits2):
+        loss_t, lse_t = _ce_fwd_torch(logits2, target1, ignore_index, label_smoothing)
+        loss.copy_(loss_t)
+        lse.copy_(lse_t)
+        if grad is not None:
+            logits2.copy_(_ce_grad_torch(grad, logits2, target1, lse_t, ignore_index,
+                                         label_smoothing, 0, C))
+        return loss, lse
+    block_m, block_c, num_warps = _config(C, logits2.device, config)
+    g = grad if grad is not None else lse
+    launch(_cross_entropy_fwd_kernel, (cdiv(M, block_m),), logits2.device,
+           logits2, target1, loss, lse, g, M, C, logits2.stride(0),
+           g.stride(0) if g.dim() else 0, ignore_index, float(label_smoothing),
+           BLOCK_M=block_m, BLOCK_C=block_c, HAS_SMOOTHING=label_smoothing != 0,
+           WRITE_GRAD=grad is not None, num_warps=num_warps)
+    record_path(op, _PATH)
+    return loss, lse
+
+
+def cross_entropy_bwd(dloss, logits2, target1, lse, ignore_index=-100, label_smoothing=0.0,
+                      class_start=0, n_classes=None, *, out=None, config=None,
+                      op="cross_entropy_bwd"):
+    """Backward launcher: dlogits (M, C) in the logits' dtype, contiguous (or into ``out``,
+    which may be ``logits2`` itself).
+
+    ``dloss``: the loss gradient per row, (M,) with any stride or 0-d. ``class_start`` and
+    ``n_classes``: the logits are columns ``[class_start, class_start + C)`` of ``n_classes``
+    classes (a vocabulary shard; default: all of them); targets are ids among ``n_classes``."""
+    M, C = logits2.shape
+    n_classes = C if n_classes is None else n_classes
+    if out is None:
+        out = torch.empty(M, C, dtype=logits2.dtype, device=logits2.device)
+    if _takes_torch_path(op, logits2):
+        out.copy_(_ce_grad_torch(dloss, logits2, target1, lse, ignore_index, label_smoothing,
+                                 class_start, n_classes))
+        return out
+    block_m, block_c, num_warps = _config(C, logits2.device, config)
+    launch(_cross_entropy_bwd_kernel, (cdiv(M, block_m),), logits2.device,
+           logits2, out, target1, lse, dloss, M, C, logits2.stride(0), out.stride(0),
+           dloss.stride(0) if dloss.dim() else 0, ignore_index, float(label_smoothing),
+           class_start, n_classes, BLOCK_M=block_m, BLOCK_C=block_c,
+           HAS_SMOOTHING=label_smoothing != 0, num_warps=num_warps)
+    record_path(op, _PATH)
+    return out
+
+
+# ----------------------------------------------------------------------------- checks and layout
+
+def _check_target_values(op, target, n_classes, ignore_index):
+    """On CPU, where it costs no synchronization: targets outside [0, n_classes) that are not
+    ignore_index raise (on GPU their rows' losses are NaN instead)."""
+    if target.device.type != "cpu" or target.numel() == 0:
+        return
+    t = target.reshape(-1)
+    bad = (t != ignore_index) & ((t < 0) | (t >= n_classes))
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"aiter_dist.{op}: target[{i}] (flattened) is {int(t[i])}, outside "
+                         f"[0, {n_classes}) and not ignore_index ({ignore_index}); targets are "
+                         f"class ids below the number of classes (on GPU such a row's loss is "
+                         f"NaN)")
+
+
+def _check_common(op, target, ignore_index, reduction):
+    check_tensor(op, "target", target, dtypes=TARGET_DTYPES, ndim_min=0)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"aiter_dist.{op}: ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"aiter_dist.{op}: reduction must be one of {REDUCTIONS}, got "
+                         f"{reduction!r}")
+
+
+def _target_dtype_error(op, target):
+    if isinstance(target, torch.Tensor) and target.is_floating_point():
+        raise TypeError(f"aiter_dist.{op}: target has dtype {target.dtype}; pass class indices "
+                        f"(int64 or int32): class probabilities are not supported")
+
+
+def _ce_layout(logits, target, ignore_index, reduction, label_smoothing):
+    """Checks, then ``(logits2 (rows, C), target1 (rows,))`` for any accepted layout."""
+    op = "cross_entropy"
+    check_tensor(op, "logits", logits, dtypes=LOGIT_DTYPES)
+    _target_dtype_error(op, target)
+    _check_common(op, target, ignore_index, reduction)
+    check_same_device(op, logits=logits, target=target)
+    if not isinstance(label_smoothing, (int, float)) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"aiter_dist.{op}: label_smoothing must be a float in [0, 1], got "
+                         f"{label_smoothing!r}")
+    d = logits.dim()
+    expected = () if d == 1 else (logits.shape[0], *logits.shape[2:])
+    if tuple(target.shape) != expected:
+        raise ValueError(f"aiter_dist.{op}: target shape {tuple(target.shape)} does not match "
+                         f"logits {tuple(logits.shape)}: expected {expected} (logits are (C,), "
+                         f"(N, C) or (N, C, d1, ...) with the classes in dimension "
+                         f"{0 if d == 1 else 1})")
+    C = logits.shape[0 if d == 1 else 1]
+    if C == 0:
+        raise ValueError(f"aiter_dist.{op}: logits {tuple(logits.shape)} have no classes")
+    if not compiling():
+        _check_target_values(op, target, C, ignore_index)
+    if d == 1:
+        return logits.reshape(1, C), target.reshape(1)
+    if d == 2 and logits.stride(1) == 1:
+        return logits, target
+    moved = logits.movedim(1, -1)
+    x2 = moved.reshape(-1, C)
+    return (x2 if x2.stride(-1) == 1 else x2.contiguous()), target.reshape(-1)
+
+
+def _plain_ce(logits, target) -> bool:
+    """The common case in a few attribute reads: (N, C) logits of a kernel dtype, classes
+    contiguous, (N,) targets on the same device (not on CPU: CPU targets are value-checked)."""
+    return (type(logits) is torch.Tensor and type(target) is torch.Tensor
+            and logits.dtype in _KERNEL_DTYPES and logits.dim() == 2
+            and target.dtype in TARGET_DTYPES and target.dim() == 1
+            and target.shape[0] == logits.shape[0] and logits.device == target.device
+            and logits.device.type != "cpu" and logits.stride(1) == 1 and logits.shape[1] != 0)
+
+
+def loss_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The loss's dtype: the input's, or float32 under ``torch.autocast`` on ``device`` (where
+    PyTorch's own losses run in float32), so a bf16 training loop logs an unrounded loss."""
+    if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type) \
+            and dtype != torch.float64:
+        return torch.float32
+    return dtype
+
+
+def _reduce(loss_rows, target1, ignore_index, reduction, shape, dtype):
+    """none / sum / mean (over non-ignored targets: 0/0 is NaN, as in PyTorch) of fp32 rows,
+    rounded once to ``dtype``."""
+    if reduction == "none":
+        return loss_rows.view(shape).to(dtype)
+    total = loss_rows.sum()
+    if reduction == "mean":
+        total = total / (target1 != ignore_index).sum()
+    return total.to(dtype)
+
+
+# ----------------------------------------------------------------------------- linear + CE
+
+@functools.lru_cache(maxsize=None)
+def _addmm_out_dtype(device: torch.device) -> bool:
+    """Whether this torch's addmm accumulates 16-bit products into an fp32 ``out`` on
+    ``device`` (``out_dtype=``; CUDA in recent releases)."""
+    if device.type != "cuda":
+        return False
+    try:  # (no read back: this may first run inside a CUDA graph capture)
+        a = torch.ones(16, 16, dtype=torch.bfloat16, device=device)
+        c = torch.zeros(16, 16, device=device)
+        torch.addmm(c, a, a, out_dtype=torch.float32, out=c)
+        return True
+    except (RuntimeError, TypeError, NotImplementedError):
+        return False
+
+
+def _gemm_into(out, a, b, bias, backend, op):
+    """out = a @ b (+ bias): our GEMM (``backend == "triton"``) or the vendor's, into ``out``."""
+    if backend == "triton":
+        run_gemm(op, DTYPE_NAMES[a.dtype], a, b, out, bias)
+    elif bias is None:
+        torch.mm(a, b, out=out)
+    else:
+        torch.addmm(bias, a, b, out=out)
+
+
+def _wgrad_into(dw, dl, xc, first):
+    """dw (+)= dl.T @ xc into a buffer of the weight's dtype: in place when the dtypes match
+    (a 16-bit weight accumulates in 16 bits, chunk after chunk, as Liger-Kernel does); an fp32
+    buffer of 16-bit products accumulates in fp32 (``out_dtype`` where torch has it; exact fp32
+    products on CPU; else each chunk's product rounded to the compute dtype)."""
+    if dw.dtype == dl.dtype:
+        if first:
+            torch.mm(dl.t(), xc, out=dw)
+        else:
+            dw.addmm_(dl.t(), xc)
+    elif dw.dtype == torch.float32 and _addmm_out_dtype(dw.device):
+        torch.addmm(dw, dl.t(), xc, beta=0 if first else 1, out_dtype=torch.float32, out=dw)
+    elif dw.device.type == "cpu":
+        dw.addmm_(dl.t().to(dw.dtype), xc.to(dw.dtype), beta=0 if first else 1)
+    elif first:
+        dw.copy_(dl.t() @ xc)
+    else:
+        dw.add_(dl.t() @ xc)
+
+
+def lce_chunk_rows(T: int, V: int, H: int, elem_size: int, device: torch.device) -> int:
+    """Tokens per chunk of ``linear_cross_entropy``: the knob that trades memory for GEMM
+    efficiency. GPU: ``LCE_CHUNK_BYTES`` of logits, at least ``LCE_MIN_CHUNK_ROWS`` rows
+    (multiples of 256); CPU: ``LCE_CPU_CHUNK_ELEMS`` logits, at least ``LCE_CPU_MIN_ROWS`` rows
+    (tests see several chunks). H is
+    an argument for retuning (the dx and dweight GEMMs grow with it)."""
+    if device.type == "cpu":
+        rows = max(LCE_CPU_MIN_ROWS, LCE_CPU_CHUNK_ELEMS // V)
+    else:
+        rows = max(LCE_MIN_CHUNK_ROWS, LCE_CHUNK_BYTES // (V * elem_size) // 256 * 256)
+    return max(1, min(rows, T))
+
+
+def _lce_backends(op, rows, V, H, dtype, device):
+    """Who computes the logits and the chunk's dx: the GEMM table's winners (vendor where it
+    has not measured), as ``tgemm.mm`` does; CPU tensors take the vendor's (BLAS)."""
+    if dtype == torch.float64 or device.type == "cpu":
+        return "vendor", "vendor"
+    b = linear_backends(op, rows, V, H, dtype, device, "auto", prefer="vendor")
+    return b[0], b[1]
+
+
+def _count_scale(target1, ignore_index, reduction, device):
+    """The factor the per-row losses' gradient carries: 1/count for mean, 1 for sum."""
+    if reduction == "mean":
+        return (target1 != ignore_index).sum().to(torch.float32).reciprocal()
+    return torch.ones((), dtype=torch.float32, device=device)
+
+
+class _NoAutocast:
+    """Autocast off inside the chunk loop (its GEMMs write into buffers with ``out=``, in the
+    dtype chosen already); a no-op unless autocast is on."""
+
+    def __init__(self, device):
+        self.ctx = torch.autocast(device.type, enabled=False) \
+            if device.type in ("cuda", "cpu") and torch.is_autocast_enabled(device.type) else None
+
+    def __enter__(self):
+        if self.ctx is not None:
+            self.ctx.__enter__()
+
+    def __exit__(self, *exc):
+        if self.ctx is not None:
+            self.ctx.__exit__(*exc)
+
+
+def _lce_chunks(x2, weight, target1, bias, ignore_index, cd, need, *, rows=None, dloss=None,
+                chunk_rows=None, config=None):
+    """The chunk loop of ``linear_cross_entropy``, forward or backward.
+
+    Per chunk of tokens: logits = x @ weight.T + bias (compute dtype ``cd``), then either
+    (forward, ``rows = (loss_rows, lse, scale)``) the forward kernel, which writes the rows'
+    loss and lse and, when ``scale`` is a tensor, overwrites the logits with their gradient
+    times ``scale``; or (backward, ``dloss`` and ``rows = (lse,)``) the backward kernel, which
+    overwrites them with their gradient times ``dloss``. Then the chunk's rows of dx, its share
+    of dw (in the weight's dtype) and of db (fp32), for the ones ``need`` asks for.
+    Returns (dx, dw, db), None where not asked for.
+    """
+    op = "linear_cross_entropy"
+    T, H = x2.shape
+    V = weight.shape[0]
+    dev = x2.device
+    acc = torch.float64 if cd == torch.float64 else torch.float32
+    need_dx, need_dw, need_db = need
+    dx = torch.empty(T, H, dtype=cd, device=dev) if need_dx else None
+    dw = torch.empty(V, H, dtype=weight.dtype, device=dev) if need_dw else None
+    db = torch.zeros(V, dtype=acc, device=dev) if need_db else None
+    if dw is not None and T == 0:
+        dw.zero_()
+    xc, wc = x2.to(cd), weight.to(cd)
+    bc = bias.to(cd) if bias is not None else None
+    chunk = chunk_rows or lce_chunk_rows(T, V, H, xc.element_size(), dev)
+    fwd_b, dgrad_b = _lce_backends(op, min(chunk, T), V, H, cd, dev)
+    if fwd_b == "vendor":
+        record_path(op + ".logits", "torch.mm")
+    if need_dx and dgrad_b == "vendor":
+        record_path(op + ".dgrad", "torch.mm")
+    if need_dw:
+        record_path(op + ".wgrad", "torch.addmm")
+    buf = torch.empty(min(chunk, T), V, dtype=cd, device=dev)
+    wct = wc.t()
+    with _NoAutocast(dev):
+        for a in range(0, T, chunk):
+            b = min(a + chunk, T)
+            lg, xa = buf[:b - a], xc[a:b]
+            _gemm_into(lg, xa, wct, bc, fwd_b, op + ".logits")
+            if dloss is None:
+                loss_rows, lse, scale = rows
+                cross_entropy_fwd(lg, target1[a:b], ignore_index, 0.0, grad=scale,
+                                  out=(loss_rows[a:b], lse[a:b]), config=config, op=op)
+            else:
+                cross_entropy_bwd(dloss[a:b], lg, target1[a:b], rows[0][a:b], ignore_index,
+                                  out=lg, config=config, op=op + "_bwd")
+            if dx is not None:
+                _gemm_into(dx[a:b], lg, wc, None, dgrad_b, op + ".dgrad")
+            if dw is not None:
+                _wgrad_into(dw, lg, xa, first=a == 0)
+            if db is not None:
+                db += lg.sum(0, dtype=acc)
+    if T == 0:
+        record_path(op, "torch")
+    return dx, dw, db
+
+
+def linear_cross_entropy_fwd(x2, weight, target1, bias, ignore_index=-100, reduction="mean",
+                             need_dx=False, need_dw=False, need_db=False, compute_dtype=None,
+                             *, chunk_rows=None, config=None):
+    """Forward launcher of :func:`linear_cross_entropy` over chunks of tokens.
+
+    Args:
+        x2: (T, H); weight: (V, H); target1: (T,); bias: (V,) or None.
+        need_dx, need_dw, need_db: with reduction mean/sum, compute these gradients (of the
+            loss itself: the backward multiplies them by the incoming scalar gradient).
+        compute_dtype: the GEMMs' dtype (default x2's).
+        chunk_rows: tokens per chunk (default ``lce_chunk_rows``); config: the kernels'.
+
+    Returns:
+        ``(loss, lse, dx, dw, db)``: the reduced loss (mean/sum: 0-d; none: (T,)) in fp32
+        (fp64 for fp64; the public function rounds it), lse (T,) fp32, dx (T, H) in the compute dtype, dw (V, H) in the weight's
+        dtype, db (V,) fp32; a gradient not computed is None.
+    """
+    T = x2.shape[0]
+    cd = compute_dtype or x2.dtype
+    acc = torch.float64 if cd == torch.float64 else torch.float32
+    loss_rows = torch.empty(T, dtype=acc, device=x2.device)
+    lse = torch.empty(T, dtype=acc, device=x2.device)
+    need = (need_dx, need_dw, need_db and bias is not None) if reduction != "none" \
+        else (False, False, False)
+    scale = _count_scale(target1, ignore_index, reduction, x2.device) if any(need) else None
+    dx, dw, db = _lce_chunks(x2, weight, target1, bias, ignore_index, cd, need,
+                             rows=(loss_rows, lse, scale), chunk_rows=chunk_rows, config=config)
+    loss = _reduce(loss_rows, target1, ignore_index, reduction, (T,), acc)
+    return loss, lse, dx, dw, db
+
+
+def linear_cross_entropy_bwd(dloss, x2, weight, target1, bias, lse, ignore_index=-100,
+                             need_dx=True, need_dw=True, need_db=True, compute_dtype=None,
+                             *, chunk_rows=None, config=None):
+    """Backward launcher of reduction="none": recompute each chunk's logits and turn them into
+    their gradient times ``dloss`` (T,) (any stride). Returns (dx, dw, db) as
+    :func:`linear_cross_entropy_fwd` does."""
+    return _lce_chunks(x2, weight, target1, bias, ignore_index, compute_dtype or x2.dtype,
+                       (need_dx, need_dw, bias is not None and need_db), rows=(lse,),
+                       dloss=dloss, chunk_rows=chunk_rows, config=config)
+
+
+def _finish_grads(dx, dw, db, x_shape, x_dtype, bias_dtype, scale=None):
+    """The gradients in the inputs' shapes and dtypes, times the incoming scalar gradient
+    ``scale`` (in place: these buffers belong to one call alone)."""
+    if scale is not None:
+        for t in (dx, dw, db):
+            if t is not None:
+                t.mul_(scale)
+    if dx is not None:
+        dx = dx.view(x_shape).to(x_dtype)
+    if db is not None:
+        db = db.to(bias_dtype)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Per-row losses of (M, C) logits (fp32); the reduction happens outside, in PyTorch ops."""
+
+    @staticmethod
+    def forward(ctx, logits2, target1, ignore_index, label_smoothing):
+        loss, lse = cross_entropy_fwd(logits2, target1, ignore_index, label_smoothing)
+        ctx.save_for_backward(logits2, target1, lse)
+        ctx.args = (ignore_index, label_smoothing)
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        logits2, target1, lse = ctx.saved_tensors
+        return cross_entropy_bwd(dloss, logits2, target1, lse, *ctx.args), None, None, None
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """``cross_entropy(x @ weight.T + bias, target)``, reduced. Mean/sum: the gradients are
+    computed in the forward (no logits kept) and scaled by the backward; none: the backward
+    recomputes the logits chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, x, weight, target, bias, ignore_index, reduction, compute_dtype):
+        x2 = x.reshape(-1, x.shape[-1])
+        t1 = target.reshape(-1)
+        need = ctx.needs_input_grad
+        ctx.need = (need[0], need[1], bias is not None and need[3])
+        loss, lse, dx, dw, db = linear_cross_entropy_fwd(
+            x2, weight, t1, bias, ignore_index, reduction, *ctx.need, compute_dtype)
+        ctx.reduction, ctx.cd, ctx.ignore_index = reduction, compute_dtype, ignore_index
+        ctx.x_meta = (x.shape, x.dtype, bias.dtype if bias is not None else None)
+        if reduction == "none":
+            ctx.save_for_backward(x2, weight, t1, bias, lse)
+            return loss.view(target.shape)
+        ctx.grads = (dx, dw, db)
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        if ctx.reduction == "none":
+            x2, weight, t1, bias, lse = ctx.saved_tensors
+            grads = linear_cross_entropy_bwd(dloss.reshape(-1), x2, weight, t1, bias, lse,
+                                             ctx.ignore_index, *ctx.need, ctx.cd)
+            dx, dw, db = _finish_grads(*grads, *ctx.x_meta)
+        else:
+            if ctx.grads is None:
+                raise RuntimeError(
+                    "aiter_dist.linear_cross_entropy: a second backward through the same loss "
+                    "(retain_graph=True): with reduction 'mean' or 'sum' the forward computes "
+                    "the gradients and the first backward hands them out; call "
+                    "linear_cross_entropy again for another backward")
+            grads, ctx.grads = ctx.grads, None
+            dx, dw, db = _finish_grads(*grads, *ctx.x_meta, scale=dloss)
+        return dx, dw, None, db, None, None, None
+
+
+# ----------------------------------------------------------------------------- torch.library
+
+@torch.library.custom_op("aiter_dist::cross_entropy_fwd", mutates_args=())
+def _cross_entropy_fwd_op(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                          label_smoothing: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return cross_entropy_fwd(logits, target, ignore_index, label_smoothing)
+
+
+@_cross_entropy_fwd_op.register_fake
+def _(logits, target, ignore_index, label_smoothing):
+    rows = logits.shape[0]
+    acc = _acc_dtype(logits)
+    return logits.new_empty(rows, dtype=acc), logits.new_empty(rows, dtype=acc)
+
+
+@torch.library.custom_op("aiter_dist::cross_entropy_bwd", mutates_args=())
+def _cross_entropy_bwd_op(dloss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
+                          lse: torch.Tensor, ignore_index: int, label_smoothing: float,
+                          class_start: int, n_classes: int) -> torch.Tensor:
+    return cross_entropy_bwd(dloss, logits, target, lse, ignore_index, label_smoothing,
+                             class_start, n_classes)
+
+
+@_cross_entropy_bwd_op.register_fake
+def _(dloss, logits, target, lse, ignore_index, label_smoothing, class_start, n_classes):
+    return logits.new_empty(logits.shape)  # contiguous, as the real output
+
+
+def _ce_setup(ctx, inputs, output):
+    logits, target, ignore_index, label_smoothing = inputs
+    ctx.save_for_backward(logits, target, output[1])
+    ctx.args = (ignore_index, label_smoothing, 0, logits.shape[1])
+
+
+def _ce_backward(ctx, dloss, dlse):
+    logits, target, lse = ctx.saved_tensors
+    return (torch.ops.aiter_dist.cross_entropy_bwd(dloss, logits, target, lse, *ctx.args),
+            None, None, None)
+
+
+torch.library.register_autograd("aiter_dist::cross_entropy_fwd", _ce_backward,
+                                setup_context=_ce_setup)
+
+
+@torch.library.custom_op("aiter_dist::linear_cross_entropy", mutates_args=())
+def _linear_cross_entropy_op(
+        x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, bias: torch.Tensor | None,
+        ignore_index: int, reduction: str, compute_dtype: torch.dtype, need_dx: bool,
+        need_dw: bool, need_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, lse, dx, dw, db): mean/sum carry the gradients of the unscaled loss (empty
+    tensors where not asked for, and for reduction none)."""
+    loss, lse, dx, dw, db = linear_cross_entropy_fwd(
+        x.reshape(-1, x.shape[-1]), weight, target.reshape(-1), bias, ignore_index, reduction,
+        need_dx, need_dw, need_db, compute_dtype)
+    empty = x.new_empty(0)
+    return (loss.view(target.shape) if reduction == "none" else loss, lse,
+            dx.view(x.shape) if dx is not None else empty.clone(),
+            dw if dw is not None else empty.clone(), db if db is not None else empty.clone())
+
+
+@_linear_cross_entropy_op.register_fake
+def _(x, weight, target, bias, ignore_index, reduction, compute_dtype, need_dx, need_dw, need_db):
+    grads = reduction != "none"
+    acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    rows = math.prod(target.shape)
+    return (x.new_empty(target.shape if reduction == "none" else (), dtype=acc),
+            x.new_empty(rows, dtype=acc),
+            x.new_empty(x.shape, dtype=compute_dtype) if grads and need_dx else x.new_empty(0),
+            weight.new_empty(weight.shape) if grads and need_dw else x.new_empty(0),
+            x.new_empty(weight.shape[0], dtype=acc) if grads and need_db else x.new_empty(0))
+
+
+@torch.library.custom_op("aiter_dist::linear_cross_entropy_bwd", mutates_args=())
+def _linear_cross_entropy_bwd_op(
+        dloss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+        bias: torch.Tensor | None, lse: torch.Tensor, ignore_index: int,
+        compute_dtype: torch.dtype, need_dx: bool, need_dw: bool, need_db: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of reduction none (recomputed chunk by chunk): (dx in x's shape and the compute
+    dtype, dw in the weight's dtype, db fp32); empty where not asked for."""
+    dx, dw, db = linear_cross_entropy_bwd(dloss.reshape(-1), x.reshape(-1, x.shape[-1]), weight,
+                                          target.reshape(-1), bias, lse, ignore_index, need_dx,
+                                          need_dw, need_db, compute_dtype)
+    empty = x.new_empty(0)
+    return (dx.view(x.shape) if dx is not None else empty.clone(),
+            dw if dw is not None else empty.clone(), db if db is not None else empty.clone())
+
+
+@_linear_cross_entropy_bwd_op.register_fake
+def _(dloss, x, weight, target, bias, lse, ignore_index, compute_dtype, need_dx, need_dw,
+      need_db):
+    acc = torch.float64 if compute_dtype == torch.float64 else torch.float32
+    return (x.new_empty(x.shape, dtype=compute_dtype) if need_dx else x.new_empty(0),
+            weight.new_empty(weight.shape) if need_dw else x.new_empty(0),
+            x.new_empty(weight.shape[0], dtype=acc) if need_db else x.new_empty(0))
+
+
+def _lce_setup(ctx, inputs, output):
+    x, weight, target, bias, ignore_index, reduction, cd, need_dx, need_dw, need_db = inputs
+    loss, lse, dx, dw, db = output
+    ctx.reduction, ctx.ignore_index, ctx.cd = reduction, ignore_index, cd
+    ctx.need = (need_dx, need_dw, need_db)
+    ctx.x_dtype = x.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.mark_non_differentiable(lse, dx, dw, db)
+    if reduction == "none":
+        ctx.save_for_backward(x, weight, target, bias, lse)
+    else:
+        ctx.save_for_backward(dx, dw, db)
+
+
+def _lce_backward(ctx, dloss, *_):
+    need_dx, need_dw, need_db = ctx.need
+    if ctx.reduction == "none":
+        x, weight, target, bias, lse = ctx.saved_tensors
+        dx, dw, db = torch.ops.aiter_dist.linear_cross_entropy_bwd(
+            dloss, x, weight, target, bias, lse, ctx.ignore_index, ctx.cd, need_dx, need_dw,
+            need_db)
+    else:
+        dx, dw, db = (t * dloss for t in ctx.saved_tensors)
+    return (dx.to(ctx.x_dtype) if need_dx else None, dw if need_dw else None,
+            None, db.to(ctx.bias_dtype) if need_db else None, None, None, None, None, None,
+            None)
+
+
+torch.library.register_autograd("aiter_dist::linear_cross_entropy", _lce_backward,
+                                setup_context=_lce_setup)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(getattr(t, "requires_grad", False) for t in tensors)
+
+
+# ----------------------------------------------------------------------------- functional API
+
+def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    """``F.cross_entropy(logits, target, ...)`` (class indices, no class weights) in one read of
+    the logits forward and one read plus one write backward.
+
+    Args:
+        logits: (N, C), (C,) or (N, C, d1, ...): float32, float16, bfloat16 or float64. (N, C)
+            with contiguous classes is the fast path (rows may be strided); other layouts are
+            copied to (rows, C) first (``last_path`` then ends in ``+copy``).
+        target: (N,), () or (N, d1, ...) to match, int64 or int32 class ids in ``[0, C)`` or
+            ``ignore_index``.
+        ignore_index: targets equal to it add 0 to the loss and to the gradient, and do not
+            count towards the mean.
+        reduction: ``"none"`` (the target's shape), ``"mean"`` (over non-ignored targets: 0/0
+            is NaN, as in PyTorch) or ``"sum"``.
+        label_smoothing: e in [0, 1]: ``loss = (1 - e) * nll + e * mean_j(-log p_j)``.
+
+    Returns:
+        The loss in the logits' dtype (computed in fp32, rounded once), or float32 under
+        ``torch.autocast`` (as ``F.cross_entropy`` there). Autograd: dlogits in the logits'
+        dtype and layout.
+
+    Bad targets: outside ``[0, C)`` and not ``ignore_index``, they raise on CPU; on GPU (where
+    checking would cost a synchronization) such a row's loss and gradient are NaN. Paths:
+    ``last_path("cross_entropy")`` (``"triton"``, ``"triton-interpreter"``, or ``"torch"`` for
+    float64, empty inputs, and CPU tensors on a GPU machine).
+    """
+    if _plain_ce(logits, target) and reduction in REDUCTIONS and type(ignore_index) is int \
+            and type(label_smoothing) in (int, float) and 0.0 <= label_smoothing <= 1.0:
+        x2, t1 = logits, target
+    else:
+        x2, t1 = _ce_layout(logits, target, ignore_index, reduction, label_smoothing)
+    label_smoothing = float(label_smoothing)
+    if compiling():
+        loss = torch.ops.aiter_dist.cross_entropy_fwd(x2, t1, ignore_index, label_smoothing)[0]
+    else:
+        if logits.requires_grad and torch.is_grad_enabled():
+            loss = CrossEntropyFunction.apply(x2, t1, ignore_index, label_smoothing)
+        else:
+            loss = cross_entropy_fwd(x2, t1, ignore_index, label_smoothing)[0]
+        if logits.dim() > 2 and not logits.movedim(1, -1).is_contiguous():
+            record_path("cross_entropy", last_path("cross_entropy") + "+copy",
+                        "the class dimension is not the last contiguous one: logits copied to "
+                        "(rows, C) for the kernels")
+    return _reduce(loss, t1, ignore_index, reduction, target.shape,
+                   loss_dtype(logits.dtype, logits.device))
+
+
+def _lce_checks(op, x, weight, target, bias, ignore_index, reduction):
+    check_tensor(op, "x", x, dtypes=LOGIT_DTYPES)
+    check_tensor(op, "weight", weight, dtypes=LOGIT_DTYPES)
+    _target_dtype_error(op, target)
+    _check_common(op, target, ignore_index, reduction)
+    check_same_device(op, x=x, weight=weight, target=target, bias=bias)
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"aiter_dist.{op}: weight must be (vocab, {x.shape[-1]}) to match x "
+                         f"{tuple(x.shape)}, got {tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"aiter_dist.{op}: weight {tuple(weight.shape)} has no classes")
+    if tuple(target.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"aiter_dist.{op}: target shape {tuple(target.shape)} must be x's "
+                         f"leading dims {tuple(x.shape[:-1])}")
+    if bias is not None:
+        check_tensor(op, "bias", bias, dtypes=LOGIT_DTYPES)
+        if tuple(bias.shape) != (weight.shape[0],):
+            raise ValueError(f"aiter_dist.{op}: bias must have shape ({weight.shape[0]},), got "
+                             f"{tuple(bias.shape)}")
+    if not compiling():
+        _check_target_values(op, target, weight.shape[0], ignore_index)
+
+
+def linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, reduction="mean"):
+    """``cross_entropy(x @ weight.T + bias, target)`` without the (tokens, vocab) logits.
+
+    Args:
+        x: (..., H), float32 / float16 / bfloat16 / float64; tokens are the flattened leading
+            dims.
+        weight: (V, H), the output projection (nn.Linear layout), any of those dtypes: an fp32
+            weight with 16-bit ``x`` is the mixed-precision layout.
+        target: x's leading dims, int64 / int32 class ids in ``[0, V)`` or ``ignore_index``.
+        bias: (V,) or None.
+        ignore_index, reduction: as :func:`cross_entropy` (no label smoothing here).
+
+    Returns:
+        The loss in x's dtype, or float32 under ``torch.autocast`` (as ``F.cross_entropy``
+        there). The GEMMs run in the compute dtype, x's or autocast's (weight and bias cast to
+        it), the softmax in fp32.
+
+    Memory and time: tokens go in chunks (``lce_chunk_rows``); per chunk, one GEMM makes the
+    logits, one kernel writes their loss and overwrites them with their gradient, and the
+    chunk's dx rows and dweight share follow at once. With reduction mean/sum the gradients are
+    therefore computed in the forward (no logits survive it) and the backward only scales them
+    (so a second backward through one loss raises); reduction none recomputes the logits in the
+    backward. dweight accumulates chunk by chunk in the weight's dtype: an fp32 weight in fp32,
+    a bf16 weight in bf16 (as Liger-Kernel does: each chunk's sum is rounded into it). dbias
+    accumulates in fp32. dx is returned in x's dtype.
+    """
+    op = "linear_cross_entropy"
+    _lce_checks(op, x, weight, target, bias, ignore_index, reduction)
+    cd = torch.get_autocast_dtype(x.device.type) if x.device.type in ("cuda", "cpu") and \
+        torch.is_autocast_enabled(x.device.type) else x.dtype
+    out_dtype = loss_dtype(x.dtype, x.device)
+    if compiling():
+        need = [torch.is_grad_enabled() and t is not None and t.requires_grad
+                for t in (x, weight, bias)]
+        return torch.ops.aiter_dist.linear_cross_entropy(x, weight, target, bias, ignore_index,
+                                                         reduction, cd, *need)[0].to(out_dtype)
+    if _needs_grad(x, weight, bias):
+        return LinearCrossEntropyFunction.apply(x, weight, target, bias, ignore_index, reduction,
+                                                cd).to(out_dtype)
+    loss = linear_cross_entropy_fwd(x.reshape(-1, x.shape[-1]), weight, target.reshape(-1), bias,
+                                    ignore_index, reduction, compute_dtype=cd)[0]
+    return (loss.view(target.shape) if reduction == "none" else loss).to(out_dtype)
+
+
+__all__ = ["cross_entropy", "linear_cross_entropy", "cross_entropy_ref",
+           "linear_cross_entropy_ref", "cross_entropy_fwd", "cross_entropy_bwd",
+           "linear_cross_entropy_fwd", "linear_cross_entropy_bwd", "CrossEntropyFunction",
+           "LinearCrossEntropyFunction", "ce_config", "lce_chunk_rows"]
