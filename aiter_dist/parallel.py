@@ -8,9 +8,15 @@ Found by attribute names (the example Llama's, which are also Hugging Face Llama
 * MLP blocks with ``gate_proj, up_proj, down_proj``: gate/up column-parallel, down row-parallel;
 * RMSNorm modules (``torch.nn.RMSNorm`` or any class named ``*RMSNorm`` with ``weight`` and ``eps``
   or ``variance_epsilon``)
-  become ``aiter_dist.nn.RMSNorm``.
+  become ``aiter_dist.nn.RMSNorm``;
+* the training ops (``train_ops=True``): an attention block's ``_rope(q, k, cos, sin)`` becomes
+  :func:`aiter_dist.apply_rotary_emb_qk` (q and k in one kernel), an MLP's ``_act(gate, up)``
+  :func:`aiter_dist.swiglu`, and a model's ``_loss(h, targets)`` beside an ``nn.Linear``
+  ``lm_head`` the fused :func:`aiter_dist.linear_cross_entropy` (one rank: no logits are
+  materialized) or, tensor-parallel, a vocab-parallel head (``ColumnParallelLinear`` that
+  gathers its logits only when asked for them) with :func:`aiter_dist.vocab_parallel_cross_entropy`.
 Each rank must hold the same full weights first (same seed, or loaded from one checkpoint): every
-parallel layer copies its shard from them. Embeddings and the output head stay replicated.
+parallel layer copies its shard from them. Embeddings stay replicated.
 
 Fused communication (``fuse_norm=True``, the default) applies to a model laid out like the
 example's Llama: an embedding (``tok_emb`` or ``embed_tokens``), ``layers`` of pre-norm blocks
@@ -36,8 +42,12 @@ from .comm.fused_norm import (all_reduce_add_rms_norm, reduce_scatter_add_rms_no
                               rms_norm_all_gather)
 from .comm.gather_scatter import all_gather
 from .comm.tensor_parallel import gather_first_dim, split_first_dim
+from .comm.vocab_parallel import vocab_parallel_cross_entropy
 from .kernels._runtime import log
+from .kernels.cross_entropy import linear_cross_entropy
 from .kernels.flash_attn import flash_attn_func
+from .kernels.rope import apply_rotary_emb_qk
+from .kernels.swiglu import swiglu
 from .nn import ColumnParallelLinear, RMSNorm, RowParallelLinear
 
 _ATTN = (("q_proj", "k_proj", "v_proj"), ("o_proj",))
@@ -87,6 +97,54 @@ def _flash_causal_attend(q, k, v):
     return flash_attn_func(q, k, v, causal=True)
 
 
+def _rope_qk(q, k, cos, sin):
+    """Rotate-half rotary embedding of q and k in one launch; cos/sin (seq, head_dim / 2)."""
+    return apply_rotary_emb_qk(q, k, cos, sin)
+
+
+def _autocast_input(h):
+    """The head's input in autocast's dtype where autocast is on (as ``nn.Linear`` would run)."""
+    dev = h.device.type
+    if torch.is_autocast_enabled(dev):
+        return h.to(torch.get_autocast_dtype(dev))
+    return h
+
+
+def _linear_cross_entropy_loss(model, h, targets):
+    """The head and the mean loss in one op, the logits never materialized whole."""
+    head = model.lm_head
+    return linear_cross_entropy(_autocast_input(h), head.weight, targets, bias=head.bias)
+
+
+def _vocab_parallel_loss(model, h, targets):
+    """This rank's vocabulary shard of the logits and the loss over the whole vocabulary."""
+    head = model.lm_head
+    return vocab_parallel_cross_entropy(head.forward_shard(h), targets, head.group)
+
+
+def _install_train_ops(model, group, world, counts) -> str:
+    """Swap the rotary embedding, SwiGLU and the head's loss for aiter_dist's; returns the loss
+    in use (or why the model's own stays)."""
+    for m in model.modules():
+        if all(isinstance(getattr(m, n, None), nn.Module) for n in _ATTN[0]) \
+                and callable(getattr(m, "_rope", None)):
+            m._rope = _rope_qk
+            counts["rope"] += 1
+        if all(isinstance(getattr(m, n, None), nn.Module) for n in _MLP[0]) \
+                and callable(getattr(m, "_act", None)):
+            m._act = swiglu
+            counts["swiglu"] += 1
+    head = getattr(model, "lm_head", None)
+    if not callable(getattr(model, "_loss", None)) or type(head) is not nn.Linear:
+        return "model's own (no _loss(h, targets) beside an nn.Linear lm_head)"
+    if world > 1:
+        model.lm_head = ColumnParallelLinear.from_linear(head, group, gather_output=True)
+        model._loss = types.MethodType(_vocab_parallel_loss, model)
+        return "vocab_parallel_cross_entropy"
+    model._loss = types.MethodType(_linear_cross_entropy_loss, model)
+    return "linear_cross_entropy"
+
+
 # ----------------------------------------------------------------------------- fused forward
 
 _EMBEDDINGS = ("tok_emb", "embed_tokens")
@@ -129,11 +187,14 @@ def _sequence_parallel_block_forward(block, x):
                        "call the model, not a block")
 
 
-def _fused_model_forward(model, tokens):
+def _fused_model_forward(model, tokens, targets=None):
     """The model's forward with (normed, residual) carried between blocks: each row-parallel
-    output is reduced together with the residual add and the next norm."""
-    emb, first_norm, steps, head = model._aiter_layout
+    output is reduced together with the residual add and the next norm. With ``targets`` the
+    model's loss (``model._loss(h, targets)``), else the logits."""
+    emb, first_norm, steps, _ = model._aiter_layout
     group, sp = model._aiter_group, model._aiter_sequence_parallel
+    # A vocab-parallel head is tensor-parallel: its input gradient is partial on each rank.
+    sharded_head = isinstance(model.lm_head, ColumnParallelLinear)
     x = emb(tokens)
     shape = x.shape
     if sp:
@@ -150,11 +211,12 @@ def _fused_model_forward(model, tokens):
                                                    norm.weight, norm.eps, group)
             # Into tensor-parallel layers the gather's backward sums their partial input
             # gradients; into the replicated head every rank's gradient is already whole.
-            h = gather_first_dim(out, group) if last else all_gather(out, 0, group)
+            h = gather_first_dim(out, group) if last and not sharded_head \
+                else all_gather(out, 0, group)
             h = h.view(*shape[:-1], h.shape[-1])
         else:
             h, res = all_reduce_add_rms_norm(partial, res, norm.weight, norm.eps, group)
-    return head(h)
+    return model.lm_head(h) if targets is None else model._loss(h, targets)
 
 
 def _install_fused_forward(model, group, sequence_parallel: bool) -> str | None:
@@ -173,6 +235,8 @@ def _install_fused_forward(model, group, sequence_parallel: bool) -> str | None:
         else:
             blk.forward = types.MethodType(_fused_block_forward, blk)
     emb, layers, final_norm, head = layout
+    if sequence_parallel and isinstance(head, ColumnParallelLinear):
+        head.sequence_parallel = True  # fed by an all-gather whose backward sums its gradient
     # (row-parallel sublayer, the norm its reduced output meets, whether the head comes next)
     nexts = [blk.attn_norm for blk in layers[1:]] + [final_norm]
     steps = [step for blk, nxt in zip(layers, nexts)
@@ -187,7 +251,7 @@ def _install_fused_forward(model, group, sequence_parallel: bool) -> str | None:
 # ----------------------------------------------------------------------------- parallelize
 
 def parallelize(model: nn.Module, group=None, attention: str = "flash", fuse_norm: bool = True,
-                sequence_parallel: bool = False) -> nn.Module:
+                sequence_parallel: bool = False, train_ops: bool = True) -> nn.Module:
     """Make ``model`` tensor-parallel in place and return it.
 
     Modules are found by attribute name: in blocks holding ``q_proj, k_proj, v_proj, o_proj``
@@ -215,9 +279,17 @@ def parallelize(model: nn.Module, group=None, attention: str = "flash", fuse_nor
         sequence_parallel: shard the residual stream by tokens (batch * seq divisible by the
             group size) with :func:`aiter_dist.reduce_scatter_add_rms_norm` and all-gathers;
             only for the Llama layout (``ValueError`` otherwise).
+        train_ops: route ``_rope(q, k, cos, sin)`` methods to
+            :func:`aiter_dist.apply_rotary_emb_qk` (cos/sin (seq, head_dim / 2), rotate-half),
+            ``_act(gate, up)`` methods of MLPs to :func:`aiter_dist.swiglu`, and a model-level
+            ``_loss(h, targets)`` (with an ``nn.Linear`` ``lm_head``) to
+            :func:`aiter_dist.linear_cross_entropy` on one rank, or to a vocab-parallel head
+            (:class:`~aiter_dist.nn.ColumnParallelLinear` over the vocabulary; ``model(tokens)``
+            still returns whole logits) and :func:`aiter_dist.vocab_parallel_cross_entropy`.
 
     Returns the same ``model``, with ``model.aiter_parallel`` recording what was replaced
-    (``column``, ``row``, ``norm``, ``attention`` counts, ``world_size``, ``fused_norm``).
+    (``column``, ``row``, ``norm``, ``attention``, ``rope``, ``swiglu`` counts, ``loss``,
+    ``world_size``, ``fused_norm``).
 
     Every rank must then run the same forward and backward calls with the same input shapes
     (the layers issue collectives; ranks that disagree get a ``RuntimeError``). Inputs (token
@@ -231,7 +303,7 @@ def parallelize(model: nn.Module, group=None, attention: str = "flash", fuse_nor
                          f"got {attention!r}")
     group = group if group is not None else (dist.group.WORLD if dist.is_initialized() else None)
     world = dist.get_world_size(group) if group is not None else 1
-    counts = {"column": 0, "row": 0, "norm": 0, "attention": 0}
+    counts = {"column": 0, "row": 0, "norm": 0, "attention": 0, "rope": 0, "swiglu": 0}
     for block in list(model.modules()):
         for cols, rows in (_ATTN, _MLP):
             if not all(isinstance(getattr(block, n, None), nn.Linear) for n in cols + rows):
@@ -255,6 +327,7 @@ def parallelize(model: nn.Module, group=None, attention: str = "flash", fuse_nor
         raise ValueError("aiter_dist.parallelize: found no attention/MLP projections "
                          "(q_proj/k_proj/v_proj/o_proj, gate_proj/up_proj/down_proj) and no "
                          "RMSNorm in the model; nothing to parallelize")
+    loss = _install_train_ops(model, group, world, counts) if train_ops else "model's own"
     fused = None
     if sequence_parallel or fuse_norm:
         reason = _install_fused_forward(model, group, sequence_parallel) if group is not None \
@@ -267,5 +340,5 @@ def parallelize(model: nn.Module, group=None, attention: str = "flash", fuse_nor
                         "(%s)", reason)
         fused = "sequence_parallel" if sequence_parallel else (
             "all_reduce_add_rms_norm" if reason is None else f"no: {reason}")
-    model.aiter_parallel = dict(counts, world_size=world, fused_norm=fused or "off")
+    model.aiter_parallel = dict(counts, loss=loss, world_size=world, fused_norm=fused or "off")
     return model

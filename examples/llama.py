@@ -4,9 +4,13 @@ No aiter_dist import here: ``aiter_dist.parallelize(model)`` finds the layers by
 so the names below are part of the contract:
 
 * ``RMSNorm`` with ``.weight`` and ``.eps``;
-* ``Attention`` with ``q_proj, k_proj, v_proj, o_proj`` (``nn.Linear``, no bias), ``head_dim``, and
-  ``_attend(q, k, v)`` (the one place the attention kernel is called, so it can be swapped);
-* ``MLP`` with ``gate_proj, up_proj, down_proj``.
+* ``Attention`` with ``q_proj, k_proj, v_proj, o_proj`` (``nn.Linear``, no bias), ``head_dim``,
+  ``_rope(q, k, cos, sin)`` and ``_attend(q, k, v)`` (the one place each kernel is called, so it
+  can be swapped);
+* ``MLP`` with ``gate_proj, up_proj, down_proj`` and ``_act(gate, up)`` (SwiGLU's activation);
+* ``Llama`` with ``lm_head`` and ``_loss(h, targets)`` (the head and the loss together, so a fused
+  linear + cross-entropy can replace both): ``model(tokens, targets)`` returns the mean loss,
+  ``model(tokens)`` the logits.
 
 ``Attention.forward`` takes its head counts from the projection outputs, not from the config, so
 it keeps working when the projections are replaced by tensor-parallel shards that produce only
@@ -39,8 +43,9 @@ class LlamaConfig:
 
 
 CONFIGS = {
-    # CPU smoke-test size: trains visibly in a few dozen steps on two cores.
-    "tiny": LlamaConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=176, max_seq_len=64),
+    # CPU smoke-test size: trains visibly in a few dozen steps on two cores; 4 kv heads allow
+    # TP up to 4 (checkpoints saved at one world size resume at another).
+    "tiny": LlamaConfig(dim=64, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=176, max_seq_len=64),
     # ~140M parameters (the 256-entry embedding is negligible); 8 kv heads allow TP up to 8.
     "small": LlamaConfig(dim=1024, n_layers=12, n_heads=16, n_kv_heads=8, ffn_dim=2816,
                          max_seq_len=1024),
@@ -67,19 +72,18 @@ class RMSNorm(nn.Module):
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float):
-    """cos/sin of shape (max_seq_len, head_dim) for the rotate-half RoPE convention."""
+    """cos/sin of shape (max_seq_len, head_dim / 2): one angle per rotated pair (flash-attn's
+    layout), for the rotate-half (GPT-NeoX) convention."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float(), angles.sin().float()
 
 
 def apply_rope(x, cos, sin):
-    """x: (batch, seq, heads, head_dim); cos/sin: (seq, head_dim)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
+    """x: (batch, seq, heads, head_dim); cos/sin: (seq, head_dim / 2). Math in fp32."""
+    x1, x2 = x.float().chunk(2, dim=-1)
     cos, sin = cos[None, :, None, :], sin[None, :, None, :]
-    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -108,6 +112,10 @@ class Attention(nn.Module):
                                              v.transpose(1, 2), is_causal=True)
         return out.transpose(1, 2)
 
+    def _rope(self, q, k, cos, sin):
+        """Rotary embedding of q (b, s, hq, d) and k (b, s, hkv, d); cos/sin (s, d / 2)."""
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
     def forward(self, x):
         b, s, _ = x.shape
         # -1: the number of heads this rank holds (all of them unless tensor-parallel).
@@ -115,7 +123,7 @@ class Attention(nn.Module):
         k = self.k_proj(x).view(b, s, -1, self.head_dim)
         v = self.v_proj(x).view(b, s, -1, self.head_dim)
         cos, sin = self.rope_cos[:s], self.rope_sin[:s]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self._rope(q, k, cos, sin)
         out = self._attend(q, k, v)
         return self.o_proj(out.reshape(b, s, -1))
 
@@ -127,8 +135,11 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
 
+    def _act(self, gate, up):
+        return F.silu(gate) * up
+
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self._act(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -160,11 +171,18 @@ class Llama(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def forward(self, tokens):
+    def _loss(self, h, targets):
+        """Mean next-token cross-entropy of the head's logits (fp32) against ``targets``."""
+        logits = self.lm_head(h).float()
+        return F.cross_entropy(logits.flatten(0, -2), targets.flatten())
+
+    def forward(self, tokens, targets=None):
+        """Logits (batch, seq, vocab), or with ``targets`` (batch, seq) the mean loss."""
         x = self.tok_emb(tokens)
         for layer in self.layers:
             x = layer(x)
-        return self.lm_head(self.norm(x))
+        h = self.norm(x)
+        return self.lm_head(h) if targets is None else self._loss(h, targets)
 
     def num_params(self, exclude_embedding: bool = False) -> int:
         """Parameters of the full (unsharded) model as built; call before parallelizing."""

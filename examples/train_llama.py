@@ -11,24 +11,27 @@ rank's shard; every rank draws the same batches (tensor-parallel ranks share the
 loss is replicated and identical on all ranks. Data is byte-level: any text file (``--data``), or
 by default the Python standard library's own sources, which exist on every machine.
 
-Checkpoints (``--checkpoint-dir``) are one file per rank holding the local shards, optimizer
-state, step and data-sampler state, so ``--resume`` continues the loss trajectory exactly.
+Checkpoints (``--checkpoint-dir``) go through ``aiter_dist.checkpoint`` (PyTorch's distributed
+checkpoint, DCP): every tensor is stored with its place in the full model, with the optimizer state
+by parameter name, the step and the data sampler's state, so ``--resume`` continues the loss
+trajectory at the same world size or at any other the heads divide by (saved at TP=2, resumed at
+TP=1 or TP=4). Each is a directory ``step00000040/``, renamed from a temporary one only after every
+rank has written its part; ``--resume`` takes the newest, ``--keep-last`` prunes the oldest.
 The last line printed (rank 0) is a JSON summary.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
-import re
 import statistics
 import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import aiter_dist
 from llama import CONFIGS, Llama, flops_per_token
@@ -57,14 +60,19 @@ def parse_args(argv=None):
                    "the Python standard library's .py sources")
     p.add_argument("--data-limit-mb", type=float, default=8.0)
     p.add_argument("--checkpoint-dir", default=None)
-    p.add_argument("--save-every", type=int, default=100)
-    p.add_argument("--keep-last", type=int, default=2, help="checkpoints kept per rank")
+    p.add_argument("--save-every", type=int, default=100,
+                   help="save every N steps, and after the last one")
+    p.add_argument("--keep-last", type=int, default=2,
+                   help="complete checkpoints kept, the newest by step (0: all)")
     p.add_argument("--resume", action="store_true",
                    help="continue from the latest checkpoint in --checkpoint-dir")
     p.add_argument("--no-aiter", action="store_true", help="plain PyTorch (torch TP when world>1)")
     p.add_argument("--sequence-parallel", action="store_true",
                    help="shard the residual stream by tokens (reduce-scatter/all-gather fused "
                         "with RMSNorm); batch * seq-len must divide by the world size")
+    p.add_argument("--no-train-ops", action="store_true",
+                   help="keep PyTorch's RoPE, SwiGLU and loss (aiter_dist's apply_rotary_emb_qk, "
+                        "swiglu and linear / vocab-parallel cross-entropy otherwise)")
     p.add_argument("--no-fuse-norm", action="store_true",
                    help="all-reduce each row-parallel output on its own (no fused add+RMSNorm)")
     p.add_argument("--gemm", choices=("auto", "triton", "vendor"), default="auto",
@@ -95,9 +103,9 @@ def parse_args(argv=None):
         p.error("--cuda-graphs needs a GPU")
     args.compile = args.compile or args.cuda_graphs
     args.compile_backend = args.compile_backend or ("inductor" if cuda else "aot_eager")
-    if args.no_aiter and (args.sequence_parallel or args.no_fuse_norm):
-        p.error("--sequence-parallel and --no-fuse-norm choose aiter_dist's communication; "
-                "they do not apply with --no-aiter")
+    if args.no_aiter and (args.sequence_parallel or args.no_fuse_norm or args.no_train_ops):
+        p.error("--sequence-parallel, --no-fuse-norm and --no-train-ops choose among aiter_dist's "
+                "ops; they do not apply with --no-aiter")
     if args.seq_len > CONFIGS[args.config].max_seq_len:
         p.error(f"--seq-len {args.seq_len} exceeds the config's max_seq_len "
                 f"{CONFIGS[args.config].max_seq_len}")
@@ -192,76 +200,33 @@ def clip_grad_norm(named_params, full_shapes, max_norm, group, world):
 
 # ----------------------------------------------------------------------------------- checkpoints
 
-_CKPT_RE = re.compile(r"^step(\d{8})-rank(\d{5})-of-(\d{5})\.pt$")
+def _ckpt_identity(args, cfg):
+    """What a checkpoint must match to be resumed: the model config, by name and by value."""
+    return {"config": args.config, "model_config": dataclasses.asdict(cfg)}
 
 
-def _ckpt_path(d, step, rank, world):
-    return os.path.join(d, f"step{step:08d}-rank{rank:05d}-of-{world:05d}.pt")
+def save_checkpoint(d, step, model, opt, gen, args, cfg, group):
+    """``<d>/step<step:08d>/``: model, AdamW state, step, seed and data-sampler state. Every rank
+    writes its shards; rank 0 publishes the directory once all are done, then keeps the newest
+    ``--keep-last``."""
+    extra = {**_ckpt_identity(args, cfg), "seed": args.seed, "data_rng": gen.get_state()}
+    return aiter_dist.checkpoint.save(d, step, model, opt, extra=extra, group=group,
+                                      keep_last=args.keep_last)
 
 
-def _ckpt_steps(d, rank, world):
-    steps = set()
-    for name in os.listdir(d) if os.path.isdir(d) else ():
-        m = _CKPT_RE.match(name)
-        if m and int(m.group(2)) == rank and int(m.group(3)) == world:
-            steps.add(int(m.group(1)))
-    return steps
-
-
-def save_checkpoint(d, step, model, opt, gen, args, rank, world):
-    os.makedirs(d, exist_ok=True)
-    osd = opt.state_dict()
-    osd["state"] = {i: {k: _local(v).detach().cpu() if torch.is_tensor(v) else v
-                        for k, v in st.items()} for i, st in osd["state"].items()}
-    state = {"step": step, "config": args.config, "world_size": world, "seed": args.seed,
-             "model": {n: _local(p).detach().cpu() for n, p in model.named_parameters()},
-             "optim": osd, "data_rng": gen.get_state()}
-    path = _ckpt_path(d, step, rank, world)
-    # Atomic: a crash mid-write leaves a stray temp file, never a truncated checkpoint.
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    for old in sorted(_ckpt_steps(d, rank, world))[:-args.keep_last or None]:
-        os.remove(_ckpt_path(d, old, rank, world))
-
-
-def latest_common_step(d, rank, world):
-    """The newest step every rank has a file for (a crash may have cut some ranks' saves)."""
-    mine = _ckpt_steps(d, rank, world)
-    if world == 1:
-        return max(mine, default=None)
-    every = [None] * world
-    dist.all_gather_object(every, sorted(mine))
-    common = set.intersection(*(set(s) for s in every))
-    return max(common, default=None)
-
-
-@torch.no_grad()
-def load_checkpoint(d, step, model, opt, gen, args, rank, world):
-    ck = torch.load(_ckpt_path(d, step, rank, world), map_location="cpu", weights_only=True)
-    if ck["config"] != args.config or ck["world_size"] != world:
-        raise SystemExit(f"checkpoint {d} is for config={ck['config']} world={ck['world_size']}, "
-                         f"this run is config={args.config} world={world}")
-    params = dict(model.named_parameters())
-    missing = set(params) ^ set(ck["model"])
-    if missing:
-        raise SystemExit(f"checkpoint parameters do not match the model: {sorted(missing)[:5]}")
-    for n, p in params.items():
-        _local(p).copy_(ck["model"][n])
-    # Optimizer state was saved as local tensors; DTensor parameters need DTensor state back.
-    plist = [p for g in opt.param_groups for p in g["params"]]
-    osd = ck["optim"]
-    for i, st in osd["state"].items():
-        p = plist[i]
-        if hasattr(p, "device_mesh"):
-            from torch.distributed.tensor import DTensor
-            for k, v in st.items():
-                if torch.is_tensor(v) and tuple(v.shape) == tuple(_local(p).shape):
-                    st[k] = DTensor.from_local(v.to(_local(p).device), p.device_mesh,
-                                               p.placements, run_check=False)
-    opt.load_state_dict(osd)
-    gen.set_state(ck["data_rng"])
-    return ck["step"]
+def load_checkpoint(d, model, opt, gen, args, cfg, group):
+    """Load the newest complete checkpoint in ``d`` (saved at any tensor-parallel size the model
+    divides by) into ``model``, ``opt`` and ``gen``; returns (path, extra), or (None, None)."""
+    path = aiter_dist.checkpoint.latest(d, group)
+    if path is None:
+        return None, None
+    try:
+        extra = aiter_dist.checkpoint.load(path, model, opt, group=group,
+                                           expect=_ckpt_identity(args, cfg))
+    except ValueError as e:  # another config, or a model that does not fit: say which, stop
+        raise SystemExit(str(e)) from None
+    gen.set_state(extra["data_rng"])
+    return path, extra
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -286,7 +251,8 @@ def main(argv=None):
     aiter_dist.tgemm.default_backend = args.gemm
     if not args.no_aiter:
         model = aiter_dist.parallelize(model, group=group, fuse_norm=not args.no_fuse_norm,
-                                       sequence_parallel=args.sequence_parallel)
+                                       sequence_parallel=args.sequence_parallel,
+                                       train_ops=not args.no_train_ops)
     elif world > 1:
         model = torch_tensor_parallel(model, world, device)
 
@@ -307,13 +273,13 @@ def main(argv=None):
 
     start = 0
     if args.resume:
-        found = latest_common_step(args.checkpoint_dir, rank, world)
-        if found is None:
+        path, extra = load_checkpoint(args.checkpoint_dir, model, opt, gen, args, cfg, group)
+        if path is None:
             say(f"no checkpoint in {args.checkpoint_dir}; starting from step 0")
         else:
-            start = load_checkpoint(args.checkpoint_dir, found, model, opt, gen, args, rank,
-                                    world)
-            say(f"resumed from step {start} ({args.checkpoint_dir})")
+            start = extra["step"]
+            say(f"resumed from step {start} ({path}, saved at world size "
+                f"{extra['world_size']})")
 
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.dtype == "bf16"
                 else contextlib.nullcontext())
@@ -331,8 +297,9 @@ def main(argv=None):
         t0 = time.perf_counter()
         x, y = get_batch(data, gen, args.batch_size, args.seq_len, device)
         with autocast:
-            logits = forward(x)
-        loss = F.cross_entropy(logits.float().view(-1, cfg.vocab_size), y.reshape(-1))
+            # The model computes its own loss: aiter_dist's head + loss never materializes the
+            # whole logits (one rank) or gathers them (tensor parallel: vocab-parallel loss).
+            loss = forward(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = clip_grad_norm(named, full_shapes, args.grad_clip, group, world)
@@ -355,7 +322,7 @@ def main(argv=None):
                 msg += f" | mfu {flops_tok * tps / (args.peak_flops * world):.1%}"
             say(msg, flush=True)
         if args.checkpoint_dir and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
-            save_checkpoint(args.checkpoint_dir, step + 1, model, opt, gen, args, rank, world)
+            save_checkpoint(args.checkpoint_dir, step + 1, model, opt, gen, args, cfg, group)
 
     # Tensor parallel replicates the loss: check that every rank really computed the same one.
     spread = 0.0
@@ -370,6 +337,10 @@ def main(argv=None):
                "config": args.config, "aiter": not args.no_aiter, "device": device.type,
                "comm": (getattr(model, "aiter_parallel", {}).get("fused_norm")
                         if not args.no_aiter else "torch"),
+               "loss": (getattr(model, "aiter_parallel", {}).get("loss")
+                        if not args.no_aiter else "torch"),
+               "peak_mem_gb": (torch.cuda.max_memory_allocated(device) / 1e9
+                               if device.type == "cuda" else None),
                "dtype": args.dtype, "gemm": args.gemm, "params": n_params,
                "compile": (("cuda-graphs" if args.cuda_graphs else args.compile_backend)
                            if args.compile else None),

@@ -11,7 +11,7 @@ from torch import nn
 
 import aiter_dist
 from aiter_dist.kernels.flash_attn import attention_ref
-from aiter_dist.nn.attention import apply_rope
+from aiter_dist.kernels.rope import apply_rotary_emb_ref
 from aiter_dist.testing import run_distributed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,8 +35,8 @@ def _full_attention(layer_parts, x, head_dim):
     q = (x @ wq.T).view(b, s, -1, head_dim)
     k = (x @ wk.T).view(b, s, -1, head_dim)
     v = (x @ wv.T).view(b, s, -1, head_dim)
-    q, k = apply_rope(q, cos[:s].double(), sin[:s].double()), apply_rope(k, cos[:s].double(),
-                                                                         sin[:s].double())
+    cos, sin = cos[:s].double(), sin[:s].double()
+    q, k = apply_rotary_emb_ref(q, cos, sin), apply_rotary_emb_ref(k, cos, sin)
     out, _ = attention_ref(q, k, v, None, True)
     return out.reshape(b, s, -1) @ wo.T
 
@@ -112,8 +112,12 @@ def _tp_llama_vs_unsharded(rank, world, mode):
         assert aiter_dist.last_path("reduce_scatter_add_rms_norm") == "one_shot"
         assert aiter_dist.last_path("rms_norm_all_gather") == "one_shot"
     target = torch.randint(0, cfg.vocab_size, (2, 29), generator=torch.Generator().manual_seed(2))
-    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), target.flatten())
-    ref_loss = torch.nn.functional.cross_entropy(ref_logits.flatten(0, 1), target.flatten())
+    # The model's own loss: RoPE, SwiGLU, the vocab-parallel head and loss are aiter_dist's.
+    assert model.aiter_parallel["loss"] == "vocab_parallel_cross_entropy"
+    assert model.aiter_parallel["rope"] == model.aiter_parallel["swiglu"] == cfg.n_layers
+    loss, ref_loss = model(tokens, target), ref_model(tokens, target)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert aiter_dist.last_path("vocab_parallel_cross_entropy").startswith("triton")
     loss.backward()
     ref_loss.backward()
     modules = dict(model.named_modules())

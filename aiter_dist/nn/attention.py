@@ -5,30 +5,23 @@ import torch
 from torch import nn
 
 from ..kernels.flash_attn import flash_attn_func
+from ..kernels.rope import apply_rotary_emb_qk
 from .linear import ColumnParallelLinear, RowParallelLinear, _divide, _group_info
 
 
 def rope_tables(head_dim: int, max_seq_len: int, theta: float = 10000.0, device=None):
-    """cos/sin (max_seq_len, head_dim) for rotate-half rotary embeddings, computed in fp64."""
+    """cos/sin (max_seq_len, head_dim / 2): one angle per rotated pair (rotate-half), fp64 math."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
     angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float64), inv_freq)
-    angles = torch.cat([angles, angles], dim=-1)
     return angles.cos().float().to(device), angles.sin().float().to(device)
-
-
-def apply_rope(x, cos, sin):
-    """x (batch, seq, heads, head_dim) rotated by cos/sin (seq, head_dim), computed in fp32."""
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    return (x.float() * cos[None, :, None] + rotated.float() * sin[None, :, None]).to(x.dtype)
 
 
 class ParallelAttention(nn.Module):
     """Causal self-attention with whole heads split across ``group``.
 
     ``q_proj``/``k_proj``/``v_proj`` are column-parallel (this rank's ``num_heads / world`` query
-    heads and ``num_kv_heads / world`` KV heads), ``o_proj`` row-parallel; rotary embeddings, then
-    flash attention (GQA native). Input (batch, seq, hidden), replicated; output the same.
+    heads and ``num_kv_heads / world`` KV heads), ``o_proj`` row-parallel; rotary embeddings
+    (:func:`aiter_dist.apply_rotary_emb_qk`), then flash attention (GQA native). Input (batch, seq, hidden), replicated; output the same.
 
     Args:
         hidden_size: the model width (input and output features).
@@ -82,5 +75,6 @@ class ParallelAttention(nn.Module):
         k = self.k_proj(x).view(b, s, -1, self.head_dim)
         v = self.v_proj(x).view(b, s, -1, self.head_dim)
         cos, sin = self.rope_cos[:s], self.rope_sin[:s]
-        out = flash_attn_func(apply_rope(q, cos, sin), apply_rope(k, cos, sin), v, causal=True)
+        q, k = apply_rotary_emb_qk(q, k, cos, sin)
+        out = flash_attn_func(q, k, v, causal=True)
         return self.o_proj(out.reshape(b, s, -1))
