@@ -60,6 +60,14 @@ def cases():
     ar = importlib.import_module("aiter_dist.comm.all_reduce")
     small = torch.randn(4096, device=dev, dtype=bf16)
 
+    cos, sin = torch.rand(128, 32, device=dev), torch.rand(128, 32, device=dev)
+    tgt = torch.randint(0, 1024, (8,), device=dev)
+
+    def rope_torch(t):
+        t1, t2 = t.float().chunk(2, dim=-1)
+        c, s = cos[None, :, None], sin[None, :, None]
+        return torch.cat([t1 * c - t2 * s, t1 * s + t2 * c], dim=-1).to(t.dtype)
+
     def fa_fwd_bwd():
         aiter_dist.flash_attn_func(qg, kg, vg, causal=True).backward(dout)
 
@@ -78,6 +86,12 @@ def cases():
         ("flash_attn_func fwd+bwd", fa_fwd_bwd, sdpa_fwd_bwd),
         ("linear", lambda: aiter_dist.linear(x, lin_w), lambda: F.linear(x, lin_w)),
         ("tgemm.mm", lambda: aiter_dist.tgemm.mm(x, lin_w), lambda: F.linear(x, lin_w)),
+        # The training ops against PyTorch's own expression (several launches for RoPE).
+        ("apply_rotary_emb_qk", lambda: aiter_dist.apply_rotary_emb_qk(q, q, cos, sin),
+         lambda: (rope_torch(q), rope_torch(q))),
+        ("swiglu", lambda: aiter_dist.swiglu(x, r), lambda: F.silu(x) * r),
+        ("cross_entropy", lambda: aiter_dist.cross_entropy(x, tgt),
+         lambda: F.cross_entropy(x, tgt)),
         ("all_reduce 8 KB (kernel)", lambda: ar.all_reduce_raw(small, algo="one_shot",
                                                                 one_rank_kernel=True),
          lambda: dist.all_reduce(small)),
