@@ -17,6 +17,7 @@ from .comm import (all_gather, all_reduce, all_reduce_add_rms_norm,  # noqa: F40
                    all_reduce_add_rms_norm_fp8, check_errors, create_workspace, get_workspace,
                    reduce_scatter, reduce_scatter_add_rms_norm, rms_norm_all_gather,
                    workspace_tensor)
+from .comm.dist_gemm import all_gather_gemm, gemm_reduce_scatter  # noqa: F401
 from . import checkpoint, nn, tgemm  # noqa: F401
 from .distributed import init_distributed, local_device, shutdown  # noqa: F401
 from .parallel import parallelize  # noqa: F401
@@ -31,4 +32,5 @@ __all__ = ["flash_attn_func", "flash_attn_varlen_func", "rms_norm", "add_rms_nor
            "reduce_scatter_add_rms_norm", "rms_norm_all_gather", "workspace_tensor",
            "tgemm", "nn", "parallelize", "init_distributed", "local_device", "shutdown", "last_path",
            "get_workspace", "create_workspace", "check_errors", "INTERPRETED", "cross_entropy",
-           "linear_cross_entropy", "vocab_parallel_cross_entropy", "checkpoint"]
+           "linear_cross_entropy", "vocab_parallel_cross_entropy", "checkpoint",
+           "all_gather_gemm", "gemm_reduce_scatter"]

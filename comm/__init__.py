@@ -5,6 +5,7 @@ from .fused_norm import (all_reduce_add_rms_norm, all_reduce_add_rms_norm_fp8,  
                          reduce_scatter_add_rms_norm, rms_norm_all_gather)
 from .protocol import check_comm_errors  # noqa: F401
 from .gather_scatter import all_gather, reduce_scatter  # noqa: F401
+from .dist_gemm import all_gather_gemm, gemm_reduce_scatter  # noqa: F401
 from .tensor_parallel import gather_last_dim, split_last_dim  # noqa: F401
 from .workspace import (SymmetricWorkspace, create_workspace, find_workspace,  # noqa: F401
                         get_workspace, release_workspaces, workspace_tensor)

@@ -293,6 +293,8 @@ class SymmetricWorkspace:
         self.buffer_ptrs = torch.tensor([b + self.sig_bytes for b in bases], dtype=torch.int64,
                                         device=tensor_dev)
         self.data_ptr = bases[self.rank] + self.sig_bytes + HEADER_BYTES
+        self._bases = list(bases)  # every rank's allocation, in this process's address space
+        self._peer_bytes: list | None = None  # byte tensors over them (peer_tensor), made lazily
         # Error record in host memory the device can write (pinned), read without a device sync.
         self.err = torch.zeros(ERR_FIELDS, dtype=torch.int64, pin_memory=device.type != "cpu")
         self.err_host = self.err.numpy()
@@ -387,6 +389,36 @@ class SymmetricWorkspace:
         start = self.sig_bytes + HEADER_BYTES
         return self.buffer[start:start + nbytes].view(dtype).view(shape)
 
+    def peer_tensor(self, rank: int, shape, dtype: torch.dtype, offset: int = 0) -> torch.Tensor:
+        """A tensor over rank ``rank``'s data region (this rank's own too), ``offset`` bytes in.
+
+        Reads and writes go straight to that rank's memory: on GPUs a ``copy_`` to or from it is
+        a device-to-device (peer) copy, which the copy engine serves. The caller orders accesses
+        with the peers (barriers); the tensor stays valid while the workspace lives."""
+        shape = tuple(shape)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if offset % dtype.itemsize or offset < 0 or offset + nbytes > self.data_bytes:
+            raise ValueError(f"aiter_dist workspace: {shape} of {dtype} at byte {offset} does "
+                             f"not fit the {self.data_bytes} B data region of {self.describe()}")
+        if self._peer_bytes is None:
+            self._peer_bytes = [self._rank_bytes(r) for r in range(self.world_size)]
+        start = self.sig_bytes + HEADER_BYTES + offset
+        return self._peer_bytes[rank][start:start + nbytes].view(dtype).view(shape)
+
+    def _rank_bytes(self, r: int) -> torch.Tensor:
+        """A uint8 tensor over rank ``r``'s whole allocation (signal area, header, data)."""
+        total = self.sig_bytes + self.nbytes
+        if r == self.rank:
+            return self.buffer
+        if self.backend == "shm":
+            return torch.frombuffer(self._keepalive[r], dtype=torch.uint8, count=total)
+        if self.backend == "symm_mem":
+            return self._handle.get_buffer(r, (total,), torch.uint8, 0)
+        # ipc: a peer's mapping as a tensor that does not own it (the mapping outlives it). No
+        # device= argument: torch places it where the driver says the memory is (the peer's GPU
+        # when ranks have GPUs of their own), and asking for another device would copy it.
+        return torch.as_tensor(_DeviceBytes(self._bases[r], total))
+
     def holds(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is exactly a workspace tensor of this workspace (starts at its data
         region, contiguous, fits): collectives then skip the copy in."""
@@ -464,6 +496,15 @@ def _ipc_runtime() -> _IpcRuntime:
     if _ipc is None:
         _ipc = _IpcRuntime()
     return _ipc
+
+
+class _DeviceBytes:
+    """``nbytes`` bytes of device memory at ``ptr``, described by ``__cuda_array_interface__``
+    so ``torch.as_tensor`` wraps them without a copy."""
+
+    def __init__(self, ptr: int, nbytes: int):
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1",
+                                         "data": (ptr, False), "version": 2, "strides": None}
 
 
 class _IpcMapping:
