@@ -230,13 +230,13 @@ def _install_fused_forward(model, group, sequence_parallel: bool) -> str | None:
         if sequence_parallel:
             for lin in (blk.attn.q_proj, blk.attn.k_proj, blk.attn.v_proj, blk.mlp.gate_proj,
                         blk.mlp.up_proj):
-                lin.sequence_parallel = True
+                lin.input_gathered = True
             blk.forward = types.MethodType(_sequence_parallel_block_forward, blk)
         else:
             blk.forward = types.MethodType(_fused_block_forward, blk)
     emb, layers, final_norm, head = layout
     if sequence_parallel and isinstance(head, ColumnParallelLinear):
-        head.sequence_parallel = True  # fed by an all-gather whose backward sums its gradient
+        head.input_gathered = True  # fed by an all-gather whose backward sums its gradient
     # (row-parallel sublayer, the norm its reduced output meets, whether the head comes next)
     nexts = [blk.attn_norm for blk in layers[1:]] + [final_norm]
     steps = [step for blk, nxt in zip(layers, nexts)

@@ -93,6 +93,59 @@ def test_parallel_linears_cpu_half():
     run_distributed(_layers_vs_unsharded, 2, 3, 10, 14, "float16")
 
 
+def _sequence_parallel_layers(rank, world):
+    """sequence_parallel=True: the column-parallel layer takes this rank's tokens and computes
+    all of them (all_gather_gemm), the row-parallel one returns this rank's tokens of the reduced
+    output (gemm_reduce_scatter); outputs and every gradient against the unsharded float64 layer."""
+    dev = _device()
+    torch.manual_seed(0)
+    m, in_f, out_f = 5, 2 * world + 3, 3 * world
+    in_f -= in_f % world
+    full = nn.Linear(in_f, out_f).to(dev, torch.float64)
+    x = torch.randn(world * m, in_f, device=dev, dtype=torch.float64)
+    gy = torch.randn(world * m, out_f, device=dev, dtype=torch.float64)
+    w, b = full.weight.detach(), full.bias.detach()
+    rows = slice(rank * m, (rank + 1) * m)
+    cols_out = slice(rank * out_f // world, (rank + 1) * out_f // world)
+    cols_in = slice(rank * in_f // world, (rank + 1) * in_f // world)
+    kw = dict(rtol=1e-4, atol=1e-5)
+
+    col = ColumnParallelLinear.from_linear(full.float(), sequence_parallel=True)
+    full.double()
+    xs = x[rows].float().requires_grad_()
+    y = col(xs)
+    torch.testing.assert_close(y.double(), (x @ w.T + b)[:, cols_out], **kw)
+    y.backward(gy[:, cols_out].float())
+    torch.testing.assert_close(xs.grad.double(), (gy @ w)[rows], **kw)
+    torch.testing.assert_close(col.weight.grad.double(), (gy.T @ x)[cols_out], **kw)
+    torch.testing.assert_close(col.bias.grad.double(), gy.sum(0)[cols_out], **kw)
+    # (CPU ranks take the overlapped path at every size; GPUs gate small problems)
+    paths = ("overlapped",) if dev.type == "cpu" else ("overlapped", "all_gather+gemm")
+    assert aiter_dist.last_path("all_gather_gemm") in paths
+
+    row = RowParallelLinear.from_linear(full.float(), sequence_parallel=True)
+    full.double()
+    xp = x[:, cols_in].float().requires_grad_()
+    y = row(xp)
+    torch.testing.assert_close(y.double(), (x @ w.T + b)[rows], **kw)
+    y.backward(gy[rows].float())
+    torch.testing.assert_close(xp.grad.double(), (gy @ w)[:, cols_in], **kw)
+    torch.testing.assert_close(row.weight.grad.double(), (gy.T @ x)[:, cols_in], **kw)
+    torch.testing.assert_close(row.bias.grad.double(), gy.sum(0), **kw)  # whole, every rank
+    paths = ("overlapped",) if dev.type == "cpu" else ("overlapped", "gemm+reduce_scatter")
+    assert aiter_dist.last_path("gemm_reduce_scatter") in paths
+    with pytest.raises(ValueError, match="choose one"):
+        ColumnParallelLinear(4, 2 * world, sequence_parallel=True, gather_output=True)
+    with pytest.raises(ValueError, match="input_is_parallel=True"):
+        RowParallelLinear(2 * world, 4, sequence_parallel=True, input_is_parallel=False)
+    return True
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_sequence_parallel_layers_overlap_their_communication(world):
+    run_distributed(_sequence_parallel_layers, world)
+
+
 def _bad_sizes(rank, world):
     with pytest.raises(ValueError, match="ColumnParallelLinear: out_features=5 is not divisible"):
         ColumnParallelLinear(4, 5)

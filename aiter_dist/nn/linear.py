@@ -7,9 +7,14 @@
   the partial products are all-reduced (``aiter_dist.all_reduce``), then the full ``bias`` is added
   once. ``input_is_parallel=False`` splits a replicated input first.
 
+Sequence parallelism (``sequence_parallel=True``): the column-parallel layer takes this rank's
+tokens (dim 0) and multiplies all of them with :func:`aiter_dist.all_gather_gemm`, the
+row-parallel one returns this rank's tokens of the reduced output with
+:func:`aiter_dist.gemm_reduce_scatter`: the communication runs under the GEMM.
+
 Two switches let a caller fuse the communication with what follows or precedes it (``parallelize``
 does, with the residual add and RMSNorm): ``RowParallelLinear.reduce_output = False`` returns the
-partial products unreduced, and ``ColumnParallelLinear.sequence_parallel = True`` marks an input
+partial products unreduced, and ``ColumnParallelLinear.input_gathered = True`` marks an input
 that comes from an all-gather whose backward already sums the input gradient over the group.
 
 Both multiply through ``aiter_dist.tgemm.mm`` (forward, dgrad and wgrad): our Triton GEMM for the
@@ -30,6 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..comm.all_reduce import all_reduce, copy_to_parallel_region
+from ..comm.dist_gemm import all_gather_gemm, gemm_reduce_scatter
 from ..comm.tensor_parallel import gather_last_dim, split_last_dim
 from ..tgemm import mm
 
@@ -83,6 +89,9 @@ class ColumnParallelLinear(_ParallelLinear):
         bias: whether the layer has a bias (this rank holds its slice).
         gather_output: all-gather the outputs so every rank returns all ``out_features``
             (default: this rank's slice, ready for a :class:`RowParallelLinear`).
+        sequence_parallel: ``x`` holds this rank's tokens along dim 0; the layer computes every
+            rank's tokens with :func:`aiter_dist.all_gather_gemm` (the gather overlapped with
+            the GEMM), so the output has ``world`` times the rows. Not with ``gather_output``.
         group: the tensor-parallel group; default the world once torch.distributed is
             initialized, else a plain one-process layer.
         device, dtype: of the parameters.
@@ -112,14 +121,19 @@ class ColumnParallelLinear(_ParallelLinear):
     tp_shard_dims = {"weight": 0, "bias": 0}
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 gather_output: bool = False, group=None, device=None, dtype=None):
+                 gather_output: bool = False, group=None, device=None, dtype=None,
+                 sequence_parallel: bool = False):
         super().__init__()
         self.group, self.rank, self.world_size = _group_info(group)
         self.in_features, self.out_features = in_features, out_features
         self.out_per_rank = _divide(out_features, self.world_size, "out_features",
                                     "ColumnParallelLinear")
+        if sequence_parallel and gather_output:
+            raise ValueError("aiter_dist.nn.ColumnParallelLinear: sequence_parallel=True gathers "
+                             "the tokens, gather_output=True the features: choose one")
         self.gather_output = gather_output
-        self.sequence_parallel = False
+        self.sequence_parallel = sequence_parallel
+        self.input_gathered = False  # set by a caller that all-gathered the input itself
         self.weight = nn.Parameter(torch.empty(self.out_per_rank, in_features, device=device,
                                                dtype=dtype))
         self.bias = nn.Parameter(torch.empty(self.out_per_rank, device=device, dtype=dtype)) \
@@ -147,14 +161,16 @@ class ColumnParallelLinear(_ParallelLinear):
     def forward_shard(self, x):
         """This rank's slice of the outputs whatever ``gather_output`` says (a vocab-parallel
         loss takes the logits' shard from a head that otherwise gathers them)."""
-        if self.world_size > 1 and not self.sequence_parallel:
+        if self.sequence_parallel and self.world_size > 1:
+            return all_gather_gemm(x, self.weight, self.bias, self.group)
+        if self.world_size > 1 and not self.input_gathered:
             x = copy_to_parallel_region(x, self.group)
         return mm(x, self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features} "
                 f"({self.out_per_rank} on this rank), bias={self.bias is not None}, "
-                f"gather_output={self.gather_output}")
+                f"gather_output={self.gather_output}, sequence_parallel={self.sequence_parallel}")
 
 
 class RowParallelLinear(_ParallelLinear):
@@ -171,6 +187,10 @@ class RowParallelLinear(_ParallelLinear):
             False: ``x`` is the replicated ``(..., in_features)`` and is split here (the
             backward all-gathers its gradient).
         group, device, dtype: as in :class:`ColumnParallelLinear`.
+        sequence_parallel: return this rank's tokens (dim 0, ``1 / world`` of the rows) of the
+            reduced output with :func:`aiter_dist.gemm_reduce_scatter` (the reduce-scatter
+            overlapped with the GEMM) instead of every token all-reduced; the token count must
+            divide by the group size. Needs ``input_is_parallel=True``.
 
     Parameters: ``weight`` is columns ``rank * in_features / world`` onwards of the full
     weight, shape ``(out_features, in_features / world)``; ``bias`` is ``(out_features,)``.
@@ -194,13 +214,18 @@ class RowParallelLinear(_ParallelLinear):
     tp_shard_dims = {"weight": 1}
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
-                 input_is_parallel: bool = True, group=None, device=None, dtype=None):
+                 input_is_parallel: bool = True, group=None, device=None, dtype=None,
+                 sequence_parallel: bool = False):
         super().__init__()
         self.group, self.rank, self.world_size = _group_info(group)
         self.in_features, self.out_features = in_features, out_features
         self.in_per_rank = _divide(in_features, self.world_size, "in_features",
                                    "RowParallelLinear")
+        if sequence_parallel and not input_is_parallel:
+            raise ValueError("aiter_dist.nn.RowParallelLinear: sequence_parallel=True needs "
+                             "input_is_parallel=True (this rank's slice of the features)")
         self.input_is_parallel = input_is_parallel
+        self.sequence_parallel = sequence_parallel
         self._reduce_output = True
         self.weight = nn.Parameter(torch.empty(out_features, self.in_per_rank, device=device,
                                                dtype=dtype))
@@ -240,6 +265,8 @@ class RowParallelLinear(_ParallelLinear):
                              f"{x.shape[-1]} must be this rank's shard {self.in_per_rank} of "
                              f"in_features={self.in_features} (input_is_parallel="
                              f"{self.input_is_parallel})")
+        if self.sequence_parallel and self._reduce_output and self.world_size > 1:
+            return gemm_reduce_scatter(x, self.weight, self.bias, self.group)
         y = mm(x, self.weight)
         if not self._reduce_output:
             return y  # partial: the caller reduces it
@@ -250,4 +277,5 @@ class RowParallelLinear(_ParallelLinear):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features} ({self.in_per_rank} on this rank), "
                 f"out_features={self.out_features}, bias={self.bias is not None}, "
-                f"input_is_parallel={self.input_is_parallel}")
+                f"input_is_parallel={self.input_is_parallel}, "
+                f"sequence_parallel={self.sequence_parallel}")
