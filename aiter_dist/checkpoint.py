@@ -9,7 +9,10 @@ process group) as long as the model's layers divide over M:
   :class:`~aiter_dist.nn.RowParallelLinear`: weight dim 1) is this rank's slice of the full
   tensor; it is saved as a ``DTensor`` sharded on that dim over the layer's group, and reloads
   as whatever slice the loading rank's layer holds;
-* a parameter that is already a ``DTensor`` (PyTorch's own tensor parallelism) reshards as is;
+* a parameter that is already a ``DTensor`` (PyTorch's own tensor parallelism, FSDP2) reshards
+  as is; under FSDP2 a tensor-parallel layer's parameter is a ``DTensor`` over the data-parallel
+  mesh whose whole is this rank's slice: saving gathers that slice over dp (one all-gather per
+  tensor), loading hands each dp rank its part of it;
 * every other parameter and persistent buffer is replicated: saved once, loaded on every rank;
 * optimizer state is keyed by parameter name, not by index: a state tensor shaped like its
   parameter (AdamW's ``exp_avg``, ``exp_avg_sq``) is sharded like it, any other (``step``) is
@@ -82,6 +85,21 @@ def _is_dtensor(t) -> bool:
 
 def _local(t):
     return t.to_local() if _is_dtensor(t) else t
+
+
+def _tp_slice(t):
+    """A tensor-parallel slice that FSDP2 sharded further over data parallelism (a DTensor over
+    the dp mesh): gathered whole; any other tensor as is."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _dp_part(tp_slice: torch.Tensor, like) -> torch.Tensor:
+    """This rank's data-parallel part of ``tp_slice``, shaped and placed as ``like`` (an FSDP2
+    DTensor): its local tensor, cut without communication."""
+    from torch.distributed.tensor import distribute_tensor
+
+    return distribute_tensor(tp_slice.to(like.device), like.device_mesh, like.placements,
+                             src_data_rank=None).to_local()
 
 
 def _shard_specs(model: nn.Module) -> dict:
@@ -262,7 +280,7 @@ def save(directory, step: int, model: nn.Module, optimizer=None, extra: dict | N
 
     model = _unwrap(model)
     sharder = _Sharder(_shard_specs(model))
-    state["model"] = {n: sharder.wrap(n, t) if n in sharder.specs else t
+    state["model"] = {n: sharder.wrap(n, _tp_slice(t)) if n in sharder.specs else t
                       for n, t in model.state_dict().items()}
     if optimizer is not None:
         params, names = _optim_names(model, optimizer)
@@ -270,9 +288,9 @@ def save(directory, step: int, model: nn.Module, optimizer=None, extra: dict | N
         per_param = {}
         for i, st in osd["state"].items():
             p, n = params[i], names[i]
-            per_param[n] = {k: sharder.wrap(n, v) if (n in sharder.specs and torch.is_tensor(v)
-                                                      and v.shape == p.shape) else v
-                            for k, v in st.items()}
+            per_param[n] = {k: sharder.wrap(n, _tp_slice(v)) if (
+                n in sharder.specs and torch.is_tensor(v) and v.shape == p.shape) else v
+                for k, v in st.items()}
         groups = [{**{k: v for k, v in pg.items() if k != "params"},
                    "params": [names[i] for i in pg["params"]]} for pg in osd["param_groups"]]
         state["optim"] = {"state": per_param,
@@ -363,14 +381,18 @@ def load(path, model: nn.Module, optimizer=None, *, group=None,
     model = _unwrap(model)
     sharder = _Sharder(_shard_specs(model))
     msd = model.state_dict()
-    target, wrong = {}, []
+    target, wrong, split = {}, [], {}
     for n, t in msd.items():
         m = meta.get(f"model.{n}")
         full = sharder.full_shape(n, t)
         if m is None or not hasattr(m, "size") or tuple(m.size) != full:
             wrong.append(f"{n}: model {full}, checkpoint "
                          f"{tuple(m.size) if hasattr(m, 'size') else 'missing'}")
-        target[n] = sharder.wrap(n, t) if n in sharder.specs else t
+        if n in sharder.specs and _is_dtensor(t):  # FSDP2 over a tp slice: load the slice
+            split[n] = torch.empty(t.shape, dtype=t.dtype, device=_local(t).device)
+            target[n] = sharder.wrap(n, split[n])
+        else:
+            target[n] = sharder.wrap(n, t) if n in sharder.specs else t
     extra_keys = sorted(k[len("model."):] for k in meta
                         if k.startswith("model.") and k[len("model."):] not in msd)
     if wrong or extra_keys:
@@ -395,7 +417,10 @@ def load(path, model: nn.Module, optimizer=None, *, group=None,
                 slot = None  # a non-tensor state value: DCP puts the saved object here
             elif tuple(m.size) == sharder.full_shape(name, p):  # shaped like p: sliced like p
                 local = torch.empty_like(_local(p), dtype=m.properties.dtype)
-                if _is_dtensor(p):
+                if _is_dtensor(p) and name in sharder.specs:  # FSDP2 over a tp slice
+                    slot = sharder.wrap(name, torch.empty(p.shape, dtype=m.properties.dtype,
+                                                          device=local.device))
+                elif _is_dtensor(p):
                     from torch.distributed.tensor import DTensor
                     slot = DTensor.from_local(local, p.device_mesh, p.placements,
                                               run_check=False, shape=p.shape, stride=p.stride())
@@ -407,21 +432,32 @@ def load(path, model: nn.Module, optimizer=None, *, group=None,
         state["optim"] = {"state": per_param, "param_groups_json": ""}
     _dcp_load(state, path, g)
 
+    for n, whole in split.items():  # each dp rank keeps its part of the loaded tp slice
+        _local(msd[n]).copy_(_dp_part(whole, msd[n]))
     model.load_state_dict(msd)  # msd's plain tensors share storage with the loaded slices
     if optimizer is not None:
-        _set_optimizer(optimizer, params, names, state["optim"])
+        _set_optimizer(optimizer, params, names, state["optim"], sharder.specs)
     return extra
 
 
-def _set_optimizer(optimizer, params: list, names: list, loaded: dict):
+def _set_optimizer(optimizer, params: list, names: list, loaded: dict, specs: dict):
     """Hand the loaded, name-keyed state to ``optimizer`` in its own index order; each group
     takes the saved hyperparameters if all its parameters were in one saved group."""
+    from torch.distributed.tensor import DTensor
+
     pos = {id(p): i for i, p in enumerate(params)}
     index = {n: i for i, n in enumerate(names)}
     state = {}
     for name, st in loaded["state"].items():
         i = index[name]
-        plain = not _is_dtensor(params[i])  # the DTensor wrapper was only for DCP
+        p = params[i]
+        if _is_dtensor(p) and name in specs:  # FSDP2 over a tp slice: this dp rank's part
+            state[i] = {k: DTensor.from_local(_dp_part(v.to_local(), p), p.device_mesh,
+                                              p.placements, run_check=False, shape=p.shape,
+                                              stride=p.stride())
+                        if _is_dtensor(v) else v for k, v in st.items()}
+            continue
+        plain = not _is_dtensor(p)  # the DTensor wrapper was only for DCP
         state[i] = {k: v.to_local() if plain and _is_dtensor(v) else v for k, v in st.items()}
     saved = json.loads(loaded["param_groups_json"] or "[]")
     group_of = {n: j for j, sg in enumerate(saved) for n in sg["params"]}

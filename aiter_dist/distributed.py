@@ -1,5 +1,6 @@
 """``init_distributed()``: one call that works under torchrun, under mpirun/mpiexec, and as a
-single plain process."""
+single plain process; ``init_parallel_mesh()``: the (dp, tp) layout for many nodes, tensor
+parallel inside a node and data parallel across nodes."""
 from __future__ import annotations
 
 import atexit
@@ -10,9 +11,12 @@ import platform
 import socket
 import threading
 import time
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
+
+from .kernels._runtime import log
 
 _MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "MV2_COMM_WORLD_RANK")
 
@@ -147,6 +151,66 @@ def init_distributed(timeout_s: float | None = None):
     dist.init_process_group(_backend(), init_method=init_method, rank=rank, world_size=world,
                             timeout=timeout)
     return dist.group.WORLD
+
+
+class ParallelMesh(NamedTuple):
+    """The 2-D layout of :func:`init_parallel_mesh`: rank = dp_rank * tp + tp_rank, so the ``tp``
+    consecutive ranks of one data-parallel replica share a host (torchrun and SLURM number the
+    ranks of a node consecutively)."""
+    mesh: object  # torch DeviceMesh of shape (dp, tp), dims named ("dp", "tp"); None when dp == 1
+    tp_group: object  # this rank's tensor-parallel group (the world when dp == 1)
+    dp_group: object  # this rank's data-parallel group (ranks with its tp_rank); None when dp == 1
+    tp: int
+    dp: int
+    tp_rank: int
+    dp_rank: int
+    ranks_per_host: int  # ranks sharing this rank's host (what ``tp=None`` picks)
+
+
+def init_parallel_mesh(tp: int | None = None, device_type: str | None = None) -> ParallelMesh:
+    """Split the world into ``dp = world / tp`` data-parallel replicas of ``tp`` tensor-parallel
+    ranks each: tensor parallelism inside a node (peer-to-peer memory, NVLink), data parallelism
+    across nodes (FSDP2 or DDP over ``mesh["dp"]``). Collective: every rank calls it, after
+    :func:`init_distributed`.
+
+    Args:
+        tp: ranks per tensor-parallel group; default the ranks on this rank's host (hosts as
+            ``aiter_dist``'s workspace sees them: ``AITER_DIST_HOSTNAME``, else the hostname).
+            Must divide the world size. A tp group whose ranks span hosts is allowed, but its
+            collectives then take torch.distributed (logged once per op, ``last_path``).
+        device_type: the mesh's device type; default ``"cuda"`` with a GPU, else ``"cpu"``.
+
+    With ``dp == 1`` no mesh is built and the world is the tensor-parallel group (one node, as
+    before). Without torch.distributed: a one-rank layout with no groups.
+    """
+    from .comm.workspace import host_name
+
+    if not dist.is_initialized():
+        return ParallelMesh(None, None, None, 1, 1, 0, 0, 1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    hosts = [None] * world
+    dist.all_gather_object(hosts, host_name())
+    per_host = hosts.count(hosts[rank])
+    tp = per_host if tp is None else int(tp)
+    if tp < 1 or world % tp:
+        raise ValueError(f"aiter_dist.init_parallel_mesh: tp={tp} does not divide the world size "
+                         f"{world}; pick a tensor-parallel size that does (the ranks per node, "
+                         f"{per_host} here, or a divisor of it)")
+    dp = world // tp
+    spans = sorted({i for i in range(dp) if len(set(hosts[i * tp:(i + 1) * tp])) > 1})
+    if spans and rank == 0:
+        log.warning("aiter_dist.init_parallel_mesh: tp=%d puts tensor-parallel group(s) %s on "
+                    "more than one host (%d ranks per host here): their collectives take "
+                    "torch.distributed, not the peer-to-peer kernels; use tp <= the ranks per "
+                    "node with ranks numbered node by node", tp, spans, per_host)
+    if dp == 1:
+        return ParallelMesh(None, dist.group.WORLD, None, tp, 1, rank, 0, per_host)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    mesh = init_device_mesh(device_type, (dp, tp), mesh_dim_names=("dp", "tp"))
+    return ParallelMesh(mesh, mesh["tp"].get_group(), mesh["dp"].get_group(), tp, dp,
+                        rank % tp, rank // tp, per_host)
 
 
 def local_device() -> torch.device:

@@ -93,6 +93,14 @@ def signal_bytes(max_programs: int) -> int:
     return cdiv(signal_words(max_programs) * 4, 4096) * 4096  # whole pages: data stays aligned
 
 
+def host_name() -> str:
+    """The host this rank reports when a group's state is made: ``AITER_DIST_HOSTNAME`` if set
+    (tests fake several hosts on one machine with it; a cluster can name hosts whose hostnames
+    clash), else ``socket.gethostname()``. Ranks of one group on different hosts cannot share
+    peer-to-peer buffers."""
+    return os.environ.get("AITER_DIST_HOSTNAME") or socket.gethostname()
+
+
 def group_name(group) -> str:
     return getattr(group, "group_name", None) or str(group)
 
@@ -200,7 +208,7 @@ class GroupState:
             _create_file(ctl_path, nbytes)
         try:
             peers = [None] * self.world_size
-            dist.all_gather_object(peers, (socket.gethostname(), os.getpid(), token),
+            dist.all_gather_object(peers, (host_name(), os.getpid(), token),
                                    group=self.group)
         except BaseException:
             if ctl_path:
@@ -211,8 +219,12 @@ class GroupState:
         ctl_path = f"{_SHM_PREFIX}{peers[0][2]}-ctl"
         self.reason = None
         if len(hosts) > 1:
-            self.reason = (f"the group's ranks run on {len(hosts)} hosts ({', '.join(hosts)}): "
-                           f"peer-to-peer buffers stay within one host")
+            by_host = {h: [r for r, (hr, _, _) in enumerate(peers) if hr == h] for h in hosts}
+            where = "; ".join(f"{h}: ranks {rs}" for h, rs in list(by_host.items())[:4])
+            self.reason = (f"group '{self.name}' spans {len(hosts)} hosts ({where}"
+                           f"{'; ...' if len(hosts) > 4 else ''}): peer-to-peer buffers stay "
+                           f"within one host; keep tensor parallelism inside a node "
+                           f"(aiter_dist.distributed.init_parallel_mesh, train_llama.py --tp)")
         elif self.world_size > MAX_WORLD:
             self.reason = f"world size {self.world_size} > {MAX_WORLD}"
         self.ctl = None
@@ -228,7 +240,8 @@ class GroupState:
         elif self.rank == 0:
             _unlink_all([ctl_path])
         self.watch = _GroupWatch(self.pids, self.rank)
-        _watchdog.watch(self.watch)
+        if self.reason is None:  # (pids of other hosts mean nothing here; nothing waits anyway)
+            _watchdog.watch(self.watch)
 
     @property
     def exited_peer(self) -> int | None:

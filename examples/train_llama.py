@@ -1,22 +1,35 @@
-"""Train the example Llama (examples/llama.py) tensor-parallel with aiter_dist.
+"""Train the example Llama (examples/llama.py) tensor-parallel with aiter_dist, data-parallel
+across nodes with PyTorch's FSDP2 or DDP.
 
     torchrun --nproc-per-node 2 examples/train_llama.py                 # aiter_dist TP=2
+    torchrun --nnodes 2 --node-rank R --master-addr HOST --nproc-per-node 8 \
+        examples/train_llama.py --config 8b                             # TP=8 per node, DP=2
     torchrun --nproc-per-node 2 examples/train_llama.py --no-aiter      # PyTorch's own TP=2
     torchrun --nproc-per-node 2 examples/train_llama.py --sequence-parallel
     mpiexec -n 2 python examples/train_llama.py --config tiny --steps 3 # MPI launch
     python examples/train_llama.py                                      # one plain process
 
-Every rank builds the full model from the same seed, then ``aiter_dist.parallelize`` keeps each
-rank's shard; every rank draws the same batches (tensor-parallel ranks share the data), so the
-loss is replicated and identical on all ranks. Data is byte-level: any text file (``--data``), or
-by default the Python standard library's own sources, which exist on every machine.
+Layout: the world is split into dp = world / tp replicas of ``--tp`` ranks (default: the ranks of
+one node), rank = dp_rank * tp + tp_rank. Inside a replica ``aiter_dist.parallelize`` shards the
+model over the tensor-parallel group (peer-to-peer kernels stay within the node); across replicas
+the model is wrapped in FSDP2 (``--dp-mode fsdp``, the default: parameters, gradients and optimizer
+state sharded over dp) or DDP (``--dp-mode ddp``), which average the gradients over dp only.
+
+Every rank builds the full model from the same seed, then keeps its shard. Every rank draws the
+same global batch (``--batch-size`` rows) and keeps its replica's share (rows dp_rank * B/dp on):
+tensor-parallel ranks share a batch, replicas differ, and a run with dp=2, tp=2 sees the same
+tokens per step as one process. The reported loss is the mean over replicas, identical on all
+ranks. Data is byte-level: any text file (``--data``), or by default the Python standard
+library's own sources, which exist on every machine.
 
 Checkpoints (``--checkpoint-dir``) go through ``aiter_dist.checkpoint`` (PyTorch's distributed
 checkpoint, DCP): every tensor is stored with its place in the full model, with the optimizer state
 by parameter name, the step and the data sampler's state, so ``--resume`` continues the loss
 trajectory at the same world size or at any other the heads divide by (saved at TP=2, resumed at
-TP=1 or TP=4). Each is a directory ``step00000040/``, renamed from a temporary one only after every
-rank has written its part; ``--resume`` takes the newest, ``--keep-last`` prunes the oldest.
+TP=1 or TP=4), under any (dp, tp) layout (saved by dp=2 x tp=2 under FSDP2, resumed on one
+process or under DDP). Each is a directory ``step00000040/``, renamed from a temporary one only
+after every rank has written its part; ``--resume`` takes the newest, ``--keep-last`` prunes the
+oldest.
 The last line printed (rank 0) is a JSON summary.
 """
 from __future__ import annotations
@@ -48,7 +61,15 @@ def parse_args(argv=None):
                    help="model size (default: tiny without CUDA, small with)")
     p.add_argument("--steps", type=int, default=40, help="total optimizer steps (a resumed run "
                    "continues up to this step)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="GLOBAL batch (sequences per step over all data-parallel replicas; each "
+                        "takes batch-size / dp of them); must divide by dp")
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel ranks per replica (default: the ranks of one node); "
+                        "the world divides into world / tp data-parallel replicas")
+    p.add_argument("--dp-mode", choices=("fsdp", "ddp"), default="fsdp",
+                   help="data parallelism across replicas (when world > tp): FSDP2 fully_shard "
+                        "(bf16 params / fp32 reduce with --dtype bf16) or DistributedDataParallel")
     p.add_argument("--seq-len", type=int, default=None, help="default: the config's max_seq_len")
     p.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default per "
                    f"config: {DEFAULT_LR})")
@@ -143,9 +164,13 @@ def load_bytes(path: str | None, limit: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 
-def get_batch(data, gen, batch, seq, device):
-    """Random windows; ``gen`` is seeded identically on every rank, so all ranks agree."""
+def get_batch(data, gen, batch, seq, device, part=0, parts=1):
+    """Rows ``part * batch / parts`` on of one global batch of random windows. ``gen`` is seeded
+    identically on every rank and advances the same everywhere, so all ranks agree on the global
+    batch and each data-parallel replica takes its own share."""
     starts = torch.randint(0, data.numel() - seq - 1, (batch,), generator=gen)
+    n = batch // parts
+    starts = starts[part * n:(part + 1) * n]
     chunk = data[starts[:, None] + torch.arange(seq + 1)].long()
     return chunk[:, :-1].to(device, non_blocking=True), chunk[:, 1:].to(device, non_blocking=True)
 
@@ -157,12 +182,14 @@ def _local(t):
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def torch_tensor_parallel(model, world, device):
-    """The --no-aiter baseline: PyTorch's own TP over a 1-D mesh, same sharding as aiter_dist."""
+def torch_tensor_parallel(model, layout, device):
+    """The --no-aiter baseline: PyTorch's own TP over the tensor-parallel mesh (the 2-D mesh's
+    ``tp`` dimension, or a 1-D mesh of the world), same sharding as aiter_dist."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel,
                                                    parallelize_module)
-    mesh = init_device_mesh(device.type, (world,))
+    mesh = layout.mesh["tp"] if layout.mesh is not None else init_device_mesh(device.type,
+                                                                               (layout.tp,))
     plan = {"attn.q_proj": ColwiseParallel(), "attn.k_proj": ColwiseParallel(),
             "attn.v_proj": ColwiseParallel(), "attn.o_proj": RowwiseParallel(),
             "mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel(),
@@ -172,24 +199,40 @@ def torch_tensor_parallel(model, world, device):
     return model
 
 
+def tp_replicated(model, full_shapes):
+    """Names of the parameters every tensor-parallel rank holds whole. Call after tensor
+    parallelism and before data parallelism: a parameter whose local shape differs from its full
+    shape then is a tensor-parallel shard (aiter_dist's or a DTensor)."""
+    return {n for n, p in model.named_parameters() if tuple(_local(p).shape) == full_shapes[n]}
+
+
+def norm_copies(names, replicated, layout, dp_sharded):
+    """{parameter name: how many ranks hold each element of its gradient} in the (dp, tp)
+    layout: ``layout.tp`` for a tp-replicated parameter, 1 for a tp shard, times ``layout.dp``
+    under DDP (every replica holds every parameter), times 1 under FSDP (shards over dp)."""
+    copies_dp = 1 if dp_sharded else layout.dp
+    return {n: copies_dp * (layout.tp if n in replicated else 1) for n in names}
+
+
 @torch.no_grad()
-def clip_grad_norm(named_params, full_shapes, max_norm, group, world):
-    """Global grad norm over the full (unsharded) model, then clip. A parameter whose local shape
-    differs from its full shape is sharded: its squared norm is summed over ranks; replicated
-    parameters are counted once. Works for aiter_dist shards and DTensors alike."""
-    sharded, replicated, grads = [], [], []
+def clip_grad_norm(named_params, copies, max_norm, world):
+    """Global grad norm over the full (unsharded) model, then clip. Every rank adds its local
+    gradients' squares, each divided by the number of ranks holding that element (``copies``,
+    from :func:`norm_copies`), and one all-reduce over the world sums them: every element is then
+    counted once, whether sharded over tp, over dp (FSDP), both, or neither. Works for aiter_dist
+    shards and DTensors (PyTorch TP, FSDP2) alike."""
+    by_copies, grads = {}, []
     for name, p in named_params:
         if p.grad is None:
             continue
         g = _local(p.grad)
         grads.append(g)
-        (sharded if tuple(_local(p).shape) != full_shapes[name] else replicated).append(
-            g.float().pow(2).sum())
-    dev = grads[0].device
-    sq_sharded = torch.stack(sharded).sum() if sharded else torch.zeros((), device=dev)
-    if world > 1 and sharded:
-        dist.all_reduce(sq_sharded, group=group)
-    sq = sq_sharded + (torch.stack(replicated).sum() if replicated else 0.0)
+        by_copies.setdefault(copies[name], []).append(g.float().pow(2).sum())
+    sq = torch.zeros((), dtype=torch.float32, device=grads[0].device)
+    for c, v in sorted(by_copies.items()):
+        sq += torch.stack(v).sum() / c
+    if world > 1:
+        dist.all_reduce(sq)
     norm = sq.sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
@@ -231,15 +274,63 @@ def load_checkpoint(d, model, opt, gen, args, cfg, group):
 
 # ------------------------------------------------------------------------------------------ main
 
+def data_parallel(model, layout, args, device):
+    """Wrap the tensor-parallel ``model`` for data parallelism over ``layout.dp_group``; returns
+    the module to call (FSDP2 shards ``model`` in place and returns it; DDP wraps it)."""
+    if args.dp_mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        # Buffers (RoPE tables) are the same constants everywhere: no broadcast per forward.
+        return DDP(model, process_group=layout.dp_group, broadcast_buffers=False,
+                   device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+          if args.dtype == "bf16" else MixedPrecisionPolicy())
+    mesh = layout.mesh["dp"]
+    # One unit per attention and per MLP (the modules every forward mode calls: the fused
+    # forward calls them directly, not their blocks), then the root: embedding, norms, head.
+    for block in model.layers:
+        for sub in (block.attn, block.mlp):
+            fully_shard(sub, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    return model
+
+
+def peak_mem_gb(device) -> float:
+    """This rank's peak memory: CUDA's allocated peak, or the process's peak RSS on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux: KiB
+
+
 def main(argv=None):
     args = parse_args(argv)
-    group = aiter_dist.init_distributed()
+    aiter_dist.init_distributed()
+    group = dist.group.WORLD  # checkpoints and the loss check span every rank
     rank, world = dist.get_rank(), dist.get_world_size()
     device = aiter_dist.local_device()
     if device.type == "cpu" and world > 1:
         torch.set_num_threads(1)  # ranks share the cores; more threads only oversubscribe
     cfg = CONFIGS[args.config]
     say = print if rank == 0 else (lambda *a, **k: None)
+    try:
+        layout = aiter_dist.distributed.init_parallel_mesh(args.tp)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    tp_group, dp = layout.tp_group, layout.dp
+    if args.batch_size % dp:
+        raise SystemExit(f"--batch-size {args.batch_size} (the global batch) does not divide over "
+                         f"{dp} data-parallel replicas (world {world} / tp {layout.tp})")
+    if args.sequence_parallel and (args.batch_size // dp * args.seq_len) % layout.tp:
+        raise SystemExit(f"--sequence-parallel: a replica's tokens ({args.batch_size // dp} x "
+                         f"{args.seq_len}) must divide by tp={layout.tp}")
+    if args.cuda_graphs and dp > 1:
+        raise SystemExit("--cuda-graphs with data parallelism (dp > 1) is untested: FSDP2's and "
+                         "DDP's gradient collectives run outside the captured graphs; use "
+                         "--compile, or --tp equal to the world size")
+    if args.no_aiter and dp > 1 and layout.tp > 1 and args.dp_mode == "ddp":
+        raise SystemExit("--no-aiter with tp > 1 and dp > 1 needs --dp-mode fsdp (PyTorch's "
+                         "tensor parallel makes DTensor parameters, which DDP does not take)")
 
     # Same seed on every rank -> the same full model everywhere; parallelize keeps the shards.
     torch.manual_seed(args.seed)
@@ -250,23 +341,28 @@ def main(argv=None):
     full_shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
     aiter_dist.tgemm.default_backend = args.gemm
     if not args.no_aiter:
-        model = aiter_dist.parallelize(model, group=group, fuse_norm=not args.no_fuse_norm,
+        model = aiter_dist.parallelize(model, group=tp_group, fuse_norm=not args.no_fuse_norm,
                                        sequence_parallel=args.sequence_parallel,
                                        train_ops=not args.no_train_ops)
-    elif world > 1:
-        model = torch_tensor_parallel(model, world, device)
+    elif layout.tp > 1:
+        model = torch_tensor_parallel(model, layout, device)
+    replicated = tp_replicated(model, full_shapes)
+    copies = norm_copies(full_shapes, replicated, layout, dp > 1 and args.dp_mode == "fsdp")
+    # ``model`` stays the bare module (checkpoints use its names); ``wrapped`` is what runs.
+    wrapped = data_parallel(model, layout, args, device) if dp > 1 else model
 
     # The compiled module wraps the model (its parameters keep their names for checkpoints).
-    forward = (torch.compile(model, backend=args.compile_backend,
+    forward = (torch.compile(wrapped, backend=args.compile_backend,
                              mode="reduce-overhead" if args.cuda_graphs else None)
-               if args.compile else model)
+               if args.compile else wrapped)
 
-    # PyTorch's TP leaves sharded parameters as DTensors and replicated ones as plain tensors;
-    # AdamW's multi-tensor (foreach) step needs one kind per parameter group.
-    params = list(model.parameters())
-    kinds = [[p for p in params if not hasattr(p, "to_local")],
-             [p for p in params if hasattr(p, "to_local")]]
-    opt = torch.optim.AdamW([{"params": ps} for ps in kinds if ps], lr=args.lr,
+    # PyTorch's TP leaves sharded parameters as DTensors and replicated ones as plain tensors,
+    # FSDP2 makes DTensors over the dp mesh (2-D over PyTorch's TP): AdamW's multi-tensor
+    # (foreach) step needs one kind per parameter group, so group by mesh.
+    kinds = {}
+    for p in model.parameters():
+        kinds.setdefault(id(getattr(p, "device_mesh", None)), []).append(p)
+    opt = torch.optim.AdamW([{"params": ps} for ps in kinds.values()], lr=args.lr,
                             betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
     data = load_bytes(args.data, int(args.data_limit_mb * (1 << 20)))
     gen = torch.Generator().manual_seed(args.seed)
@@ -285,9 +381,11 @@ def main(argv=None):
                 else contextlib.nullcontext())
     tokens_per_step = args.batch_size * args.seq_len
     flops_tok = flops_per_token(cfg, args.seq_len, n_matmul)
-    say(f"config={args.config} params={n_params / 1e6:.2f}M world={world} device={device} "
+    say(f"config={args.config} params={n_params / 1e6:.2f}M world={world} tp={layout.tp} "
+        f"dp={dp}{f' ({args.dp_mode})' if dp > 1 else ''} device={device} "
         f"dtype={args.dtype} aiter={not args.no_aiter} steps={start}->{args.steps} "
-        f"batch={args.batch_size}x{args.seq_len} lr={args.lr} data={data.numel()} bytes")
+        f"batch={args.batch_size}x{args.seq_len} (global) lr={args.lr} data={data.numel()} "
+        f"bytes")
 
     model.train()
     named = list(model.named_parameters())
@@ -295,17 +393,21 @@ def main(argv=None):
     step_times = []  # every step but the first (allocator warm-up, compilation)
     for step in range(start, args.steps):
         t0 = time.perf_counter()
-        x, y = get_batch(data, gen, args.batch_size, args.seq_len, device)
+        x, y = get_batch(data, gen, args.batch_size, args.seq_len, device, layout.dp_rank, dp)
         with autocast:
             # The model computes its own loss: aiter_dist's head + loss never materializes the
             # whole logits (one rank) or gathers them (tensor parallel: vocab-parallel loss).
             loss = forward(x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        gnorm = clip_grad_norm(named, full_shapes, args.grad_clip, group, world)
+        gnorm = clip_grad_norm(named, copies, args.grad_clip, world)
         for g in opt.param_groups:  # warmup, then constant: a function of the step alone
             g["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
         opt.step()
+        if dp > 1:  # each replica's mean over its rows; the global batch's is their mean
+            loss = loss.detach().clone()
+            dist.all_reduce(loss, group=layout.dp_group)
+            loss /= dp
         last_loss = loss.item()  # also the sync point for timing
         dt = time.perf_counter() - t0
         if first_loss is None:
@@ -320,20 +422,37 @@ def main(argv=None):
                    f"gnorm {gnorm.item():.3f} | {tps:,.0f} tok/s | {dt * 1e3:.0f} ms")
             if device.type == "cuda":
                 msg += f" | mfu {flops_tok * tps / (args.peak_flops * world):.1%}"
+            mem = torch.tensor([peak_mem_gb(device)], dtype=torch.float64)
+            if world > 1:
+                dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+            msg += f" | peak mem {mem.item():.2f} GB/rank (max over ranks)"
             say(msg, flush=True)
         if args.checkpoint_dir and ((step + 1) % args.save_every == 0 or step + 1 == args.steps):
             save_checkpoint(args.checkpoint_dir, step + 1, model, opt, gen, args, cfg, group)
 
-    # Tensor parallel replicates the loss: check that every rank really computed the same one.
-    spread = 0.0
+    # Tensor parallel replicates the loss (and the dp mean makes it global): check that every
+    # rank really computed the same one, and that every tp-replicated parameter (norm weights,
+    # embedding) stayed the same on the ranks of each replica.
+    spread = replica_spread = 0.0
     if world > 1 and last_loss is not None:
         t = torch.tensor([last_loss, -last_loss], dtype=torch.float64)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         spread = float(t[0] + t[1])
+    if layout.tp > 1:
+        with torch.no_grad():
+            rep = [_local(p).double() for n, p in model.named_parameters() if n in replicated]
+            sums = torch.stack([torch.stack([r.sum(), r.abs().sum()]) for r in rep]).flatten()
+            sums = torch.cat([sums, -sums])
+            dist.all_reduce(sums, op=dist.ReduceOp.MAX, group=tp_group)
+            replica_spread = float((sums[:len(sums) // 2] + sums[len(sums) // 2:]).abs().max())
+    mems = [None] * world
+    dist.all_gather_object(mems, round(peak_mem_gb(device), 4))
     # The median step: a compiled model may still recompile in its first steps after the first.
     tps = tokens_per_step / statistics.median(step_times) if step_times else None
     summary = {"first_loss": first_loss, "last_loss": last_loss, "tokens_per_s": tps,
-               "world_size": world, "steps": args.steps, "start_step": start,
+               "world_size": world, "tp_size": layout.tp, "dp_size": dp,
+               "dp_mode": args.dp_mode if dp > 1 else None,
+               "steps": args.steps, "start_step": start,
                "config": args.config, "aiter": not args.no_aiter, "device": device.type,
                "comm": (getattr(model, "aiter_parallel", {}).get("fused_norm")
                         if not args.no_aiter else "torch"),
@@ -346,6 +465,7 @@ def main(argv=None):
                            if args.compile else None),
                "batch_size": args.batch_size,
                "seq_len": args.seq_len, "loss_rank_spread": spread,
+               "tp_replica_spread": replica_spread, "peak_mem_gb_per_rank": mems,
                "mfu": (flops_tok * tps / (args.peak_flops * world)
                        if device.type == "cuda" and tps else None)}
     say(json.dumps(summary), flush=True)

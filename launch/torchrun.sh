@@ -6,7 +6,11 @@
 # Several nodes: run the same command on every node with
 #   NNODES=2 NODE_RANK=<0|1> MASTER_ADDR=<node 0's address> [MASTER_PORT=29500] \
 #     launch/torchrun.sh 8 --config 8b
-# (c10d rendezvous at MASTER_ADDR:MASTER_PORT; NODE_RANK fixes the rank order across nodes.)
+# (c10d rendezvous at MASTER_ADDR:MASTER_PORT; NODE_RANK fixes the rank order across nodes, so
+# the ranks of one node are consecutive.) train_llama.py then keeps tensor parallelism inside each
+# node (--tp defaults to the ranks per node: peer-to-peer memory does not cross hosts) and makes
+# the nodes data-parallel replicas (--dp-mode fsdp, the default, or ddp); --batch-size is global.
+# --tp 4 on 8-rank nodes gives two replicas per node.
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
