@@ -3,7 +3,9 @@
 #   benchmarks/run_gpu.sh [stage ...]     stages: info tests multigpu norm attention gemm collectives
 #                                         overhead train (default: all); train-ops (RoPE, SwiGLU,
 #                                         cross-entropy benchmarks); train-ops-e2e (1 GPU, with and
-#                                         without those ops, and --no-aiter); train-modes (eager, compiled,
+#                                         without those ops, and --no-aiter); conv (conv2d vs cuDNN);
+#                                         dist-gemm (2 GPUs: overlapped GEMMs vs NCCL + cuBLAS and
+#                                         torch's fused ops); train-modes (eager, compiled,
 #                                         CUDA graphs, each beside --no-aiter, on 1 GPU and on 2 when
 #                                         there are 2; TRAIN_MODES_CONFIG, default 1b); and worlds
 #                                         (multigpu tier and collective benchmarks at every world size
@@ -33,6 +35,8 @@ for s in $stages; do
     gemm) run bench_gemm.log python3 benchmarks/bench_gemm.py ${GEMM_ARGS:-} ;;
     collectives) [ "$ngpu" -ge 2 ] && run bench_collectives.log torchrun --nproc-per-node "$ngpu" benchmarks/bench_collectives.py ${COLL_ARGS:-} ;;
     overhead) run bench_overhead.log python3 benchmarks/bench_overhead.py ;;
+    conv) run bench_conv.log python3 benchmarks/bench_conv.py ${CONV_ARGS:-} ;;
+    dist-gemm) [ "$ngpu" -ge 2 ] && run bench_dist_gemm.log torchrun --nproc-per-node 2 benchmarks/bench_dist_gemm.py ${DGEMM_ARGS:-} ;;
     train-ops) run bench_train_ops.log python3 benchmarks/bench_train_ops.py ${TRAIN_OPS_ARGS:-} ;;
     train-ops-e2e) for mode in "" "--no-train-ops" "--no-aiter" "--compile" "--no-train-ops --compile"; do
                      run "train_ops_${TRAIN_MODES_CONFIG:-1b}.log" torchrun --nproc-per-node 1 examples/train_llama.py --config "${TRAIN_MODES_CONFIG:-1b}" --steps ${TRAIN_STEPS:-30} $mode
