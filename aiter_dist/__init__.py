@@ -9,6 +9,7 @@ from .kernels.rmsnorm import add_rms_norm, rms_norm  # noqa: F401
 from .kernels.rope import apply_rotary_emb, apply_rotary_emb_qk  # noqa: F401
 from .kernels.swiglu import swiglu  # noqa: F401
 from .kernels.gemm import linear  # noqa: F401
+from .kernels.conv import conv2d  # noqa: F401
 from .kernels.cross_entropy import cross_entropy, linear_cross_entropy  # noqa: F401
 from .comm.vocab_parallel import vocab_parallel_cross_entropy  # noqa: F401
 from .kernels.gemm_fp8 import (gemm_a8w8, gemm_a8w8_blockscale,  # noqa: F401
@@ -18,6 +19,7 @@ from .comm import (all_gather, all_reduce, all_reduce_add_rms_norm,  # noqa: F40
                    reduce_scatter, reduce_scatter_add_rms_norm, rms_norm_all_gather,
                    workspace_tensor)
 from .comm.dist_gemm import all_gather_gemm, gemm_reduce_scatter  # noqa: F401
+from .comm.ddp_hook import ddp_comm_hook  # noqa: F401
 from . import checkpoint, nn, tgemm  # noqa: F401
 from .distributed import init_distributed, local_device, shutdown  # noqa: F401
 from .parallel import parallelize  # noqa: F401
@@ -33,4 +35,4 @@ __all__ = ["flash_attn_func", "flash_attn_varlen_func", "rms_norm", "add_rms_nor
            "tgemm", "nn", "parallelize", "init_distributed", "local_device", "shutdown", "last_path",
            "get_workspace", "create_workspace", "check_errors", "INTERPRETED", "cross_entropy",
            "linear_cross_entropy", "vocab_parallel_cross_entropy", "checkpoint",
-           "all_gather_gemm", "gemm_reduce_scatter"]
+           "all_gather_gemm", "gemm_reduce_scatter", "ddp_comm_hook", "conv2d"]

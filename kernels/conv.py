@@ -1,0 +1,1074 @@
+"""conv2d: forward, data gradient (dgrad) and weight gradient (wgrad) as implicit GEMMs in Triton.
+
+    conv2d(x, w, b)   F.conv2d semantics: x (N, C_in, H, W), w (C_out, C_in/groups, KH, KW)
+
+All three passes work on NHWC data (``channels_last`` is the fast layout; the kernels read any
+strides, so contiguous NCHW is correct too) and accumulate in fp32:
+
+* forward: an implicit GEMM with M = N*OH*OW output pixels, N = C_out/groups, K =
+  KH*KW*C_in/groups. The input tile is gathered per (kh, kw) tap with masks for the padding, the
+  weight is read as (C_out, KH, KW, C_in) (its channels_last view); the bias is fused. When a
+  group has fewer than 16 input channels (the RGB stem) the K dimension is flattened over
+  (kh, kw, c) instead, so a 16-deep tile is not mostly padding.
+* dgrad: a transposed convolution as an implicit GEMM over dy, split by stride phase: the dx
+  pixels with ``ih % stride_h == ph`` (and likewise for w) form one sub-problem whose
+  contributing taps are the ones with ``(ph + pad - kh*dil) % stride == 0``; no work is spent on
+  the zeros a dilated dy would hold. One launch covers every phase (grid axis 2).
+* wgrad: M = C_out/groups, N = KH*KW*C_in/groups, the reduction over the N*OH*OW pixels split
+  across programs (split-K); each split writes an fp32 partial into a workspace, the partials are
+  summed afterwards in a fixed order: deterministic. dbias comes from the same pass (the row
+  sums of the dy tiles), also by split partials.
+* depthwise (one input channel per group: ``groups == C_in``): direct kernels, no GEMM (a
+  1-deep reduction would waste the tensor cores): elementwise taps for the forward and wgrad,
+  a masked gather for dgrad (stride phases are not split there).
+
+Dispatch: ``default_backend`` (env ``AITER_DIST_CONV_BACKEND``): ``"triton"`` (ours),
+``"vendor"`` (``F.conv2d`` / ``aten.convolution_backward``: cuDNN / MIOpen) or ``"auto"``: per
+pass, the winner in ``TUNED`` for the exact conv shape, else ours (no measured table yet).
+float64 inputs, empty batches and CPU tensors on a GPU machine take the vendor path, recorded.
+``last_path("conv2d")``, ``last_path("conv2d_dgrad")``, ``last_path("conv2d_wgrad")`` say who
+served each pass.
+
+fp32 inputs multiply in full fp32 (``input_precision="ieee"``), not TF32. The GPU configs
+(``fwd_config``, ``dgrad_config``, ``wgrad_config``; overrides in ``TUNED_CONFIGS``) are first
+guesses, not measured.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._runtime import (FLOAT_DTYPES, INTERPRETED, cdiv, check_same_device, check_tensor,
+                       compiling, launch, next_pow2, record_path)
+from .gemm import _tile_coords
+
+BACKENDS = ("auto", "triton", "vendor")
+default_backend = os.environ.get("AITER_DIST_CONV_BACKEND", "auto")
+
+# Per conv shape (``conv_key``): {"fwd": "triton"|"vendor", "dgrad": ..., "wgrad": ...}, the
+# measured winners ``backend="auto"`` follows. Empty until bench_conv.py has run on the GPU.
+TUNED: dict = {}
+# Per (pass, conv_key): a ConvConfig replacing the built-in guess.
+TUNED_CONFIGS: dict = {}
+
+# Copy a non-channels_last input / weight / dy to channels_last before a compiled kernel: the
+# kernels read any strides, but a channel stride other than 1 makes every load a gather.
+GPU_NHWC_COPY = True
+
+_PATH = "triton-interpreter" if INTERPRETED else "triton"
+CONV_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+class ConvConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    warps: int = 4
+    stages: int = 3
+    group_m: int = 8
+    split: int = 1   # wgrad: programs sharing the pixel reduction
+
+
+# ----------------------------------------------------------------------------- reference
+
+def conv2d_ref(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """``F.conv2d`` computed in fp32 (fp64 for fp64 inputs), returned in input's dtype."""
+    acc = torch.float64 if input.dtype == torch.float64 else torch.float32
+    out = F.conv2d(input.to(acc), weight.to(acc), None if bias is None else bias.to(acc),
+                   stride, padding, dilation, groups)
+    return out.to(input.dtype)
+
+
+# ----------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _conv2d_fwd_kernel(
+    X,                   # input (N, C_in, H, W) through strides sxn, sxc, sxh, sxw
+    Wt,                  # weight (C_out, C_in/groups, KH, KW) through strides swo, swc, swh, sww
+    BIAS,                # (C_out,), read when HAS_BIAS
+    Y,                   # output (N, C_out, OH, OW) through strides syn, syc, syh, syw
+    M,                   # N*OH*OW output pixels
+    H, Wd, OH, OW,       # input and output spatial sizes
+    CI, CO, KH, KW,      # channels per group, kernel size
+    sxn, sxc, sxh, sxw, swo, swc, swh, sww, syn, syc, syh, syw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,   # pad: top / left
+    HAS_BIAS: tl.constexpr,
+    FLAT_K: tl.constexpr,      # K tiles run over flattened (kh, kw, c) (few channels per group)
+    X_C1: tl.constexpr, W_C1: tl.constexpr,   # channel stride of X / W is 1 (vector loads)
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,   # tl.dot precision; interpreter: fp32 tiles
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(CO, BLOCK_N),
+                                GROUP_M)
+    g = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < CO
+    ow = offs_m % OW
+    oh = (offs_m // OW) % OH
+    nb = offs_m // (OW * OH)
+    ih0 = oh * stride_h - pad_h
+    iw0 = ow * stride_w - pad_w
+    if X_C1:
+        x_rows = X + nb.to(tl.int64) * sxn + g * CI                          # [BLOCK_M] pointers
+    else:
+        x_rows = X + nb.to(tl.int64) * sxn + (g * CI).to(tl.int64) * sxc
+    co = g * CO + offs_n
+    w_cols = Wt + co.to(tl.int64) * swo                                     # [BLOCK_N] pointers
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if FLAT_K:
+        K = KH * KW * CI
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            c = k % CI
+            kh = k // (CI * KW)
+            kw = (k // CI) % KW
+            k_ok = k < K
+            ih = ih0[:, None] + kh[None, :] * dil_h
+            iw = iw0[:, None] + kw[None, :] * dil_w
+            a_ok = (m_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0)
+                    & (iw < Wd))
+            a = tl.load(x_rows[:, None] + ih * sxh + iw * sxw + c[None, :] * sxc, mask=a_ok,
+                        other=0.0)
+            b = tl.load(w_cols[None, :] + (c * swc + kh * swh + kw * sww)[:, None],
+                        mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
+    else:
+        # One (kh, kw) tap and BLOCK_K channels per step, one flat loop (pipelined as one).
+        ncb = tl.cdiv(CI, BLOCK_K)
+        for it in range(KH * KW * ncb):
+            cb = it % ncb
+            tap = it // ncb
+            kh = tap // KW
+            kw = tap % KW
+            c = cb * BLOCK_K + offs_k
+            c_ok = c < CI
+            ih = ih0 + kh * dil_h
+            iw = iw0 + kw * dil_w
+            r_ok = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < Wd)
+            if X_C1:
+                xc = c
+            else:
+                xc = c * sxc
+            if W_C1:
+                wc = c
+            else:
+                wc = c * swc
+            a = tl.load(x_rows[:, None] + (ih * sxh + iw * sxw)[:, None] + xc[None, :],
+                        mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+            b = tl.load(w_cols[None, :] + (kh * swh + kw * sww) + wc[:, None],
+                        mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(BIAS + co, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = (Y + (nb.to(tl.int64) * syn + oh * syh + ow * syw)[:, None]
+              + co.to(tl.int64)[None, :] * syc)
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _conv2d_dgrad_kernel(
+    DY,                  # (N, C_out, OH, OW) through strides sdn, sdc, sdh, sdw
+    Wt,                  # weight (C_out, C_in/groups, KH, KW) through swo, swc, swh, sww
+    DX,                  # (N, C_in, H, W) output through sxn, sxc, sxh, sxw
+    M,                   # N*HP*WP: rows of the largest stride phase
+    H, Wd, OH, OW, HP, WP,   # HP, WP = cdiv(H, stride_h), cdiv(W, stride_w)
+    CI, CO, KH, KW,      # channels per group, kernel size
+    sdn, sdc, sdh, sdw, swo, swc, swh, sww, sxn, sxc, sxh, sxw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    step_h, step_w,      # stride / gcd(stride, dilation): spacing of the taps of one phase
+    DY_C1: tl.constexpr, W_C1: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # dx[n, c, ih, iw] = sum over taps with oh = (ih + pad - kh*dil) / stride integral and in
+    # range of dy[n, co, oh, ow] * w[co, c, kh, kw]. Program (tile, group, phase).
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(CI, BLOCK_N),
+                                GROUP_M)
+    g = tl.program_id(1)
+    phase = tl.program_id(2)
+    ph = phase // stride_w
+    pw = phase % stride_w
+    # The phase's first tap in each dimension (step: none of them contribute).
+    kh0 = step_h
+    for t in range(step_h):
+        hit = ((ph + pad_h - t * dil_h) % stride_h) == 0
+        kh0 = tl.where(hit & (kh0 == step_h), t, kh0)
+    kw0 = step_w
+    for t in range(step_w):
+        hit = ((pw + pad_w - t * dil_w) % stride_w) == 0
+        kw0 = tl.where(hit & (kw0 == step_w), t, kw0)
+    n_h = tl.where(kh0 < step_h, (tl.maximum(KH - kh0, 0) + step_h - 1) // step_h, 0)
+    n_w = tl.where(kw0 < step_w, (tl.maximum(KW - kw0, 0) + step_w - 1) // step_w, 0)
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    j = offs_m % WP
+    i = (offs_m // WP) % HP
+    nb = offs_m // (WP * HP)
+    ih = ph + i * stride_h
+    iw = pw + j * stride_w
+    m_ok = (offs_m < M) & (ih < H) & (iw < Wd)
+    n_ok = offs_n < CI
+    if DY_C1:
+        dy_rows = DY + nb.to(tl.int64) * sdn + g * CO
+    else:
+        dy_rows = DY + nb.to(tl.int64) * sdn + (g * CO).to(tl.int64) * sdc
+    if W_C1:
+        w_cols = Wt + (g * CO).to(tl.int64) * swo + offs_n
+    else:
+        w_cols = Wt + (g * CO).to(tl.int64) * swo + offs_n * swc
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    ncb = tl.cdiv(CO, BLOCK_K)
+    for it in range(n_h * n_w * ncb):
+        cb = it % ncb
+        tap = it // ncb
+        kh = kh0 + (tap // n_w) * step_h
+        kw = kw0 + (tap % n_w) * step_w
+        oh = i + (ph + pad_h - kh * dil_h) // stride_h     # exact division
+        ow = j + (pw + pad_w - kw * dil_w) // stride_w
+        r_ok = m_ok & (oh >= 0) & (oh < OH) & (ow >= 0) & (ow < OW)
+        co = cb * BLOCK_K + offs_k
+        c_ok = co < CO
+        if DY_C1:
+            dc = co
+        else:
+            dc = co * sdc
+        a = tl.load(dy_rows[:, None] + (oh * sdh + ow * sdw)[:, None] + dc[None, :],
+                    mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+        b = tl.load(w_cols[None, :] + (co.to(tl.int64) * swo)[:, None] + (kh * swh + kw * sww),
+                    mask=c_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
+    ci = g * CI + offs_n
+    dx_ptrs = (DX + (nb.to(tl.int64) * sxn + ih * sxh + iw * sxw)[:, None]
+               + ci.to(tl.int64)[None, :] * sxc)
+    tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _conv2d_wgrad_kernel(
+    X,                   # input (N, C_in, H, W) through sxn, sxc, sxh, sxw
+    DY,                  # (N, C_out, OH, OW) through sdn, sdc, sdh, sdw
+    DW_PART,             # fp32 (SPLIT, C_out, KH, KW, C_in/groups) contiguous partials
+    DB_PART,             # fp32 (SPLIT, C_out) partial bias gradients, written when HAS_DB
+    P,                   # N*OH*OW pixels: the reduction
+    pix_per_split,       # pixels per split (a multiple of BLOCK_K)
+    H, Wd, OH, OW,
+    CI, CO, CO_ALL, KH, KW,   # channels per group, all output channels, kernel size
+    sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    HAS_DB: tl.constexpr,
+    FLAT_N: tl.constexpr,     # column tiles run over flattened (kh, kw, c) (few channels)
+    X_C1: tl.constexpr, DY_C1: tl.constexpr,   # channel stride of X / DY is 1 (vector loads)
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # dw[co, c, kh, kw] = sum_pixels dy[n, co, oh, ow] * x[n, c, oh*s - pad + kh*dil, ...]:
+    # a (C_out/groups) x (KH*KW*C_in/groups) tile per program, over its split of the pixels.
+    if FLAT_N:
+        n_cols = tl.cdiv(KH * KW * CI, BLOCK_N)
+    else:
+        n_cols = KH * KW * tl.cdiv(CI, BLOCK_N)
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(CO, BLOCK_M), n_cols, GROUP_M)
+    g = tl.program_id(1)
+    split = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < CO
+    co = g * CO + offs_m
+    if FLAT_N:
+        j = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        c = j % CI
+        kh = j // (CI * KW)
+        kw = (j // CI) % KW
+        n_ok = j < KH * KW * CI
+    else:
+        ncb = tl.cdiv(CI, BLOCK_N)
+        tap = pid_n // ncb
+        kh = tap // KW
+        kw = tap % KW
+        c = (pid_n % ncb) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = c < CI
+    if X_C1:
+        xc = c
+    else:
+        xc = c * sxc
+    if X_C1:
+        x_base = X + g * CI
+    else:
+        x_base = X + (g * CI).to(tl.int64) * sxc
+    if DY_C1:
+        dy_cols = DY + co                                                   # [BLOCK_M] pointers
+    else:
+        dy_cols = DY + co.to(tl.int64) * sdc
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    start = split * pix_per_split
+    end = tl.minimum(start + pix_per_split, P)
+    for p0 in range(start, end, BLOCK_K):
+        p = p0 + offs_k
+        p_ok = p < end
+        ow = p % OW
+        oh = (p // OW) % OH
+        nb = (p // (OW * OH)).to(tl.int64)
+        a = tl.load(dy_cols[:, None] + (nb * sdn + oh * sdh + ow * sdw)[None, :],
+                    mask=m_ok[:, None] & p_ok[None, :], other=0.0)
+        if FLAT_N:
+            ih = (oh * stride_h - pad_h)[:, None] + (kh * dil_h)[None, :]
+            iw = (ow * stride_w - pad_w)[:, None] + (kw * dil_w)[None, :]
+            b_ok = (p_ok[:, None] & n_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0)
+                    & (iw < Wd))
+            b = tl.load(x_base + (nb * sxn)[:, None] + ih * sxh + iw * sxw + xc[None, :],
+                        mask=b_ok, other=0.0)
+        else:
+            ih = oh * stride_h - pad_h + kh * dil_h
+            iw = ow * stride_w - pad_w + kw * dil_w
+            r_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < Wd)
+            b = tl.load(x_base + (nb * sxn + ih * sxh + iw * sxw)[:, None] + xc[None, :],
+                        mask=r_ok[:, None] & n_ok[None, :], other=0.0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION, out_dtype=tl.float32)
+        if HAS_DB:
+            db += tl.sum(a.to(tl.float32), axis=1)
+    part = DW_PART + split.to(tl.int64) * CO_ALL * KH * KW * CI
+    dst = (part + (co.to(tl.int64) * (KH * KW * CI))[:, None]
+           + ((kh * KW + kw) * CI + c)[None, :])
+    tl.store(dst, acc, mask=m_ok[:, None] & n_ok[None, :])
+    if HAS_DB:
+        if pid_n == 0:
+            tl.store(DB_PART + split.to(tl.int64) * CO_ALL + co, db, mask=m_ok)
+
+
+@triton.jit
+def _dw_conv2d_fwd_kernel(
+    X, Wt, BIAS, Y,      # as _conv2d_fwd_kernel; one input channel per group
+    P, H, Wd, OH, OW, C_OUT, MULT, KH, KW,   # pixels, sizes, output channels, C_out / C_in
+    sxn, sxc, sxh, sxw, swo, swh, sww, syn, syc, syh, syw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    HAS_BIAS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # y[p, co] = sum_taps x[pixel(p, tap), co // MULT] * w[co, 0, tap]: elementwise in fp32.
+    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    co = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p_ok = offs_p < P
+    c_ok = co < C_OUT
+    ow = offs_p % OW
+    oh = (offs_p // OW) % OH
+    nb = (offs_p // (OW * OH)).to(tl.int64)
+    x_rows = X + nb * sxn
+    x_cols = (co // MULT).to(tl.int64) * sxc
+    w_cols = Wt + co.to(tl.int64) * swo
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for tap in range(KH * KW):
+        kh = tap // KW
+        kw = tap % KW
+        ih = oh * stride_h - pad_h + kh * dil_h
+        iw = ow * stride_w - pad_w + kw * dil_w
+        r_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < Wd)
+        x = tl.load(x_rows[:, None] + (ih * sxh + iw * sxw)[:, None] + x_cols[None, :],
+                    mask=r_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        w = tl.load(w_cols + kh * swh + kw * sww, mask=c_ok, other=0.0).to(tl.float32)
+        acc += x * w[None, :]
+    if HAS_BIAS:
+        acc += tl.load(BIAS + co, mask=c_ok, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = Y + (nb * syn + oh * syh + ow * syw)[:, None] + co.to(tl.int64)[None, :] * syc
+    tl.store(y_ptrs, acc.to(Y.dtype.element_ty), mask=p_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _dw_conv2d_dgrad_kernel(
+    DY, Wt, DX,          # dy (N, C_out, OH, OW), weight (C_out, 1, KH, KW), dx (N, C_in, H, W)
+    P, H, Wd, OH, OW, C_IN, MULT, KH, KW,   # P = N*H*W input pixels
+    sdn, sdc, sdh, sdw, swo, swh, sww, sxn, sxc, sxh, sxw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # dx[q, c] = sum over taps and the MULT outputs of channel c, where the tap lands on an
+    # output pixel (a masked gather: taps off the stride grid load nothing).
+    offs_q = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    ci = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    q_ok = offs_q < P
+    c_ok = ci < C_IN
+    iw = offs_q % Wd
+    ih = (offs_q // Wd) % H
+    nb = (offs_q // (Wd * H)).to(tl.int64)
+    dy_rows = DY + nb * sdn
+    acc = tl.zeros((BLOCK_P, BLOCK_C), dtype=tl.float32)
+    for it in range(KH * KW * MULT):
+        m = it % MULT
+        tap = it // MULT
+        kh = tap // KW
+        kw = tap % KW
+        th = ih + pad_h - kh * dil_h
+        tw = iw + pad_w - kw * dil_w
+        oh = th // stride_h
+        ow = tw // stride_w
+        r_ok = (q_ok & (th >= 0) & (tw >= 0) & (oh * stride_h == th) & (ow * stride_w == tw)
+                & (oh < OH) & (ow < OW))
+        co = (ci * MULT + m).to(tl.int64)
+        dy = tl.load(dy_rows[:, None] + (oh * sdh + ow * sdw)[:, None] + (co * sdc)[None, :],
+                     mask=r_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        w = tl.load(Wt + co * swo + kh * swh + kw * sww, mask=c_ok, other=0.0).to(tl.float32)
+        acc += dy * w[None, :]
+    dx_ptrs = DX + (nb * sxn + ih * sxh + iw * sxw)[:, None] + ci.to(tl.int64)[None, :] * sxc
+    tl.store(dx_ptrs, acc.to(DX.dtype.element_ty), mask=q_ok[:, None] & c_ok[None, :])
+
+
+@triton.jit
+def _dw_conv2d_wgrad_kernel(
+    X, DY,               # input (N, C_in, H, W), dy (N, C_out, OH, OW)
+    DW_PART,             # fp32 (SPLIT, C_out, KH, KW) partials
+    DB_PART,             # fp32 (SPLIT, C_out) partial bias gradients, written when HAS_DB
+    P, pix_per_split, H, Wd, OH, OW, C_OUT, MULT, KH, KW,
+    sxn, sxc, sxh, sxw, sdn, sdc, sdh, sdw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    HAS_DB: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    # Program (channel block, tap, split): dw[co, tap] over its pixels, fp32.
+    co = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    tap = tl.program_id(1)
+    split = tl.program_id(2)
+    kh = tap // KW
+    kw = tap % KW
+    c_ok = co < C_OUT
+    dy_cols = DY + co.to(tl.int64) * sdc
+    x_cols = X + (co // MULT).to(tl.int64) * sxc
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    db = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    start = split * pix_per_split
+    end = tl.minimum(start + pix_per_split, P)
+    for p0 in range(start, end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        p_ok = p < end
+        ow = p % OW
+        oh = (p // OW) % OH
+        nb = (p // (OW * OH)).to(tl.int64)
+        dy = tl.load(dy_cols[None, :] + (nb * sdn + oh * sdh + ow * sdw)[:, None],
+                     mask=p_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        ih = oh * stride_h - pad_h + kh * dil_h
+        iw = ow * stride_w - pad_w + kw * dil_w
+        r_ok = p_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < Wd)
+        x = tl.load(x_cols[None, :] + (nb * sxn + ih * sxh + iw * sxw)[:, None],
+                    mask=r_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(dy * x, axis=0)
+        if HAS_DB:
+            db += tl.sum(dy, axis=0)
+    tl.store(DW_PART + split.to(tl.int64) * C_OUT * KH * KW + co.to(tl.int64) * (KH * KW) + tap,
+             acc, mask=c_ok)
+    if HAS_DB:
+        if tap == 0:
+            tl.store(DB_PART + split.to(tl.int64) * C_OUT + co, db, mask=c_ok)
+
+
+# ----------------------------------------------------------------------------- geometry and checks
+
+class ConvGeom(NamedTuple):
+    """Everything a launch needs about one conv, from shapes and parameters (host ints)."""
+    N: int
+    C_in: int
+    H: int
+    W: int
+    C_out: int
+    KH: int
+    KW: int
+    OH: int
+    OW: int
+    groups: int
+    stride: tuple   # (h, w)
+    padding: tuple  # (top, bottom, left, right)
+    dilation: tuple  # (h, w)
+
+    @property
+    def ci(self):  # input channels per group
+        return self.C_in // self.groups
+
+    @property
+    def co(self):  # output channels per group
+        return self.C_out // self.groups
+
+    @property
+    def depthwise(self):
+        return self.ci == 1
+
+
+def _pair(op: str, name: str, v) -> tuple:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(
+            isinstance(e, int) and not isinstance(e, bool) for e in v):
+        return (v[0], v[1])
+    raise ValueError(f"aiter_dist.{op}: {name} must be an int or a pair of ints, got {v!r}")
+
+
+def conv_params(op: str, input, weight, bias, stride, padding, dilation, groups):
+    """Check the inputs of ``conv2d`` and normalize the parameters: ((sh, sw), (top, bottom,
+    left, right), (dh, dw)). Raises ValueError / TypeError naming ``op`` and the fix."""
+    check_tensor(op, "input", input, dtypes=CONV_DTYPES)
+    check_tensor(op, "weight", weight, dtypes=CONV_DTYPES)
+    if input.dim() != 4:
+        raise ValueError(f"aiter_dist.{op}: input must be 4-D (N, C_in, H, W), got shape "
+                         f"{tuple(input.shape)}; for one unbatched (C, H, W) image pass "
+                         f"input.unsqueeze(0)")
+    if weight.dim() != 4:
+        raise ValueError(f"aiter_dist.{op}: weight must be 4-D (C_out, C_in/groups, KH, KW), "
+                         f"got shape {tuple(weight.shape)}")
+    check_same_device(op, input=input, weight=weight, bias=bias)
+    if weight.dtype != input.dtype:
+        raise TypeError(f"aiter_dist.{op}: input dtype {input.dtype} differs from weight dtype "
+                        f"{weight.dtype}; cast one of them (e.g. weight.to(input.dtype))")
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups < 1:
+        raise ValueError(f"aiter_dist.{op}: groups must be a positive int, got {groups!r}")
+    c_in, c_out = input.shape[1], weight.shape[0]
+    if c_in % groups or c_out % groups:
+        raise ValueError(f"aiter_dist.{op}: groups={groups} must divide both input channels "
+                         f"({c_in}) and output channels ({c_out}); pick a common divisor")
+    if weight.shape[1] * groups != c_in:
+        raise ValueError(f"aiter_dist.{op}: input has {c_in} channels but weight "
+                         f"{tuple(weight.shape)} with groups={groups} expects "
+                         f"{weight.shape[1] * groups}; weight must be (C_out, C_in/groups, KH, KW)")
+    if bias is not None:
+        check_tensor(op, "bias", bias, dtypes=CONV_DTYPES)
+        if tuple(bias.shape) != (c_out,):
+            raise ValueError(f"aiter_dist.{op}: bias must have shape ({c_out},) (one per output "
+                             f"channel), got {tuple(bias.shape)}")
+        if bias.dtype != input.dtype:
+            raise TypeError(f"aiter_dist.{op}: bias dtype {bias.dtype} differs from input dtype "
+                            f"{input.dtype}; cast one of them")
+    stride = _pair(op, "stride", stride)
+    dilation = _pair(op, "dilation", dilation)
+    if min(stride) < 1 or min(dilation) < 1:
+        raise ValueError(f"aiter_dist.{op}: stride {stride} and dilation {dilation} must be >= 1")
+    kh, kw = weight.shape[2], weight.shape[3]
+    if isinstance(padding, str):
+        if padding == "valid":
+            pad = (0, 0, 0, 0)
+        elif padding == "same":
+            if stride != (1, 1):
+                raise ValueError(f"aiter_dist.{op}: padding='same' needs stride 1 (as "
+                                 f"F.conv2d), got stride {stride}; give the padding as ints")
+            th, tw = dilation[0] * (kh - 1), dilation[1] * (kw - 1)
+            # Odd totals put the extra row / column at the bottom / right, as F.conv2d does.
+            pad = (th // 2, th - th // 2, tw // 2, tw - tw // 2)
+        else:
+            raise ValueError(f"aiter_dist.{op}: padding must be 'valid', 'same', an int or a "
+                             f"pair of ints, got {padding!r}")
+    else:
+        ph, pw = _pair(op, "padding", padding)
+        if ph < 0 or pw < 0:
+            raise ValueError(f"aiter_dist.{op}: padding must be >= 0, got {(ph, pw)}")
+        pad = (ph, ph, pw, pw)
+    h, w = input.shape[2], input.shape[3]
+    if (h + pad[0] + pad[1] < dilation[0] * (kh - 1) + 1
+            or w + pad[2] + pad[3] < dilation[1] * (kw - 1) + 1):
+        raise ValueError(f"aiter_dist.{op}: the (dilated) kernel {kh}x{kw} (dilation "
+                         f"{dilation}) is larger than the padded input {h}x{w} (padding "
+                         f"{pad}); pad more or use a smaller kernel")
+    return stride, pad, dilation
+
+
+def conv_geometry(x_shape, w_shape, stride, padding, dilation, groups) -> ConvGeom:
+    N, C_in, H, W = x_shape
+    C_out, _, KH, KW = w_shape
+    OH = (H + padding[0] + padding[1] - dilation[0] * (KH - 1) - 1) // stride[0] + 1
+    OW = (W + padding[2] + padding[3] - dilation[1] * (KW - 1) - 1) // stride[1] + 1
+    return ConvGeom(N, C_in, H, W, C_out, KH, KW, OH, OW, groups, tuple(stride), tuple(padding),
+                    tuple(dilation))
+
+
+def memory_format(t: torch.Tensor) -> torch.memory_format:
+    """channels_last when ``t`` is laid out so (and not also plainly contiguous), else
+    contiguous: the layout the outputs take, as cuDNN's do."""
+    if t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _like_weight(weight: torch.Tensor) -> torch.Tensor:
+    """An empty dweight with the weight's exact strides: a 1x1 channels_last weight is also
+    plainly contiguous, and DDP's gradient buckets are views with the parameter's own strides
+    (any other strides cost a copy per step and a warning)."""
+    return torch.empty_like(weight, memory_format=torch.preserve_format)
+
+
+def conv_key(g: ConvGeom, dtype: torch.dtype) -> str:
+    """The key of ``TUNED`` / ``TUNED_CONFIGS``: the conv's exact shape and dtype."""
+    s, p, d = g.stride, g.padding, g.dilation
+    return (f"{str(dtype).replace('torch.', '')} {g.N}x{g.C_in}x{g.H}x{g.W} -> {g.C_out} "
+            f"k{g.KH}x{g.KW} s{s[0]},{s[1]} p{p[0]},{p[1]},{p[2]},{p[3]} d{d[0]},{d[1]} "
+            f"g{g.groups}")
+
+
+def _vendor_reason(x: torch.Tensor) -> str | None:
+    """Why a call cannot run our kernels (None: it can)."""
+    if x.dtype == torch.float64:
+        return ("float64 input: computed by PyTorch in float64; the Triton kernels take "
+                "float32, float16 and bfloat16")
+    if x.numel() == 0:
+        return "empty input: nothing to launch"
+    if x.device.type == "cpu" and not INTERPRETED:
+        return "CPU tensor on a GPU machine: Triton runs compiled here"
+    return None
+
+
+def conv_backends(x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation, groups,
+                  backend: str | None = None) -> tuple:
+    """Who serves (forward, dgrad, wgrad): ``"triton"`` or ``"vendor"``. ``backend`` (default
+    ``default_backend``): ``"triton"`` and ``"vendor"`` force one, ``"auto"`` takes ``TUNED``'s
+    winner for the conv's shape, else ours. Calls our kernels cannot serve (float64, empty, CPU
+    tensors on a GPU machine) get the vendor's whatever ``backend`` says. Records nothing: the
+    launchers record the path that ran."""
+    backend = default_backend if backend is None else backend
+    if backend not in BACKENDS:
+        raise ValueError(f"aiter_dist.conv2d: backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "vendor" or _vendor_reason(x) is not None:
+        return ("vendor",) * 3
+    if backend == "triton" or not TUNED or x.device.type == "cpu":
+        return ("triton",) * 3
+    g = conv_geometry(x.shape, weight.shape, stride, padding, dilation, groups)
+    won = TUNED.get(conv_key(g, x.dtype)) or {}
+    return tuple(won.get(p, "triton") for p in ("fwd", "dgrad", "wgrad"))
+
+
+# ----------------------------------------------------------------------------- configs
+
+def _clamp_pow2(v: int, lo: int, hi: int) -> int:
+    return min(hi, max(lo, next_pow2(v)))
+
+
+def _sms(device: torch.device) -> int:
+    from .gemm import _device_facts
+
+    return _device_facts(device)[1]
+
+
+def fwd_config(g: ConvGeom, dtype: torch.dtype, device: torch.device) -> ConvConfig:
+    """Tiles of the forward: BLOCK_M output pixels x BLOCK_N output channels x BLOCK_K of
+    (channels of one tap, or flattened taps when a group has < 16 input channels).
+    Depthwise: BLOCK_M pixels x BLOCK_N channels, no BLOCK_K."""
+    M = g.N * g.OH * g.OW
+    if g.depthwise:
+        if device.type == "cpu":
+            return ConvConfig(_clamp_pow2(M, 16, 128), _clamp_pow2(g.C_out, 16, 64), 1, 1)
+        return ConvConfig(64, _clamp_pow2(g.C_out, 16, 64), 1, 4)
+    k = g.ci if g.ci >= 16 else g.KH * g.KW * g.ci
+    if device.type == "cpu":
+        # The interpreter pays per program and per loop trip, not per element: big tiles.
+        return ConvConfig(_clamp_pow2(M, 16, 128), _clamp_pow2(g.co, 16, 64),
+                          _clamp_pow2(k, 16, 64), 1, 1)
+    bn = _clamp_pow2(g.co, 16, 128)
+    bk = _clamp_pow2(k, 16, 32 if dtype == torch.float32 else 64)
+    bm = 128 if M >= 128 else _clamp_pow2(M, 16, 128)
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    return ConvConfig(bm, bn, bk, warps, 3 if bk >= 64 else 4)
+
+
+def dgrad_config(g: ConvGeom, dtype: torch.dtype, device: torch.device) -> ConvConfig:
+    """Tiles of dgrad: BLOCK_M input pixels of one stride phase x BLOCK_N input channels x
+    BLOCK_K output channels of one tap. Depthwise: BLOCK_M pixels x BLOCK_N channels."""
+    M = g.N * cdiv(g.H, g.stride[0]) * cdiv(g.W, g.stride[1])
+    if g.depthwise:
+        if device.type == "cpu":
+            return ConvConfig(_clamp_pow2(g.N * g.H * g.W, 16, 128), _clamp_pow2(g.C_in, 16, 64),
+                              1, 1)
+        return ConvConfig(64, _clamp_pow2(g.C_in, 16, 64), 1, 4)
+    if device.type == "cpu":
+        return ConvConfig(_clamp_pow2(M, 16, 128), _clamp_pow2(g.ci, 16, 64),
+                          _clamp_pow2(g.co, 16, 64), 1, 1)
+    bn = _clamp_pow2(g.ci, 16, 128)
+    bk = _clamp_pow2(g.co, 16, 32 if dtype == torch.float32 else 64)
+    bm = 128 if M >= 128 else _clamp_pow2(M, 16, 128)
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    return ConvConfig(bm, bn, bk, warps, 3 if bk >= 64 else 4)
+
+
+def wgrad_config(g: ConvGeom, dtype: torch.dtype, device: torch.device) -> ConvConfig:
+    """Tiles of wgrad: BLOCK_M output channels x BLOCK_N (input channels of one tap, or
+    flattened taps when a group has < 16) x BLOCK_K pixels, and ``split`` programs sharing the
+    pixels (fp32 partials of the whole weight each). Depthwise: BLOCK_M pixels x BLOCK_N
+    channels, one program per (channel block, tap, split)."""
+    P = g.N * g.OH * g.OW
+    if g.depthwise:
+        cpu = device.type == "cpu"
+        bp, bc = _clamp_pow2(P, 16, 128) if cpu else 64, _clamp_pow2(g.C_out, 16, 64)
+        programs = cdiv(g.C_out, bc) * g.KH * g.KW
+        split = max(1, min(cdiv(2 * _sms(device), programs), cdiv(P, bp * 8)))
+        return ConvConfig(bp, bc, 1, 1 if cpu else 4, 1, 1, split)
+    n = g.ci if g.ci >= 16 else g.KH * g.KW * g.ci
+    if device.type == "cpu":
+        bm, bn, bk = _clamp_pow2(g.co, 16, 64), _clamp_pow2(n, 16, 64), _clamp_pow2(P, 16, 64)
+        # Two splits where there is work for two: the partial sums are exercised on CPU too.
+        return ConvConfig(bm, bn, bk, 1, 1, 1, min(2, cdiv(P, bk)))
+    bm = _clamp_pow2(g.co, 16, 128)
+    bn = _clamp_pow2(n, 16, 128)
+    bk = 32 if dtype == torch.float32 else 64
+    cols = g.KH * g.KW * cdiv(g.ci, bn) if g.ci >= 16 else cdiv(n, bn)
+    tiles = cdiv(g.co, bm) * cols * g.groups
+    split = max(1, min(cdiv(2 * _sms(device), tiles), cdiv(P, bk * 8)))
+    # Keep the fp32 workspace under ~256 MB.
+    split = max(1, min(split, (256 << 20) // max(1, 4 * g.C_out * g.KH * g.KW * g.ci)))
+    warps = 8 if bm * bn >= 128 * 128 else 4
+    return ConvConfig(bm, bn, bk, warps, 3, 8, split)
+
+
+_configs: dict = {}
+
+
+def _config(kind: str, fn, g: ConvGeom, dtype, device) -> ConvConfig:
+    """The config of one pass, computed once per (pass, shape, dtype, device type); a
+    ``TUNED_CONFIGS`` entry wins."""
+    key = (kind, g, dtype, device.type)
+    cfg = _configs.get(key)
+    if cfg is None:
+        tuned = TUNED_CONFIGS.get((kind, conv_key(g, dtype))) if TUNED_CONFIGS else None
+        cfg = _configs[key] = ConvConfig(*tuned) if tuned else fn(g, dtype, device)
+    return cfg
+
+
+# tl.dot's input_precision: full fp32 products for fp32 operands (no TF32), so fp32 results
+# match on CPU and GPU; 16-bit operands ignore it.
+PRECISION = "ieee"
+
+
+def _nhwc(t: torch.Tensor) -> torch.Tensor:
+    """On the GPU, a channels_last copy of a 4-D tensor whose channel stride is not 1."""
+    if INTERPRETED or not GPU_NHWC_COPY or t.stride(1) == 1 or t.shape[1] == 1:
+        return t
+    return t.contiguous(memory_format=torch.channels_last)
+
+
+# ----------------------------------------------------------------------------- vendor paths
+
+def _vendor_padded(x, padding):
+    """(x padded explicitly where the padding is asymmetric, symmetric (h, w) padding)."""
+    t, b, l, r = padding
+    if t == b and l == r:
+        return x, [t, l]
+    return F.pad(x, (l, r, t, b)), [0, 0]
+
+
+def _vendor_fwd(x, weight, bias, stride, padding, dilation, groups):
+    xp, pad = _vendor_padded(x, padding)
+    y = F.conv2d(xp, weight, bias, stride, pad, dilation, groups)
+    return y.contiguous(memory_format=memory_format(x))
+
+
+def _vendor_bwd(dy, x, weight, stride, padding, dilation, groups, need_dx, need_dw, need_db):
+    xp, pad = _vendor_padded(x, padding)
+    dx, dw, db = torch.ops.aten.convolution_backward(
+        dy, xp, weight, [weight.shape[0]] if need_db else None, list(stride), pad,
+        list(dilation), False, [0, 0], groups, [need_dx, need_dw, need_db])
+    if dx is not None:
+        if xp is not x:
+            t, _, l, _ = padding
+            dx = dx[:, :, t:t + x.shape[2], l:l + x.shape[3]]
+        dx = dx.contiguous(memory_format=memory_format(x))
+    if dw is not None and dw.stride() != weight.stride():
+        dw = torch.empty_like(weight).copy_(dw)  # the weight's exact strides (see _like_weight)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- launchers
+
+def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, backend="triton", *,
+               config=None):
+    """Forward launcher: ``F.conv2d(x, weight, bias)`` with normalized parameters (``stride``
+    (h, w), ``padding`` (top, bottom, left, right), ``dilation`` (h, w)); the caller checked the
+    inputs (:func:`conv_params`). Output (N, C_out, OH, OW) in x's dtype and memory format.
+    ``backend``: ``"triton"`` or ``"vendor"``; recorded as ``last_path("conv2d")``."""
+    op = "conv2d"
+    reason = _vendor_reason(x)
+    if backend == "vendor" or reason is not None:
+        record_path(op, "torch.conv2d", reason)
+        return _vendor_fwd(x, weight, bias, stride, padding, dilation, groups)
+    g = conv_geometry(x.shape, weight.shape, stride, padding, dilation, groups)
+    y = torch.empty((g.N, g.C_out, g.OH, g.OW), dtype=x.dtype, device=x.device,
+                    memory_format=memory_format(x))
+    cfg = config or _config("fwd", fwd_config, g, x.dtype, x.device)
+    x, weight = _nhwc(x), _nhwc(weight)
+    bias_arg = bias if bias is not None else y   # placeholder, never read (HAS_BIAS)
+    geo = (g.stride[0], g.stride[1], g.padding[0], g.padding[2], g.dilation[0], g.dilation[1])
+    if g.depthwise:
+        P = g.N * g.OH * g.OW
+        launch(_dw_conv2d_fwd_kernel, (cdiv(P, cfg.block_m), cdiv(g.C_out, cfg.block_n)),
+               x.device, x, weight, bias_arg, y, P, g.H, g.W, g.OH, g.OW, g.C_out, g.co,
+               g.KH, g.KW, *x.stride(), weight.stride(0), weight.stride(2), weight.stride(3),
+               *y.stride(), *geo, HAS_BIAS=bias is not None, BLOCK_P=cfg.block_m,
+               BLOCK_C=cfg.block_n, num_warps=cfg.warps)
+        record_path(op, _PATH + "-depthwise")
+        return y
+    M = g.N * g.OH * g.OW
+    grid = (cdiv(M, cfg.block_m) * cdiv(g.co, cfg.block_n), g.groups)
+    launch(_conv2d_fwd_kernel, grid, x.device, x, weight, bias_arg, y, M, g.H, g.W, g.OH, g.OW,
+           g.ci, g.co, g.KH, g.KW, *x.stride(), *weight.stride(), *y.stride(), *geo,
+           HAS_BIAS=bias is not None, FLAT_K=g.ci < 16, X_C1=x.stride(1) == 1,
+           W_C1=weight.stride(1) == 1, PRECISION=PRECISION, UPCAST=INTERPRETED,
+           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+           GROUP_M=cfg.group_m, num_warps=cfg.warps, num_stages=cfg.stages)
+    record_path(op, _PATH)
+    return y
+
+
+def conv2d_dgrad(dy, x, weight, stride, padding, dilation, groups, backend="triton", *,
+                 config=None):
+    """dx of ``conv2d``: (N, C_in, H, W) in x's dtype and memory format (``x`` gives the
+    shape, layout and dtype; its values are not read). Recorded as ``last_path("conv2d_dgrad")``."""
+    op = "conv2d_dgrad"
+    reason = _vendor_reason(x)
+    if backend == "vendor" or reason is not None:
+        record_path(op, "torch.convolution_backward", reason)
+        return _vendor_bwd(dy, x, weight, stride, padding, dilation, groups, True, False,
+                           False)[0]
+    g = conv_geometry(x.shape, weight.shape, stride, padding, dilation, groups)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+    cfg = config or _config("dgrad", dgrad_config, g, x.dtype, x.device)
+    dy, weight = _nhwc(dy), _nhwc(weight)
+    geo = (g.stride[0], g.stride[1], g.padding[0], g.padding[2], g.dilation[0], g.dilation[1])
+    if g.depthwise:
+        P = g.N * g.H * g.W
+        launch(_dw_conv2d_dgrad_kernel, (cdiv(P, cfg.block_m), cdiv(g.C_in, cfg.block_n)),
+               x.device, dy, weight, dx, P, g.H, g.W, g.OH, g.OW, g.C_in, g.co, g.KH, g.KW,
+               *dy.stride(), weight.stride(0), weight.stride(2), weight.stride(3), *dx.stride(),
+               *geo, BLOCK_P=cfg.block_m, BLOCK_C=cfg.block_n, num_warps=cfg.warps)
+        record_path(op, _PATH + "-depthwise")
+        return dx
+    sh, sw = g.stride
+    HP, WP = cdiv(g.H, sh), cdiv(g.W, sw)
+    M = g.N * HP * WP
+    grid = (cdiv(M, cfg.block_m) * cdiv(g.ci, cfg.block_n), g.groups, sh * sw)
+    launch(_conv2d_dgrad_kernel, grid, x.device, dy, weight, dx, M, g.H, g.W, g.OH, g.OW, HP,
+           WP, g.ci, g.co, g.KH, g.KW, *dy.stride(), *weight.stride(), *dx.stride(), *geo,
+           sh // math.gcd(sh, g.dilation[0]), sw // math.gcd(sw, g.dilation[1]),
+           DY_C1=dy.stride(1) == 1, W_C1=weight.stride(1) == 1, PRECISION=PRECISION,
+           UPCAST=INTERPRETED, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+           GROUP_M=cfg.group_m, num_warps=cfg.warps, num_stages=cfg.stages)
+    record_path(op, _PATH)
+    return dx
+
+
+def conv2d_wgrad(dy, x, weight, stride, padding, dilation, groups, need_db=False,
+                 backend="triton", *, config=None):
+    """(dweight, dbias or None) of ``conv2d``: dweight in weight's dtype and memory format
+    (``weight`` gives the shape; its values are not read), dbias (C_out,). Split programs
+    write fp32 partials that are summed in a fixed order: deterministic. Recorded as
+    ``last_path("conv2d_wgrad")``."""
+    op = "conv2d_wgrad"
+    reason = _vendor_reason(x)
+    if backend == "vendor" or reason is not None:
+        record_path(op, "torch.convolution_backward", reason)
+        _, dw, db = _vendor_bwd(dy, x, weight, stride, padding, dilation, groups, False, True,
+                                need_db)
+        return dw, db
+    g = conv_geometry(x.shape, weight.shape, stride, padding, dilation, groups)
+    cfg = config or _config("wgrad", wgrad_config, g, x.dtype, x.device)
+    dy, x = _nhwc(dy), _nhwc(x)
+    P = g.N * g.OH * g.OW
+    per_split = cdiv(cdiv(P, cfg.split), cfg.block_k if not g.depthwise else cfg.block_m)
+    per_split *= cfg.block_k if not g.depthwise else cfg.block_m
+    split = cdiv(P, per_split)
+    part = torch.empty((split, g.C_out, g.KH, g.KW, g.ci), dtype=torch.float32, device=x.device)
+    db_part = (torch.empty((split, g.C_out), dtype=torch.float32, device=x.device)
+               if need_db else part)
+    geo = (g.stride[0], g.stride[1], g.padding[0], g.padding[2], g.dilation[0], g.dilation[1])
+    if g.depthwise:
+        launch(_dw_conv2d_wgrad_kernel, (cdiv(g.C_out, cfg.block_n), g.KH * g.KW, split),
+               x.device, x, dy, part, db_part, P, per_split, g.H, g.W, g.OH, g.OW, g.C_out,
+               g.co, g.KH, g.KW, *x.stride(), *dy.stride(), *geo, HAS_DB=need_db,
+               BLOCK_P=cfg.block_m, BLOCK_C=cfg.block_n, num_warps=cfg.warps)
+        path = _PATH + "-depthwise"
+    else:
+        flat = g.ci < 16
+        cols = cdiv(g.KH * g.KW * g.ci, cfg.block_n) if flat else g.KH * g.KW * cdiv(
+            g.ci, cfg.block_n)
+        grid = (cdiv(g.co, cfg.block_m) * cols, g.groups, split)
+        launch(_conv2d_wgrad_kernel, grid, x.device, x, dy, part, db_part, P, per_split, g.H,
+               g.W, g.OH, g.OW, g.ci, g.co, g.C_out, g.KH, g.KW, *x.stride(), *dy.stride(),
+               *geo, HAS_DB=need_db, FLAT_N=flat, X_C1=x.stride(1) == 1,
+               DY_C1=dy.stride(1) == 1,
+               PRECISION=PRECISION, UPCAST=INTERPRETED, BLOCK_M=cfg.block_m,
+               BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+               num_warps=cfg.warps, num_stages=cfg.stages)
+        path = _PATH
+    total = part[0] if split == 1 else part.sum(0)   # fixed-order sum of the partials
+    dw = _like_weight(weight)
+    dw.copy_(total.permute(0, 3, 1, 2))
+    db = None
+    if need_db:
+        db = (db_part[0] if split == 1 else db_part.sum(0)).to(weight.dtype)
+    record_path(op, path)
+    return dw, db
+
+
+def conv2d_bwd(dy, x, weight, stride, padding, dilation, groups, need_dx=True, need_dw=True,
+               need_db=False, backends=("triton", "triton", "triton")):
+    """(dx, dweight, dbias) of ``conv2d``, None for each one not asked for. ``backends``: who
+    serves (forward, dgrad, wgrad); the forward entry is unused here."""
+    dx = dw = db = None
+    if need_dx:
+        dx = conv2d_dgrad(dy, x, weight, stride, padding, dilation, groups, backends[1])
+    if need_dw:
+        dw, db = conv2d_wgrad(dy, x, weight, stride, padding, dilation, groups, need_db,
+                              backends[2])
+    elif need_db:
+        # A frozen weight with a trained bias: the bias gradient alone is a plain sum.
+        db = dy.sum((0, 2, 3), dtype=torch.float32).to(weight.dtype)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class Conv2dFunction(torch.autograd.Function):
+    """``conv2d`` with normalized parameters; the backward runs dgrad and wgrad (+ dbias) for
+    the inputs that need them."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, backends):
+        y = conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, backends[0])
+        ctx.save_for_backward(x, weight)
+        ctx.args = (stride, padding, dilation, groups)
+        ctx.backends, ctx.has_bias = backends, bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dx, dw, db = conv2d_bwd(dy, x, weight, *ctx.args, need[0], need[1],
+                                ctx.has_bias and need[2], ctx.backends)
+        return dx, dw, db, None, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- torch.library
+
+@torch.library.custom_op("aiter_dist::conv2d_fwd", mutates_args=())
+def _conv2d_fwd_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                   backends: str) -> torch.Tensor:
+    # padding: (top, bottom, left, right); backends: forward, dgrad, wgrad joined by commas.
+    return conv2d_fwd(x, weight, bias, stride, padding, dilation, groups,
+                      backends.split(",")[0])
+
+
+@_conv2d_fwd_op.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, backends):
+    g = conv_geometry(x.shape, weight.shape, stride, padding, dilation, groups)
+    return torch.empty((g.N, g.C_out, g.OH, g.OW), dtype=x.dtype, device=x.device,
+                       memory_format=memory_format(x))
+
+
+@torch.library.custom_op("aiter_dist::conv2d_bwd", mutates_args=())
+def _conv2d_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride: list[int],
+                   padding: list[int], dilation: list[int], groups: int, backends: str,
+                   need_dx: bool, need_dw: bool,
+                   need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dx, dweight, dbias); an empty tensor for each one not needed."""
+    dx, dw, db = conv2d_bwd(dy, x, weight, stride, padding, dilation, groups, need_dx, need_dw,
+                            need_db, backends.split(","))
+    empty = x.new_empty(0)
+    return (dx if dx is not None else empty, dw if dw is not None else empty.clone(),
+            db if db is not None else empty.clone())
+
+
+@_conv2d_bwd_op.register_fake
+def _(dy, x, weight, stride, padding, dilation, groups, backends, need_dx, need_dw, need_db):
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
+            if need_dx else x.new_empty(0),
+            _like_weight(weight) if need_dw else x.new_empty(0),
+            weight.new_empty(weight.shape[0]) if need_db else x.new_empty(0))
+
+
+def _conv2d_setup(ctx, inputs, output):
+    x, weight, bias, stride, padding, dilation, groups, backends = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.args = (stride, padding, dilation, groups, backends)
+    ctx.has_bias = bias is not None
+
+
+def _conv2d_backward(ctx, dy):
+    x, weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_db = ctx.has_bias and need[2]
+    dx, dw, db = torch.ops.aiter_dist.conv2d_bwd(dy, x, weight, *ctx.args, need[0], need[1],
+                                                 need_db)
+    return (dx if need[0] else None, dw if need[1] else None, db if need_db else None,
+            None, None, None, None, None)
+
+
+torch.library.register_autograd("aiter_dist::conv2d_fwd", _conv2d_backward,
+                                setup_context=_conv2d_setup)
+
+
+# ----------------------------------------------------------------------------- functional API
+
+def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """2-D convolution with ``F.conv2d`` semantics, forward and both gradients in Triton.
+
+    Args:
+        input: (N, C_in, H, W), float32, float16, bfloat16 (or float64, served by PyTorch).
+            channels_last memory is the fast layout; contiguous NCHW (and any other strides)
+            works too.
+        weight: (C_out, C_in / groups, KH, KW), input's dtype and device, any layout
+            (channels_last, i.e. (C_out, KH, KW, C_in/groups) in memory, is read directly).
+        bias: (C_out,) in input's dtype, or None.
+        stride, dilation: int or (h, w) pair, >= 1.
+        padding: int or (h, w) pair of zero padding on both sides, or ``"valid"`` (none) or
+            ``"same"`` (output size = input size; stride 1 only; an odd total puts the extra
+            row/column at the bottom/right, as F.conv2d).
+        groups: splits the channels into ``groups`` independent convolutions; must divide C_in
+            and C_out. ``groups == C_in`` (depthwise, any channel multiplier) runs direct
+            kernels.
+
+    Returns:
+        (N, C_out, OH, OW) in input's dtype and memory format (channels_last in, channels_last
+        out, as cuDNN), OH = (H + pad_top + pad_bottom - dil*(KH-1) - 1) // stride + 1.
+
+    Autograd: input, weight and bias gradients (dgrad, wgrad + dbias kernels); dweight keeps
+    weight's memory format, dx input's. Accumulation is fp32; dweight and dbias are sums of
+    per-program fp32 partials in a fixed order (deterministic).
+
+    Paths: ``last_path("conv2d")``, ``"conv2d_dgrad"``, ``"conv2d_wgrad"``: ``"triton"``
+    (``"-depthwise"`` for the direct kernels; ``"triton-interpreter"`` without a GPU) or the
+    vendor's (``torch.conv2d``, ``torch.convolution_backward``), chosen by ``default_backend``
+    of this module (env ``AITER_DIST_CONV_BACKEND``). float64 and empty inputs take the vendor
+    path, recorded with the reason.
+    """
+    op = "conv2d"
+    stride, padding, dilation = conv_params(op, input, weight, bias, stride, padding, dilation,
+                                            groups)
+    backends = conv_backends(input, weight, stride, padding, dilation, groups)
+    if compiling():
+        return torch.ops.aiter_dist.conv2d_fwd(input, weight, bias, list(stride), list(padding),
+                                               list(dilation), groups, ",".join(backends))
+    if torch.is_grad_enabled() and (input.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return Conv2dFunction.apply(input, weight, bias, stride, padding, dilation, groups,
+                                    backends)
+    return conv2d_fwd(input, weight, bias, stride, padding, dilation, groups, backends[0])
+
+
+__all__ = ["conv2d", "conv2d_ref", "conv2d_fwd", "conv2d_dgrad", "conv2d_wgrad", "conv2d_bwd",
+           "Conv2dFunction", "ConvConfig", "ConvGeom", "conv_params", "conv_geometry",
+           "conv_backends", "conv_key", "fwd_config", "dgrad_config", "wgrad_config",
+           "memory_format", "TUNED", "TUNED_CONFIGS", "default_backend"]

@@ -1,0 +1,281 @@
+"""conv2d: forward, data gradient and weight gradient against float64 F.conv2d; the nn.Conv2d
+drop-in; bad input; torch.compile and opcheck on the custom ops."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import aiter_dist
+from aiter_dist.kernels import conv as C
+from aiter_dist.testing import assert_close_to_ref
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CL = torch.channels_last
+
+# (N, C_in, H, W, C_out, kernel, stride, padding, dilation, groups, bias): small odd shapes
+# covering stride 1/2, padding 0/1/'same'/'valid', dilation 1/2, groups 1/2/depthwise (with a
+# channel multiplier), kernels 1/3/5/7, rectangular kernels, few- and many-channel groups (the
+# flattened-K and per-tap kernels), stride phases without taps (stride 2, dilation 2).
+CASES = [
+    (2, 5, 9, 11, 7, 3, 1, 1, 1, 1, True),
+    (2, 16, 7, 9, 20, 3, 2, 1, 1, 1, False),
+    (1, 18, 9, 7, 12, 3, 2, 0, 2, 2, True),
+    (2, 6, 9, 11, 12, 3, 2, 1, 1, 6, True),        # depthwise, multiplier 2
+    (1, 7, 11, 9, 7, 5, 1, "same", 2, 7, False),   # depthwise, dilated, 'same'
+    (2, 6, 10, 8, 6, (2, 4), 1, "same", 1, 1, True),  # even kernel: asymmetric 'same'
+    (1, 3, 13, 11, 8, 7, 2, 3, 1, 1, True),        # the RGB stem shape class
+    (3, 20, 5, 7, 17, 1, 1, 0, 1, 1, True),        # 1x1
+    (2, 4, 7, 7, 8, 1, 2, 0, 1, 1, False),         # 1x1 stride 2 (downsample)
+    (1, 4, 9, 9, 6, 3, 3, 2, 2, 2, False),         # stride 3, dilation 2
+    (1, 10, 8, 9, 14, 5, 1, "valid", (1, 2), 1, True),
+    (2, 12, 6, 5, 8, 3, (2, 1), (0, 1), 1, 4, True),
+]
+
+
+def _ids(case):
+    return "x".join(map(str, case[:5])) + "-k{}s{}p{}d{}g{}b{}".format(*case[5:])
+
+
+def _run(case, dtype, layout):
+    """Ours, the float64 reference and PyTorch in ``dtype``: [out, dx, dw(, db)]."""
+    N, ci, H, W, co, k, s, p, d, g, bias = case
+    kh, kw = (k, k) if isinstance(k, int) else k
+    gen = torch.Generator().manual_seed(hash((case, str(dtype))) % 2**31)
+    x = torch.randn(N, ci, H, W, generator=gen)
+    w = torch.randn(co, ci // g, kh, kw, generator=gen) / (ci // g * kh * kw) ** 0.5
+    b = torch.randn(co, generator=gen) if bias else None
+    ref_out = F.conv2d(x.double(), w.double(), None, s, p, d, g)
+    dy = torch.randn(ref_out.shape, generator=gen)
+
+    def go(fn, dt):
+        xs = x.to(dt).contiguous(memory_format=layout).detach().requires_grad_()
+        ws = w.to(dt).contiguous(memory_format=layout).detach().requires_grad_()
+        bs = b.to(dt).detach().requires_grad_() if bias else None
+        out = fn(xs, ws, bs, s, p, d, g)
+        out.backward(dy.to(dt))
+        return [out, xs.grad, ws.grad] + ([bs.grad] if bias else [])
+
+    return go(aiter_dist.conv2d, dtype), go(F.conv2d, torch.float64), go(F.conv2d, dtype)
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format], ids=["nhwc", "nchw"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_ids)
+def test_conv2d_matches_float64(case, dtype, layout):
+    ours, ref, low = _run(case, dtype, layout)
+    for name, o, r, t in zip(["out", "dx", "dweight", "dbias"], ours, ref, low):
+        assert o.dtype == dtype, name
+        assert_close_to_ref(f"{name} {_ids(case)} {dtype}", o, r, t)
+    # Output and dx keep the input's memory format, dweight the weight's (as cuDNN).
+    for name, t in zip(["out", "dx", "dweight"], ours):
+        assert t.is_contiguous(memory_format=layout), f"{name}: strides {t.stride()}"
+    depthwise = case[1] == case[9]
+    for op in ("conv2d", "conv2d_dgrad", "conv2d_wgrad"):
+        path = aiter_dist.last_path(op)
+        assert path.startswith("triton") and path.endswith("-depthwise") == depthwise, (op, path)
+
+
+@pytest.mark.parametrize("depthwise", [False, True])
+def test_small_tiles_and_splits(depthwise):
+    """Forced small tiles: several M/N tiles, partial channel blocks, several wgrad splits
+    (fp32 partials summed in a fixed order), each pass alone."""
+    g = 9 if depthwise else 1
+    x = torch.randn(2, 9, 7, 6, dtype=torch.float64).float().contiguous(memory_format=CL)
+    w = torch.randn(18, 9 // g, 3, 3).float()
+    b = torch.randn(18)
+    stride, pad, dil = (2, 1), (1, 1, 0, 0), (1, 2)
+    cfg = C.ConvConfig(16, 16, 16, 1, 1, 1, 3)
+    y = C.conv2d_fwd(x, w, b, stride, pad, dil, g, config=cfg)
+    torch.testing.assert_close(y, F.conv2d(x, w, b, stride, (1, 0), dil, g), atol=1e-5, rtol=1e-5)
+    dy = torch.randn_like(y)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    F.conv2d(x64, w64, None, stride, (1, 0), dil, g).backward(dy.double())
+    dx = C.conv2d_dgrad(dy, x, w, stride, pad, dil, g, config=cfg)
+    dw, db = C.conv2d_wgrad(dy, x, w, stride, pad, dil, g, need_db=True, config=cfg)
+    torch.testing.assert_close(dx, x64.grad.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dw, w64.grad.float(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(db, dy.double().sum((0, 2, 3)).float(), atol=1e-5, rtol=1e-5)
+    dw2, db2 = C.conv2d_wgrad(dy, x, w, stride, pad, dil, g, need_db=True, config=cfg)
+    assert torch.equal(dw, dw2) and torch.equal(db, db2)  # deterministic
+
+
+def test_only_some_gradients():
+    """A frozen input or weight: only the gradients asked for are computed."""
+    x = torch.randn(2, 5, 7, 7)
+    w = torch.randn(6, 5, 3, 3, requires_grad=True)
+    b = torch.randn(6, requires_grad=True)
+    aiter_dist.conv2d(x, w, b, padding=1).sum().backward()
+    x64, w64, b64 = x.double(), w.detach().double().requires_grad_(), \
+        b.detach().double().requires_grad_()
+    F.conv2d(x64, w64, b64, padding=1).sum().backward()
+    torch.testing.assert_close(w.grad, w64.grad.float(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(b.grad, b64.grad.float(), atol=1e-4, rtol=1e-5)
+    xg = x.clone().requires_grad_()
+    aiter_dist.conv2d(xg, w.detach(), None, 2).sum().backward()
+    x64 = x.double().requires_grad_()
+    F.conv2d(x64, w.detach().double(), None, 2).sum().backward()
+    torch.testing.assert_close(xg.grad, x64.grad.float(), atol=1e-4, rtol=1e-5)
+
+
+def test_vendor_backend_and_fallbacks(monkeypatch):
+    x, w = torch.randn(2, 4, 7, 7), torch.randn(6, 4, 3, 3)
+    monkeypatch.setattr(C, "default_backend", "vendor")
+    torch.testing.assert_close(aiter_dist.conv2d(x, w), F.conv2d(x, w))
+    assert aiter_dist.last_path("conv2d") == "torch.conv2d"
+    monkeypatch.setattr(C, "default_backend", "auto")
+    # float64 and an empty batch are served by PyTorch, and say so.
+    x64 = x.double().requires_grad_()
+    y = aiter_dist.conv2d(x64, w.double(), None, 1, "same")
+    y.sum().backward()
+    assert aiter_dist.last_path("conv2d") == "torch.conv2d"
+    assert aiter_dist.last_path("conv2d_dgrad") == "torch.convolution_backward"
+    torch.testing.assert_close(y, F.conv2d(x.double(), w.double(), None, 1, "same"))
+    assert aiter_dist.conv2d(x[:0], w).shape == (0, 6, 5, 5)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        C.conv_backends(x, w, (1, 1), (0, 0, 0, 0), (1, 1), 1, backend="cudnn")
+
+
+# ----------------------------------------------------------------------------- nn.Conv2d
+
+@pytest.mark.parametrize("kwargs", [dict(stride=2, padding=1, bias=True),
+                                    dict(padding="same", dilation=2, groups=3, bias=False)])
+def test_nn_conv2d_is_a_drop_in(kwargs):
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(6, 9, 3, **kwargs)
+    ours = aiter_dist.nn.Conv2d(6, 9, 3, **kwargs)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == \
+        {k: v.shape for k, v in ref.state_dict().items()}
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 6, 9, 7)
+    torch.testing.assert_close(ours(x), ref(x), atol=1e-5, rtol=1e-5)
+    assert aiter_dist.last_path("conv2d").startswith("triton")
+    ref.load_state_dict(ours.state_dict())  # and back
+
+
+def test_nn_conv2d_padding_mode():
+    with pytest.raises(ValueError, match=r"aiter_dist.nn.Conv2d: padding_mode='reflect'.*F.pad"):
+        aiter_dist.nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect")
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_bad_input_names_op_and_fix():
+    x, w = torch.randn(2, 4, 7, 7), torch.randn(6, 4, 3, 3)
+    with pytest.raises(ValueError, match=r"aiter_dist.conv2d: input has 5 channels but weight"):
+        aiter_dist.conv2d(torch.randn(2, 5, 7, 7), w)
+    with pytest.raises(ValueError, match=r"aiter_dist.conv2d: groups=3 must divide"):
+        aiter_dist.conv2d(x, torch.randn(6, 1, 3, 3), groups=3)
+    with pytest.raises(ValueError, match=r"aiter_dist.conv2d: input must be 4-D.*unsqueeze\(0\)"):
+        aiter_dist.conv2d(x[0], w)
+    with pytest.raises(TypeError, match=r"aiter_dist.conv2d: input dtype torch.float16 differs "
+                                        r"from weight dtype torch.float32; cast"):
+        aiter_dist.conv2d(x.half(), w)
+    with pytest.raises(ValueError, match=r"aiter_dist.conv2d: bias must have shape \(6,\)"):
+        aiter_dist.conv2d(x, w, torch.randn(4))
+    with pytest.raises(ValueError, match=r"aiter_dist.conv2d: padding='same' needs stride 1"):
+        aiter_dist.conv2d(x, w, stride=2, padding="same")
+    with pytest.raises(ValueError, match=r"aiter_dist.conv2d: padding must be 'valid', 'same'"):
+        aiter_dist.conv2d(x, w, padding="full")
+    with pytest.raises(ValueError, match=r"aiter_dist.conv2d: the \(dilated\) kernel 3x3"):
+        aiter_dist.conv2d(x, w, dilation=4)
+    with pytest.raises(TypeError, match=r"aiter_dist.conv2d: input has dtype torch.int64"):
+        aiter_dist.conv2d(x.long(), w)
+
+
+# ----------------------------------------------------------------------------- torch.compile
+
+OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor",
+           "test_aot_dispatch_dynamic")
+
+
+def test_compile_matches_eager():
+    torch._dynamo.reset()
+
+    def fn(x, w, b):
+        return aiter_dist.conv2d(x * 2, w, b, 2, 1).relu()
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 5, 9, 7).contiguous(memory_format=CL)
+    w, b = torch.randn(6, 5, 3, 3), torch.randn(6)
+    leaves = [[t.clone().requires_grad_() for t in (x, w, b)] for _ in range(2)]
+    out_c, out_e = compiled(*leaves[0]), fn(*leaves[1])
+    torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
+    assert out_c.stride() == out_e.stride()
+    out_c.sum().backward()
+    out_e.sum().backward()
+    for a, e in zip(*leaves):
+        torch.testing.assert_close(a.grad, e.grad, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [CL, torch.contiguous_format], ids=["nhwc", "nchw"])
+def test_opcheck(layout):
+    x = torch.randn(2, 4, 7, 6).contiguous(memory_format=layout)
+    w = torch.randn(6, 2, 3, 3).contiguous(memory_format=layout)
+    b = torch.randn(6)
+    args = ([2, 1], [1, 2, 1, 1], [1, 1], 2, "triton,triton,triton")
+    torch.library.opcheck(torch.ops.aiter_dist.conv2d_fwd.default, (x, w, b, *args),
+                          test_utils=OPCHECK)
+    dy = torch.ops.aiter_dist.conv2d_fwd(x, w, b, *args)
+    for need in ((True, True, True), (False, True, False), (True, False, False)):
+        torch.library.opcheck(torch.ops.aiter_dist.conv2d_bwd.default,
+                              (torch.randn_like(dy), x, w, *args, *need),
+                              test_utils=OPCHECK[:3])
+
+
+# ----------------------------------------------------------------------------- GPU tier
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [
+    (8, 64, 56, 56, 64, 3, 1, 1, 1, 1, False),      # ResNet-50 layer1 3x3
+    (8, 256, 56, 56, 128, 1, 1, 0, 1, 1, False),    # 1x1 reduce
+    (8, 128, 56, 56, 128, 3, 2, 1, 1, 1, False),    # stride-2 3x3 (layer2 entry)
+    (8, 1024, 14, 14, 2048, 1, 2, 0, 1, 1, False),  # 1x1 stride-2 downsample
+    (8, 3, 224, 224, 64, 7, 2, 3, 1, 1, False),     # stem
+    (8, 96, 28, 28, 96, 3, 1, 1, 1, 96, True),      # depthwise
+], ids=_ids)
+def test_conv2d_gpu_resnet_bf16(case):
+    N, ci, H, W, co, k, s, p, d, g, bias = case
+    dev, bf16 = "cuda", torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(N, ci, H, W, device=dev, generator=gen).contiguous(memory_format=CL)
+    w = torch.randn(co, ci // g, k, k, device=dev, generator=gen) / (ci // g * k * k) ** 0.5
+    w = w.contiguous(memory_format=CL)
+    b = torch.randn(co, device=dev, generator=gen) if bias else None
+    outs = {}
+    for name, fn, dt in (("ours", aiter_dist.conv2d, bf16), ("ref", F.conv2d, torch.float64),
+                         ("low", F.conv2d, bf16)):
+        xs, ws = x.to(dt).detach().requires_grad_(), w.to(dt).detach().requires_grad_()
+        bs = b.to(dt) if bias else None
+        out = fn(xs, ws, bs, s, p, d, g)
+        out.backward(torch.ones_like(out) / out[0].numel() ** 0.5)
+        outs[name] = (out, xs.grad, ws.grad)
+    for i, what in enumerate(("out", "dx", "dweight")):
+        assert_close_to_ref(f"{what} {_ids(case)}", outs["ours"][i], outs["ref"][i],
+                            outs["low"][i])
+    assert outs["ours"][0].is_contiguous(memory_format=CL)
+    assert aiter_dist.last_path("conv2d").startswith("triton")
+
+
+def test_conv2d_module_under_autocast():
+    """Under CPU autocast (bf16) the module casts input, weight and bias as nn.Conv2d does; the
+    fp32 parameters receive fp32 gradients."""
+    torch.manual_seed(0)
+    ref = torch.nn.Conv2d(4, 6, 3, padding=1)
+    mod = aiter_dist.nn.Conv2d(4, 6, 3, padding=1)
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 5, 7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, want = mod(x), ref(x)
+    assert out.dtype == want.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), want.float(), rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert mod.weight.grad.dtype == torch.float32 and mod.bias.grad.dtype == torch.float32
+
+
+def test_weight_gradient_keeps_the_weights_strides():
+    """A 1x1 channels_last weight is also plainly contiguous: dweight must take the parameter's
+    exact strides (DDP's bucket views have them)."""
+    w = torch.randn(6, 4, 1, 1).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
+    aiter_dist.conv2d(x, w).sum().backward()
+    assert w.grad.stride() == w.stride(), (w.grad.stride(), w.stride())
