@@ -25,11 +25,16 @@ SCRIPT = textwrap.dedent(r'''
     from aiter_dist.comm.fused_norm import _fused_norm_kernel
     from aiter_dist.comm.gather_scatter import _gather_scatter_kernel
     from aiter_dist.comm.protocol import _handshake_kernel
+    from aiter_dist.comm import vocab_parallel as vp
+    from aiter_dist.kernels import conv
+    from aiter_dist.kernels import cross_entropy as ce
     from aiter_dist.kernels import flash_attn as fa
     from aiter_dist.kernels import gemm
     from aiter_dist.kernels import rmsnorm as rn
+    from aiter_dist.kernels import rope
+    from aiter_dist.kernels import swiglu
 
-    FLOATS = {"qk_scale", "sm_scale", "eps"}
+    FLOATS = {"qk_scale", "sm_scale", "eps", "label_smoothing"}
     POINTERS = {"LSE": "*fp32", "DELTA": "*fp32", "DQ_ACC": "*fp32", "RSTD": "*fp32",
                 "SCALE": "*fp32", "DW_PARTIAL": "*fp32", "CU_Q": "*i32", "CU_K": "*i32",
                 "ERR": "*i32", "BUF_PTRS": "*i64", "SIG_PTRS": "*i64", "X_SCALE": "*fp32",
@@ -42,6 +47,8 @@ SCRIPT = textwrap.dedent(r'''
         for arg in fn.arg_names:
             if arg in constexprs:
                 sig[arg] = "constexpr"
+            elif arg in pointer_types:  # named explicitly, whatever the naming rule says
+                sig[arg] = pointer_types[arg]
             elif arg.isupper() and arg not in ("M", "N"):
                 sig[arg] = pointer_types.get(arg, POINTERS.get(arg, "*bf16"))
             else:
@@ -150,6 +157,48 @@ SCRIPT = textwrap.dedent(r'''
                        dict(f8, SCALING=2, BLOCK_N=128), 8, 4,
                        A="tensordesc<fp8e4nv[128, 128]>", B="tensordesc<fp8e4nv[128, 128]>",
                        C="tensordesc<bf16[128, 128]>", K="i32")
+
+    # Training ops: RoPE of q and k (fp32 tables), SwiGLU, cross-entropy, vocab-parallel CE.
+    tables = dict(COS="*fp32", SIN="*fp32", CU_SEQLENS="*i32", SEQLEN_OFFSETS="*i32")
+    rot = dict(ROT_HALF=64, HEADDIM=128, BLOCK_T=1, BLOCK_H=16, BLOCK_HK=8, BLOCK_K=64,
+               BLOCK_TAIL=1, INTERLEAVED=False, CONJUGATE=False, VARLEN=False,
+               OFFSETS_TENSOR=False, HAS_K=True, COPY_TAIL=False, OFFSETS_64=False)
+    compile_for_hopper("rope q+k halves", rope._rotary_kernel, rot, 4, **tables)
+    compile_for_hopper("rope pairs, varlen, offsets, tail, backward", rope._rotary_kernel,
+                       dict(rot, ROT_HALF=32, BLOCK_K=32, BLOCK_TAIL=64, INTERLEAVED=True,
+                            CONJUGATE=True, VARLEN=True, OFFSETS_TENSOR=True, COPY_TAIL=True),
+                       4, **tables)
+    compile_for_hopper("swiglu fwd", swiglu._swiglu_fwd_kernel,
+                       dict(BLOCK_M=1, BLOCK_N=2048, EVEN=True, OFFSETS_64=False), 8)
+    compile_for_hopper("swiglu bwd", swiglu._swiglu_bwd_kernel,
+                       dict(BLOCK_M=1, BLOCK_N=2048, EVEN=False, OFFSETS_64=True), 8)
+    rows = dict(TGT="*i64", LOSS="*fp32", LSE="*fp32", G="*fp32", STATS="*fp32", C="i32")
+    for grad in (False, True):
+        compile_for_hopper(f"cross_entropy fwd write_grad={grad}", ce._cross_entropy_fwd_kernel,
+                           dict(BLOCK_M=1, BLOCK_C=8192, HAS_SMOOTHING=grad, WRITE_GRAD=grad),
+                           8, **rows)
+    compile_for_hopper("cross_entropy bwd", ce._cross_entropy_bwd_kernel,
+                       dict(BLOCK_M=1, BLOCK_C=8192, HAS_SMOOTHING=False), 8, **rows)
+    compile_for_hopper("vocab-parallel stats", vp._vocab_parallel_stats_kernel,
+                       dict(BLOCK_M=1, BLOCK_C=8192), 8, **rows)
+    compile_for_hopper("vocab-parallel combine", vp._vocab_parallel_combine_kernel,
+                       dict(BLOCK=256), 4, **rows)
+    # conv2d: implicit GEMMs over NHWC (sizes are ints whatever their case; Wt, the weight, a
+    # pointer).
+    sizes = {n: "i32" for n in ("H", "Wd", "OH", "OW", "HP", "WP", "CI", "CO", "CO_ALL", "KH",
+                                "KW", "P")}
+    sizes["Wt"] = "*bf16"
+    cv = dict(PRECISION=conv.PRECISION, UPCAST=False, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64,
+              GROUP_M=8, X_C1=True, W_C1=True, DY_C1=True)
+    compile_for_hopper("conv2d fwd", conv._conv2d_fwd_kernel,
+                       dict(cv, HAS_BIAS=True, FLAT_K=False), 8, 3, **sizes)
+    compile_for_hopper("conv2d fwd, flattened taps (stem)", conv._conv2d_fwd_kernel,
+                       dict(cv, HAS_BIAS=False, FLAT_K=True, BLOCK_K=32), 8, 3, **sizes)
+    compile_for_hopper("conv2d dgrad by stride phase", conv._conv2d_dgrad_kernel, cv, 8, 3,
+                       **sizes)
+    compile_for_hopper("conv2d wgrad split-K", conv._conv2d_wgrad_kernel,
+                       dict(cv, HAS_DB=True, FLAT_N=False), 8, 3, DW_PART="*fp32",
+                       DB_PART="*fp32", **sizes)
     if failures:
         raise SystemExit(f"{len(failures)} kernel(s) failed to compile: {failures}")
 ''')
