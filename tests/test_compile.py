@@ -25,6 +25,7 @@ SCRIPT = textwrap.dedent(r'''
     from aiter_dist.comm.fused_norm import _fused_norm_kernel
     from aiter_dist.comm.gather_scatter import _gather_scatter_kernel
     from aiter_dist.comm.protocol import _handshake_kernel
+    from aiter_dist.comm import dist_gemm as dg
     from aiter_dist.comm import vocab_parallel as vp
     from aiter_dist.kernels import conv
     from aiter_dist.kernels import cross_entropy as ce
@@ -108,6 +109,10 @@ SCRIPT = textwrap.dedent(r'''
         compile_for_hopper(f"gather_scatter reduce={reduce}", _gather_scatter_kernel,
                            dict(comm, REDUCE=reduce, COPY_IN=True, BLOCK=2048), 8)
     compile_for_hopper("collective handshake", _handshake_kernel, comm)
+    compile_for_hopper("dist-gemm start barrier", dg._start_kernel, comm)
+    compile_for_hopper("dist-gemm end barrier", dg._end_kernel, comm)
+    compile_for_hopper("dist-gemm slot sum + bias", dg._sum_slots_kernel,
+                       dict(comm, HAS_BIAS=True, BLOCK=2048), 8)
     for mode, fp8 in ((0, 0.0), (0, 448.0), (1, 0.0), (2, 0.0)):
         types = {"Y": "*fp8e4nv"} if fp8 else {}
         compile_for_hopper(f"fused norm mode={mode} fp8={bool(fp8)}", _fused_norm_kernel,
