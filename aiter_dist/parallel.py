@@ -31,6 +31,7 @@ plain mode's. Other models keep one all-reduce per row-parallel layer (recorded 
 """
 from __future__ import annotations
 
+import fnmatch
 import types
 
 import torch
@@ -248,12 +249,86 @@ def _install_fused_forward(model, group, sequence_parallel: bool) -> str | None:
     return None
 
 
+# ----------------------------------------------------------------------------- plans
+
+# A plan maps module names (fnmatch patterns over ``model.named_modules()``) to a style.
+# Linear styles take an ``nn.Linear`` and put the parallel layer holding this rank's shard in
+# its place; ``*_sp`` styles are sequence-parallel (tokens along dim 0 sharded over the group):
+# the column layer takes this rank's tokens and all-gathers them under its GEMM
+# (all_gather_gemm), the row layer returns this rank's tokens of the reduced output
+# (gemm_reduce_scatter).
+_LINEAR_STYLES = {
+    "colwise": (ColumnParallelLinear, {}),
+    "colwise_gather": (ColumnParallelLinear, {"gather_output": True}),
+    "colwise_sp": (ColumnParallelLinear, {"sequence_parallel": True}),
+    "rowwise": (RowParallelLinear, {}),
+    "rowwise_sp": (RowParallelLinear, {"sequence_parallel": True}),
+}
+PLAN_STYLES = tuple(_LINEAR_STYLES) + ("rmsnorm",)
+
+
+def _apply_plan(model: nn.Module, plan: dict, group) -> dict:
+    """Replace the modules ``plan`` names by their parallel style; returns counts per style."""
+    bad = {k: v for k, v in plan.items() if v not in PLAN_STYLES}
+    if bad:
+        raise ValueError(f"aiter_dist.parallelize: unknown plan style(s) {bad}; styles are "
+                         f"{', '.join(PLAN_STYLES)}")
+    names = [n for n, _ in model.named_modules() if n]
+    chosen: dict = {}
+    for pattern, style in plan.items():
+        hits = [n for n in names if fnmatch.fnmatchcase(n, pattern)]
+        if not hits:
+            raise ValueError(f"aiter_dist.parallelize: plan entry {pattern!r} matches no module "
+                             f"of {type(model).__name__} (module names look like "
+                             f"{names[:4]})")
+        for n in hits:
+            if n in chosen and chosen[n] != style:
+                raise ValueError(f"aiter_dist.parallelize: module {n!r} matches plan entries of "
+                                 f"two styles ({chosen[n]!r} and {style!r})")
+            chosen[n] = style
+    counts = {style: 0 for style in PLAN_STYLES}
+    for name, style in chosen.items():
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        mod = getattr(parent, attr)
+        if style == "rmsnorm":
+            if not _is_rmsnorm(mod):
+                raise ValueError(f"aiter_dist.parallelize: plan says {name!r} is 'rmsnorm' but "
+                                 f"it is a {type(mod).__name__} (an RMSNorm with weight and eps)")
+            setattr(parent, attr, _to_aiter_norm(mod))
+        else:
+            if type(mod) is not nn.Linear:
+                raise ValueError(f"aiter_dist.parallelize: plan style {style!r} takes an "
+                                 f"nn.Linear; {name!r} is a {type(mod).__name__}")
+            cls, kwargs = _LINEAR_STYLES[style]
+            setattr(parent, attr, cls.from_linear(mod, group, **kwargs))
+        counts[style] += 1
+    return counts
+
+
 # ----------------------------------------------------------------------------- parallelize
 
 def parallelize(model: nn.Module, group=None, attention: str = "flash", fuse_norm: bool = True,
-                sequence_parallel: bool = False, train_ops: bool = True) -> nn.Module:
+                sequence_parallel: bool = False, train_ops: bool = True,
+                plan: dict | None = None) -> nn.Module:
     """Make ``model`` tensor-parallel in place and return it.
 
+    With ``plan`` (any model): a dict from module names (``fnmatch`` patterns over
+    ``model.named_modules()``, e.g. ``"layers.*.fc1"``) to a style: ``"colwise"``,
+    ``"colwise_gather"``, ``"rowwise"`` (:class:`~aiter_dist.nn.ColumnParallelLinear` /
+    :class:`~aiter_dist.nn.RowParallelLinear` over an ``nn.Linear``), ``"colwise_sp"`` /
+    ``"rowwise_sp"`` (the same with ``sequence_parallel=True``: tokens sharded along dim 0, the
+    gather and the reduce-scatter overlapped with the GEMM by :func:`aiter_dist.all_gather_gemm`
+    / :func:`aiter_dist.gemm_reduce_scatter`), ``"rmsnorm"`` (:class:`~aiter_dist.nn.RMSNorm`).
+    Only what the plan names changes: the other arguments (attention, fused norms, training ops,
+    the Llama forward) apply without a plan. Every entry must match a module, a module may match
+    entries of one style only (``ValueError`` otherwise). ``model.aiter_parallel`` then holds
+    the count per style. Under the ``*_sp`` styles the code between the layers runs on token
+    shards, so a replicated parameter used there (a norm's weight) gets this rank's tokens'
+    share of its gradient: all-reduce those over the group before the optimizer step (Megatron's
+    rule for sequence-parallel parameters).
+
+    Without a plan:
     Modules are found by attribute name: in blocks holding ``q_proj, k_proj, v_proj, o_proj``
     (``nn.Linear``) q/k/v become :class:`~aiter_dist.nn.ColumnParallelLinear` and ``o_proj`` a
     :class:`~aiter_dist.nn.RowParallelLinear`; in blocks holding ``gate_proj, up_proj,
@@ -303,6 +378,10 @@ def parallelize(model: nn.Module, group=None, attention: str = "flash", fuse_nor
                          f"got {attention!r}")
     group = group if group is not None else (dist.group.WORLD if dist.is_initialized() else None)
     world = dist.get_world_size(group) if group is not None else 1
+    if plan is not None:
+        model.aiter_parallel = dict(_apply_plan(model, plan, group), world_size=world,
+                                    plan=dict(plan))
+        return model
     counts = {"column": 0, "row": 0, "norm": 0, "attention": 0, "rope": 0, "swiglu": 0}
     for block in list(model.modules()):
         for cols, rows in (_ATTN, _MLP):
