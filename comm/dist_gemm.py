@@ -356,7 +356,9 @@ def gemm_reduce_scatter_fwd(x, weight, bias, group, algo="auto"):
                 with torch.cuda.stream(side):
                     side.wait_event(done)
                     slot(d, rank).copy_(staging[j, :rows])  # peer copy, under the next GEMM
-        # Own rows last, straight into this rank's own slot: the last copy runs under it.
+        # Own rows last, straight into this rank's own slot: the last copy runs under it. (Not
+        # ordered after the start barrier on the side stream, and needs not be: no peer reads or
+        # writes this slot, and the previous collective on the workspace ended with a barrier.)
         _gemm_into(part_rows(rank), weight, None, slot(rank, rank), op)
         if gpu:
             main.wait_stream(side)

@@ -427,10 +427,14 @@ class SymmetricWorkspace:
             return torch.frombuffer(self._keepalive[r], dtype=torch.uint8, count=total)
         if self.backend == "symm_mem":
             return self._handle.get_buffer(r, (total,), torch.uint8, 0)
-        # ipc: a peer's mapping as a tensor that does not own it (the mapping outlives it). No
-        # device= argument: torch places it where the driver says the memory is (the peer's GPU
-        # when ranks have GPUs of their own), and asking for another device would copy it.
-        return torch.as_tensor(_DeviceBytes(self._bases[r], total))
+        # ipc: the peer's mapping (opened in this process, addressable from this rank's device
+        # over peer access) as a tensor on THIS rank's device that does not own it; the mapping
+        # outlives it. (Wrapping the pointer by __cuda_array_interface__ would place the tensor
+        # on the peer's GPU, where torch would then run every copy, on that GPU's stream.)
+        storage = torch._C._construct_storage_from_data_pointer(self._bases[r], self.device,
+                                                                 total)
+        return torch.empty(0, dtype=torch.uint8, device=self.device).set_(storage, 0, (total,),
+                                                                          (1,))
 
     def holds(self, x: torch.Tensor) -> bool:
         """Whether ``x`` is exactly a workspace tensor of this workspace (starts at its data
@@ -509,15 +513,6 @@ def _ipc_runtime() -> _IpcRuntime:
     if _ipc is None:
         _ipc = _IpcRuntime()
     return _ipc
-
-
-class _DeviceBytes:
-    """``nbytes`` bytes of device memory at ``ptr``, described by ``__cuda_array_interface__``
-    so ``torch.as_tensor`` wraps them without a copy."""
-
-    def __init__(self, ptr: int, nbytes: int):
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1",
-                                         "data": (ptr, False), "version": 2, "strides": None}
 
 
 class _IpcMapping:

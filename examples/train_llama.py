@@ -291,7 +291,9 @@ def data_parallel(model, layout, args, device):
     for block in model.layers:
         for sub in (block.attn, block.mlp):
             fully_shard(sub, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+    # The root keeps its parameters (embedding, norm weights, head) in fp32, as they are at
+    # dp=1 and under DDP: the residual stream then stays fp32 and the runs compare.
+    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32))
     return model
 
 
