@@ -29,7 +29,9 @@ def ddp_comm_hook(state: object, bucket: dist.GradBucket) -> torch.futures.Futur
 
     Args:
         state: the process group registered with the hook (``register_comm_hook(state, hook)``),
-            or None for the world. DDP passes it back unchanged on every call.
+            or None for the world. DDP passes it back unchanged on every call. A DDP built over
+            a subgroup (``process_group=dp_group``) must register that group here: the hook
+            cannot see DDP's group, and None would average over every rank.
         bucket: a ``torch.distributed.GradBucket``; ``bucket.buffer()`` is the flat (numel,)
             gradient buffer (float32, float16 or bfloat16 for the kernels; other dtypes, e.g.
             float64, go to torch.distributed).
