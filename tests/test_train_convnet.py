@@ -8,50 +8,19 @@ own free port and a timeout, cached for the module.
 from __future__ import annotations
 
 import functools
-import json
-import os
-import socket
-import subprocess
 import sys
-from pathlib import Path
 
-import pytest
+from test_train_llama import ROOT, _free_port, _run
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_convnet.py"
-TIMEOUT_S = 240
 STEPS = 10  # ~1.5 s a step on 2 cores with the interpreted convolutions
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    env = dict(os.environ)
-    env.update(MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
-        env.pop(k, None)
-    return env
 
 
 @functools.lru_cache(maxsize=None)
 def torchrun(nproc: int, *args) -> dict:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-           "--master-port", str(_free_port()), "--monitor-interval", "0.1", str(SCRIPT),
-           "--steps", str(STEPS), "--log-every", "1000", *args]
-    try:
-        p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True,
-                           timeout=TIMEOUT_S)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"timed out after {TIMEOUT_S}s: {' '.join(cmd)}\n{e.stdout}\n{e.stderr}")
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-    assert p.returncode == 0 and lines, (f"{' '.join(cmd)} exited {p.returncode}\n"
-                                         f"--- stdout\n{p.stdout[-4000:]}\n"
-                                         f"--- stderr\n{p.stderr[-4000:]}")
-    return json.loads(lines[-1])
+    return _run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+                 "--master-port", str(_free_port()), "--monitor-interval", "0.1", str(SCRIPT),
+                 "--steps", str(STEPS), "--log-every", "1000", *args])
 
 
 def test_aiter_two_ranks_learns_on_our_layers():
