@@ -141,6 +141,34 @@ def run_gpu_ranks(fn, *args, world: int | None = None, env: dict | None = None, 
                            env=env, **kwargs)
 
 
+# ----------------------------------------------------------------------------- torch.compile
+
+# What ``torch.library.opcheck`` checks on every custom op (its default list, less nothing).
+OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor",
+           "test_aot_dispatch_dynamic")
+
+
+def assert_compiled_matches_eager(fn, inputs, atol: float = 1e-5, backend: str = "aot_eager",
+                                  loss=None, check_strides: bool = False):
+    """``torch.compile(fn, fullgraph=True)`` against eager ``fn``: the same output (and strides
+    when asked) and the same gradient of every floating-point input. ``loss(out)`` is what is
+    differentiated (default ``out.float().sum()``); integer inputs (targets) get no gradient."""
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend=backend)
+    a, b = ([t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
+            for _ in range(2))
+    out_c, out_e = compiled(*a), fn(*b)
+    torch.testing.assert_close(out_c, out_e, atol=atol, rtol=atol)
+    if check_strides:
+        assert out_c.stride() == out_e.stride(), (out_c.stride(), out_e.stride())
+    loss = loss or (lambda out: out.float().sum())
+    loss(out_c).backward()
+    loss(out_e).backward()
+    for x, y in zip(a, b):
+        if y.grad is not None:
+            torch.testing.assert_close(x.grad, y.grad, atol=atol, rtol=atol)
+
+
 # ----------------------------------------------------------------------------- CUDA graphs
 
 def capture_graph(fn, calls: int = 1, warmup: int = 3):

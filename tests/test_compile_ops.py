@@ -8,10 +8,8 @@ import pytest
 import torch
 
 import aiter_dist
-from aiter_dist.testing import run_distributed
+from aiter_dist.testing import OPCHECK, assert_compiled_matches_eager, run_distributed
 
-OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor",
-           "test_aot_dispatch_dynamic")
 # torch's schema check multiplies inputs, which fp8 tensors do not support on CPU.
 OPCHECK_FP8 = OPCHECK[1:]
 
@@ -20,22 +18,9 @@ def _backend():
     return "inductor" if torch.cuda.is_available() else "aot_eager"
 
 
-def _leaves(*tensors):
-    return [t.detach().clone().requires_grad_() for t in tensors]
-
-
 def _compare(fn, inputs, atol=1e-5):
     """fn compiled (fullgraph) and eager: the same outputs and the same input gradients."""
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True, backend=_backend())
-    a, b = _leaves(*inputs), _leaves(*inputs)
-    out_c, out_e = compiled(*a), fn(*b)
-    torch.testing.assert_close(out_c, out_e, atol=atol, rtol=atol)
-    out_c.float().sum().backward()
-    out_e.float().sum().backward()
-    for x, y in zip(a, b):
-        if y.grad is not None:
-            torch.testing.assert_close(x.grad, y.grad, atol=atol, rtol=atol)
+    assert_compiled_matches_eager(fn, inputs, atol, backend=_backend())
 
 
 def _device():

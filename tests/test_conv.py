@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import aiter_dist
 from aiter_dist.kernels import conv as C
-from aiter_dist.testing import assert_close_to_ref
+from aiter_dist.testing import OPCHECK, assert_close_to_ref, assert_compiled_matches_eager
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 CL = torch.channels_last
@@ -184,27 +184,13 @@ def test_bad_input_names_op_and_fix():
 
 # ----------------------------------------------------------------------------- torch.compile
 
-OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor",
-           "test_aot_dispatch_dynamic")
 
 
 def test_compile_matches_eager():
-    torch._dynamo.reset()
-
-    def fn(x, w, b):
-        return aiter_dist.conv2d(x * 2, w, b, 2, 1).relu()
-
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     x = torch.randn(2, 5, 9, 7).contiguous(memory_format=CL)
-    w, b = torch.randn(6, 5, 3, 3), torch.randn(6)
-    leaves = [[t.clone().requires_grad_() for t in (x, w, b)] for _ in range(2)]
-    out_c, out_e = compiled(*leaves[0]), fn(*leaves[1])
-    torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
-    assert out_c.stride() == out_e.stride()
-    out_c.sum().backward()
-    out_e.sum().backward()
-    for a, e in zip(*leaves):
-        torch.testing.assert_close(a.grad, e.grad, atol=1e-5, rtol=1e-5)
+    assert_compiled_matches_eager(lambda x, w, b: aiter_dist.conv2d(x * 2, w, b, 2, 1).relu(),
+                                  (x, torch.randn(6, 5, 3, 3), torch.randn(6)),
+                                  check_strides=True)
 
 
 @pytest.mark.parametrize("layout", [CL, torch.contiguous_format], ids=["nhwc", "nchw"])

@@ -13,12 +13,10 @@ import torch.nn.functional as F
 
 import aiter_dist
 from aiter_dist.kernels import cross_entropy as K
-from aiter_dist.testing import assert_close_to_ref
+from aiter_dist.testing import OPCHECK, assert_close_to_ref, assert_compiled_matches_eager
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 REDUCTIONS = ["mean", "sum", "none"]
-OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor",
-           "test_aot_dispatch_dynamic")
 
 
 def _gen(*key, salt=0):
@@ -316,18 +314,7 @@ def test_cross_entropy_loss_is_fp32_under_autocast():
 
 # ----------------------------------------------------------------------------- torch.compile
 
-def _compare_compiled(fn, inputs, atol=1e-5):
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    a = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
-    b = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
-    out_c, out_e = compiled(*a), fn(*b)
-    torch.testing.assert_close(out_c, out_e, atol=atol, rtol=atol)
-    out_c.float().sum().backward()
-    out_e.float().sum().backward()
-    for x, y in zip(a, b):
-        if y.grad is not None:
-            torch.testing.assert_close(x.grad, y.grad, atol=atol, rtol=atol)
+_compare_compiled = assert_compiled_matches_eager
 
 
 def test_compile_matches_eager():

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import aiter_dist
-from aiter_dist.testing import assert_close_to_ref, run_distributed, run_gpu_ranks
+from aiter_dist.testing import (OPCHECK, assert_close_to_ref, assert_compiled_matches_eager,
+                                run_distributed, run_gpu_ranks)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -298,27 +299,16 @@ def _compile(rank, world):
         h = aiter_dist.all_gather_gemm(x, w1, b1, algo="overlapped").sin()
         return aiter_dist.gemm_reduce_scatter(h, w2, b2, algo="overlapped")
 
-    leaves = lambda: [t.detach().clone().requires_grad_() for t in (x, w1, b1, w2, b2)]  # noqa
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    a, b = leaves(), leaves()
-    out_c, out_e = compiled(*a), fn(*b)
-    torch.testing.assert_close(out_c, out_e, atol=1e-5, rtol=1e-5)
-    (out_c * out_c).sum().backward()
-    (out_e * out_e).sum().backward()
-    for p, q in zip(a, b):
-        torch.testing.assert_close(p.grad, q.grad, atol=1e-5, rtol=1e-5)
+    assert_compiled_matches_eager(fn, (x, w1, b1, w2, b2), loss=lambda out: (out * out).sum())
     name = group.WORLD.group_name
     x2, h2 = torch.randn(3, 6), torch.randn(4, 5)
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor",
-             "test_aot_dispatch_dynamic")
     for op, args in (("all_gather_gemm", (x2, w1, b1, name, "overlapped")),
                      ("gemm_reduce_scatter", (h2, w2, None, name, "overlapped")),
                      ("all_gather_gemm_bwd", (torch.randn(6, 5), x2, w1, name, "overlapped",
                                               True, True, True)),
                      ("gemm_reduce_scatter_bwd", (torch.randn(2, 6), h2, w2, name, "overlapped",
                                                   True, True, False))):
-        torch.library.opcheck(getattr(torch.ops.aiter_dist, op).default, args, test_utils=utils)
+        torch.library.opcheck(getattr(torch.ops.aiter_dist, op).default, args, test_utils=OPCHECK)
     return True
 
 

@@ -5,11 +5,9 @@ import torch
 
 import aiter_dist
 from aiter_dist.kernels import rope as R
-from aiter_dist.testing import assert_close_to_ref
+from aiter_dist.testing import OPCHECK, assert_close_to_ref, assert_compiled_matches_eager
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-OPCHECK = ("test_schema", "test_autograd_registration", "test_faketensor",
-           "test_aot_dispatch_dynamic")
 
 
 def _tables(seqlen_ro, rotary_dim, dtype=torch.float32, device="cpu", base=100.0):
@@ -394,17 +392,7 @@ def test_config_and_wide_offsets():
 
 # ----------------------------------------------------------------------------- torch.compile
 
-def _compile_compare(fn, inputs, atol=1e-5):
-    torch._dynamo.reset()
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    a = [t.detach().clone().requires_grad_() for t in inputs]
-    b = [t.detach().clone().requires_grad_() for t in inputs]
-    out_c, out_e = compiled(*a), fn(*b)
-    torch.testing.assert_close(out_c, out_e, atol=atol, rtol=atol)
-    out_c.float().sum().backward()
-    out_e.float().sum().backward()
-    for x, y in zip(a, b):
-        torch.testing.assert_close(x.grad, y.grad, atol=atol, rtol=atol)
+_compile_compare = assert_compiled_matches_eager
 
 
 def test_compile_matches_eager():

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 import aiter_dist
 from aiter_dist.comm import vocab_parallel as VP
-from aiter_dist.testing import assert_close_to_ref, run_distributed
+from aiter_dist.testing import (OPCHECK, assert_close_to_ref, assert_compiled_matches_eager,
+                                run_distributed)
 
 C = 13  # classes per rank: V = 13 * world
 LEAD = (2, 5)  # the logits' leading dims (10 rows)
@@ -131,23 +132,13 @@ def test_vocab_parallel_bad_input_raises_on_every_rank():
 def _compiles(rank, world):
     full, target = _full(world, torch.float32, 7)
     shard = full[..., rank * C:(rank + 1) * C].contiguous()
-    torch._dynamo.reset()
-
-    def fn(x):
-        return aiter_dist.vocab_parallel_cross_entropy(x * 2, target, reduction="none").sin()
-
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
-    a, b = shard.clone().requires_grad_(), shard.clone().requires_grad_()
-    out_c, out_e = compiled(a), fn(b)
-    torch.testing.assert_close(out_c, out_e)
-    out_c.sum().backward()
-    out_e.sum().backward()
-    torch.testing.assert_close(a.grad, b.grad)
+    assert_compiled_matches_eager(
+        lambda x: aiter_dist.vocab_parallel_cross_entropy(x * 2, target, reduction="none").sin(),
+        (shard,))
     name = dist.group.WORLD.group_name
     torch.library.opcheck(torch.ops.aiter_dist.vocab_parallel_cross_entropy.default,
                           (shard.flatten(0, 1), target.flatten(), name, -100),
-                          test_utils=("test_schema", "test_autograd_registration",
-                                      "test_faketensor", "test_aot_dispatch_dynamic"))
+                          test_utils=OPCHECK)
     return True
 
 
