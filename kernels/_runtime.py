@@ -70,6 +70,24 @@ def runs_triton(op: str, device: torch.device) -> bool:
     return True
 
 
+def takes_torch_path(op: str, tensors: tuple, also: tuple = ()) -> bool:
+    """Whether ``op`` serves this call with PyTorch ops instead of its kernel, recorded as
+    ``"torch"``: float64 among ``tensors`` and ``also`` (the kernels compute in fp32; PyTorch
+    keeps float64), a zero-size tensor among ``tensors`` (nothing to launch), or CPU tensors on a
+    GPU machine (see :func:`runs_triton`)."""
+    # (Loops, not any() over generators: this runs on every call of the norms.)
+    for t in tensors + also:
+        if t.dtype == torch.float64:
+            record_path(op, "torch", "float64 input: computed by PyTorch in float64; the "
+                                     "Triton kernels take float32, float16 and bfloat16")
+            return True
+    for t in tensors:
+        if t.numel() == 0:
+            record_path(op, "torch")
+            return True
+    return not runs_triton(op, tensors[0].device)
+
+
 def launch(kernel, grid, device: torch.device, *args, launch_key=None, **kwargs):
     """Launch ``kernel[grid](*args, **kwargs)``; callers check :func:`runs_triton` first.
 

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 
 from ._runtime import (INTERPRETED, cdiv, check_same_device, check_tensor, compiling, last_path,
-                       launch, next_pow2, record_path, runs_triton)
+                       launch, next_pow2, record_path, takes_torch_path)
 from .gemm import DTYPE_NAMES, linear_backends, run_gemm
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -269,19 +269,6 @@ def _config(C: int, device: torch.device, config):
     return cfg
 
 
-def _takes_torch_path(op: str, x2: torch.Tensor) -> bool:
-    """float64 (computed by PyTorch in float64), nothing to compute, or a CPU tensor on a GPU
-    machine: PyTorch ops with the kernels' contract, recorded as ``"torch"``."""
-    if x2.dtype == torch.float64:
-        record_path(op, "torch", "float64 input: computed by PyTorch in float64; the Triton "
-                                 "kernels take float32, float16 and bfloat16")
-        return True
-    if x2.shape[0] == 0:
-        record_path(op, "torch")
-        return True
-    return not runs_triton(op, x2.device)
-
-
 def cross_entropy_fwd(logits2, target1, ignore_index=-100, label_smoothing=0.0, *, grad=None,
                       out=None, config=None, op="cross_entropy"):
     """Forward launcher: per-row ``(loss, lse)`` of (M, C) logits, fp32 (float64 for float64).
@@ -299,7 +286,7 @@ def cross_entropy_fwd(logits2, target1, ignore_index=-100, label_smoothing=0.0, 
         out = (torch.empty(M, dtype=acc, device=logits2.device),
                torch.empty(M, dtype=acc, device=logits2.device))
     loss, lse = out
-    if _takes_torch_path(op, logits2):
+    if takes_torch_path(op, (logits2,)):
         loss_t, lse_t = _ce_fwd_torch(logits2, target1, ignore_index, label_smoothing)
         loss.copy_(loss_t)
         lse.copy_(lse_t)
@@ -331,7 +318,7 @@ def cross_entropy_bwd(dloss, logits2, target1, lse, ignore_index=-100, label_smo
     n_classes = C if n_classes is None else n_classes
     if out is None:
         out = torch.empty(M, C, dtype=logits2.dtype, device=logits2.device)
-    if _takes_torch_path(op, logits2):
+    if takes_torch_path(op, (logits2,)):
         out.copy_(_ce_grad_torch(dloss, logits2, target1, lse, ignore_index, label_smoothing,
                                  class_start, n_classes))
         return out

@@ -25,7 +25,7 @@ import triton.language as tl
 
 from ._runtime import (FLOAT_DTYPES, INTERPRETED, cdiv, check_last_dim_contiguous,
                        check_same_device, check_tensor, compiling, launch, next_pow2,
-                       record_path, runs_triton)
+                       record_path, takes_torch_path)
 
 ONE_PASS_MAX_N = 65536
 
@@ -300,20 +300,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 NORM_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 
-def _takes_torch_path(op: str, x2: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``op`` serves this call with PyTorch ops instead of the kernel (recorded as
-    ``"torch"``): float64 (the kernels compute in fp32), zero-size inputs (nothing to launch),
-    CPU tensors on a GPU machine."""
-    if torch.float64 in (x2.dtype, weight.dtype):
-        record_path(op, "torch", "float64 input: computed by PyTorch in float64; the Triton "
-                                 "kernels take float32, float16 and bfloat16")
-        return True
-    if x2.numel() == 0:
-        record_path(op, "torch")
-        return True
-    return not runs_triton(op, x2.device)
-
-
 _KERNEL_DTYPES = frozenset(FLOAT_DTYPES)
 
 
@@ -349,7 +335,7 @@ def rms_norm_fwd(x, weight, eps=1e-6, residual=None, *, config=None):
     x2 = x if x.dim() == 2 else _rows(x)
     M, N = x2.shape
     r2 = None if residual is None else residual if residual.dim() == 2 else _rows(residual)
-    if _takes_torch_path(op, x2, weight):
+    if takes_torch_path(op, (x2,), (weight,)):
         y, res_out, rstd = _rms_norm_fwd_torch(x2, weight, eps, r2)
         return y.view(x.shape), (res_out.view(x.shape) if res_out is not None else None), rstd
     y = torch.empty_like(x2, memory_format=torch.contiguous_format)
@@ -411,7 +397,7 @@ def rms_norm_bwd(dy, x_normed, weight, rstd, dresidual=None, *, max_n=ONE_PASS_M
     M, N = x2.shape
     dy2 = _rows(dy.contiguous())
     dres2 = _rows(dresidual.contiguous()) if dresidual is not None else dy2
-    if _takes_torch_path("rms_norm_bwd", x2, weight):
+    if takes_torch_path("rms_norm_bwd", (x2,), (weight,)):
         dx, dw = _rms_norm_bwd_torch(dy2, x2, weight, rstd,
                                      dres2 if dresidual is not None else None)
         return dx.view(x_normed.shape), (dw.float() if dw_fp32 else dw)

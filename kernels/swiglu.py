@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ._runtime import (FLOAT_DTYPES, INTERPRETED, cdiv, check_same_device, check_tensor,
-                       compiling, launch, next_pow2, record_path, runs_triton)
+                       compiling, launch, next_pow2, record_path, takes_torch_path)
 
 SWIGLU_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
@@ -177,19 +177,6 @@ def _layout(op: str, *tensors):
     return m, n, views
 
 
-def _takes_torch_path(op: str, gate, up) -> bool:
-    """float64 (computed by PyTorch in float64), zero-size inputs (nothing to launch), CPU tensors
-    on a GPU machine: PyTorch ops, recorded as ``"torch"``."""
-    if torch.float64 in (gate.dtype, up.dtype):
-        record_path(op, "torch", "float64 input: computed by PyTorch in float64; the Triton "
-                                 "kernels take float32, float16 and bfloat16")
-        return True
-    if gate.numel() == 0:
-        record_path(op, "torch")
-        return True
-    return not runs_triton(op, gate.device)
-
-
 def _needs_64bit(m: int, n: int, *row_strides: int) -> bool:
     return m * max(n, *row_strides) + n >= 2**31
 
@@ -224,7 +211,7 @@ def _launch(kernel, tensors, m, n, row_strides, device, config):
 def swiglu_fwd(gate, up, *, config=None):
     """Forward launcher (inputs checked by the caller): silu(gate) * up, contiguous."""
     op = "swiglu"
-    if _takes_torch_path(op, gate, up):
+    if takes_torch_path(op, (gate, up)):
         return swiglu_ref(gate, up).contiguous()
     m, n, (g2, u2) = _layout(op, gate, up)
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
@@ -238,7 +225,7 @@ def swiglu_fwd(gate, up, *, config=None):
 def swiglu_bwd(dy, gate, up, *, config=None):
     """Backward launcher: (dgate, dup), contiguous, from the incoming gradient and the inputs."""
     op = "swiglu_bwd"
-    if _takes_torch_path(op, gate, up):
+    if takes_torch_path(op, (gate, up)):
         return _swiglu_bwd_torch(dy, gate, up)
     m, n, (d2, g2, u2) = _layout(op, dy, gate, up)
     dgate = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
