@@ -62,6 +62,10 @@ def cases():
 
     cos, sin = torch.rand(128, 32, device=dev), torch.rand(128, 32, device=dev)
     tgt = torch.randint(0, 1024, (8,), device=dev)
+    img = torch.randn(2, 64, 16, 16, device=dev, dtype=bf16).contiguous(
+        memory_format=torch.channels_last)
+    cw = torch.randn(64, 64, 3, 3, device=dev, dtype=bf16).contiguous(
+        memory_format=torch.channels_last)
 
     def rope_torch(t):
         t1, t2 = t.float().chunk(2, dim=-1)
@@ -92,6 +96,8 @@ def cases():
         ("swiglu", lambda: aiter_dist.swiglu(x, r), lambda: F.silu(x) * r),
         ("cross_entropy", lambda: aiter_dist.cross_entropy(x, tgt),
          lambda: F.cross_entropy(x, tgt)),
+        ("conv2d 3x3", lambda: aiter_dist.conv2d(img, cw, None, 1, 1),
+         lambda: F.conv2d(img, cw, None, 1, 1)),
         ("all_reduce 8 KB (kernel)", lambda: ar.all_reduce_raw(small, algo="one_shot",
                                                                 one_rank_kernel=True),
          lambda: dist.all_reduce(small)),
