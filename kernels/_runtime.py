@@ -48,6 +48,7 @@ def configure_interpreter() -> bool:
 INTERPRETED = configure_interpreter()
 
 from triton import knobs as _knobs  # noqa: E402  (after the interpreter choice: Triton reads it)
+from triton.runtime import _allocation  # noqa: E402
 
 # Triton launches on the current device's current stream; these are what its driver calls too.
 _current_device = getattr(torch._C, "_cuda_getDevice", lambda: torch.cuda.current_device())
@@ -179,7 +180,11 @@ def fast_launch(kernel, grid, device: torch.device, args, kwargs, key=None):
     index = _current_device()
     try:
         if key is None:
-            key = (tuple(map(_spec, args)), tuple(kwargs.items()))
+            # One comprehension with the common cases inline (no call per argument: on
+            # Python 3.12 the comprehension itself is inlined); _spec for the rest.
+            key = (tuple([(a == 1, a & 15, _I32[0] <= a < _I32[1]) if type(a) is int else
+                          (a.dtype, a.data_ptr() & 15) if type(a) is torch.Tensor else
+                          _spec(a) for a in args]), tuple(kwargs.items()))
         key = (kernel, index, key)
         entry = _compiled.get(key)
     except TypeError:  # an argument we cannot describe (or an unhashable constexpr)
@@ -199,6 +204,23 @@ def fast_launch(kernel, grid, device: torch.device, args, kwargs, key=None):
               _current_stream(index), entry.function, entry.packed, None, None, None,
               *args, *entry.tail)
     return None
+
+
+# ----------------------------------------------------------------------------- global scratch
+#
+# Kernels that build TMA descriptors on the GPU (``tl.make_tensor_descriptor``) need 128 bytes of
+# global scratch per descriptor and program, which Triton's launcher asks of the allocator set by
+# ``triton.set_allocator``. That setting is a context variable: each thread starts without one
+# (autograd runs the backward on threads of its own), so the launchers call this before such a
+# launch. A user's own allocator stays.
+
+def _torch_scratch(size: int, alignment: int, stream):
+    return torch.empty(size, dtype=torch.int8, device=_current_device())
+
+
+def ensure_scratch_allocator() -> None:
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        _allocation._allocator.set(_torch_scratch)
 
 
 # ----------------------------------------------------------------------------- torch.compile

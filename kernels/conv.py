@@ -21,20 +21,25 @@ strides, so contiguous NCHW is correct too) and accumulate in fp32:
 * depthwise (one input channel per group: ``groups == C_in``): direct kernels, no GEMM (a
   1-deep reduction would waste the tensor cores): elementwise taps for the forward and wgrad,
   a masked gather for dgrad (stride phases are not split there).
+* pointwise (1x1, stride 1, no padding, one group, 16-bit, NHWC in and out): the forward and
+  dgrad are plain GEMMs over (N*H*W, C) views and run on the GEMM kernel (``kernels/gemm.py``);
+  recorded as ``triton-gemm`` (``-tma`` where it used tensor descriptors).
 
 Dispatch: ``default_backend`` (env ``AITER_DIST_CONV_BACKEND``): ``"triton"`` (ours),
 ``"vendor"`` (``F.conv2d`` / ``aten.convolution_backward``: cuDNN / MIOpen) or ``"auto"``: per
-pass, the winner in ``TUNED`` for the exact conv shape, else ours (no measured table yet).
+pass, the winner in ``TUNED`` for the exact conv shape (measured on an H200 for ResNet-50's
+bf16 convs at batch 32 and 128: ``kernels/conv_tuned.py``), else ours.
 float64 inputs, empty batches and CPU tensors on a GPU machine take the vendor path, recorded.
 ``last_path("conv2d")``, ``last_path("conv2d_dgrad")``, ``last_path("conv2d_wgrad")`` say who
 served each pass.
 
 fp32 inputs multiply in full fp32 (``input_precision="ieee"``), not TF32. The GPU configs
-(``fwd_config``, ``dgrad_config``, ``wgrad_config``; overrides in ``TUNED_CONFIGS``) are first
-guesses, not measured.
+(``fwd_config``, ``dgrad_config``, ``wgrad_config``) are guesses; ``TUNED_CONFIGS`` holds the
+measured winners of the shapes in the table.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import NamedTuple
@@ -45,17 +50,26 @@ import triton
 import triton.language as tl
 
 from ._runtime import (FLOAT_DTYPES, INTERPRETED, cdiv, check_same_device, check_tensor,
-                       compiling, launch, next_pow2, record_path)
-from .gemm import _tile_coords
+                       compiling, last_path, launch, next_pow2, record_path)
+from .conv_tuned import TUNED as _MEASURED
+from .gemm import DTYPE_NAMES, GemmConfig, _tile_coords, run_gemm
 
 BACKENDS = ("auto", "triton", "vendor")
 default_backend = os.environ.get("AITER_DIST_CONV_BACKEND", "auto")
 
 # Per conv shape (``conv_key``): {"fwd": "triton"|"vendor", "dgrad": ..., "wgrad": ...}, the
-# measured winners ``backend="auto"`` follows. Empty until bench_conv.py has run on the GPU.
-TUNED: dict = {}
-# Per (pass, conv_key): a ConvConfig replacing the built-in guess.
-TUNED_CONFIGS: dict = {}
+# measured winners ``backend="auto"`` follows (``kernels/conv_tuned.py``).
+TUNED: dict = {key: {ps: v[0] for ps, v in passes.items()} for key, passes in _MEASURED.items()}
+# Per (pass, conv_key): a ConvConfig tuple replacing the built-in guess, or ("gemm", *GemmConfig)
+# for a pointwise conv served by the GEMM kernel with that config.
+TUNED_CONFIGS: dict = {(ps, key): tuple(v[1]) for key, passes in _MEASURED.items()
+                       for ps, v in passes.items() if v[1] is not None}
+
+# A 1x1, stride-1, unpadded, ungrouped 16-bit conv over NHWC tensors is a plain GEMM (pixels x
+# channels): its forward and dgrad run on the GEMM kernel (``kernels/gemm.py``, TMA on Hopper)
+# instead of the gathering implicit-GEMM kernel. A ``TUNED_CONFIGS`` entry for the shape that is
+# a conv config turns it off.
+GEMM_1X1 = True
 
 # Copy a non-channels_last input / weight / dy to channels_last before a compiled kernel: the
 # kernels read any strides, but a channel stride other than 1 makes every load a gather.
@@ -363,6 +377,29 @@ def _conv2d_wgrad_kernel(
 
 
 @triton.jit
+def _sum_partials_kernel(
+    PART,                # fp32 (SPLIT, C_out, KH, KW, C_in/groups) contiguous
+    DW,                  # dweight (C_out, C_in/groups, KH, KW) through swo, swc, swh, sww
+    TOTAL, SPLIT, KH, KW, CI,
+    swo, swc, swh, sww,
+    BLOCK: tl.constexpr,
+):
+    # dweight = sum of the split partials, added in split order (deterministic), cast and
+    # stored with the weight's own strides: one pass instead of a sum, a permute and a copy.
+    e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = e < TOTAL
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(SPLIT):
+        acc += tl.load(PART + s * TOTAL + e, mask=ok, other=0.0)
+    c = e % CI
+    kw = (e // CI) % KW
+    kh = (e // (CI * KW)) % KH
+    co = e // (CI * KW * KH)
+    tl.store(DW + co * swo + c * swc + kh * swh + kw * sww, acc.to(DW.dtype.element_ty),
+             mask=ok)
+
+
+@triton.jit
 def _dw_conv2d_fwd_kernel(
     X, Wt, BIAS, Y,      # as _conv2d_fwd_kernel; one input channel per group
     P, H, Wd, OH, OW, C_OUT, MULT, KH, KW,   # pixels, sizes, output channels, C_out / C_in
@@ -613,6 +650,7 @@ def _like_weight(weight: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(weight, memory_format=torch.preserve_format)
 
 
+@functools.lru_cache(maxsize=4096)   # every call of a tuned op looks its shape up
 def conv_key(g: ConvGeom, dtype: torch.dtype) -> str:
     """The key of ``TUNED`` / ``TUNED_CONFIGS``: the conv's exact shape and dtype."""
     s, p, d = g.stride, g.padding, g.dilation
@@ -743,6 +781,8 @@ def _config(kind: str, fn, g: ConvGeom, dtype, device) -> ConvConfig:
     cfg = _configs.get(key)
     if cfg is None:
         tuned = TUNED_CONFIGS.get((kind, conv_key(g, dtype))) if TUNED_CONFIGS else None
+        if tuned and tuned[0] == "gemm":
+            tuned = None     # the GEMM kernel's config; this pass's own is the guess
         cfg = _configs[key] = ConvConfig(*tuned) if tuned else fn(g, dtype, device)
     return cfg
 
@@ -760,6 +800,51 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- vendor paths
+
+def _gemm_view(t: torch.Tensor) -> torch.Tensor | None:
+    """(N*H*W, C) view of a dense channels_last (N, C, H, W) tensor, else None."""
+    n, c, h, w = t.shape
+    if t.stride() != (h * w * c, 1, w * c, c):
+        return None
+    return t.permute(0, 2, 3, 1).reshape(n * h * w, c)
+
+
+def _gemm_route(op: str, g: ConvGeom, dtype: torch.dtype, kind: str, config):
+    """None when this pass runs on the conv kernels, else the GemmConfig it runs with on the
+    GEMM kernel (``()``: the GEMM's own choice). ``config``: the caller's, if any."""
+    pointwise = (GEMM_1X1 and dtype in (torch.bfloat16, torch.float16) and g.KH == 1
+                 and g.KW == 1 and g.stride == (1, 1) and g.padding == (0, 0, 0, 0)
+                 and g.groups == 1)
+    if isinstance(config, GemmConfig):
+        if not pointwise:
+            raise ValueError(f"aiter_dist.{op}: a GemmConfig serves 1x1 stride-1 unpadded 16-bit "
+                             f"convs only; pass a ConvConfig")
+        return config
+    if not pointwise or config is not None:
+        return None
+    tuned = TUNED_CONFIGS.get((kind, conv_key(g, dtype))) if TUNED_CONFIGS else None
+    if tuned is None:
+        return ()
+    return GemmConfig(*tuned[1:]) if tuned[0] == "gemm" else None
+
+
+def _pointwise_gemm(op: str, a: torch.Tensor, out: torch.Tensor, weight: torch.Tensor,
+                    transpose_w: bool, bias=None, config=()) -> bool:
+    """out = a @ W(.T) on the GEMM kernel (``config``: a GemmConfig, or () for its own choice)
+    where out is dense channels_last (a is copied to it if need be); False (and nothing
+    written) when out is not."""
+    out2 = _gemm_view(out)
+    if out2 is None:
+        return False
+    a2 = _gemm_view(a)
+    if a2 is None:
+        a2 = _gemm_view(a.contiguous(memory_format=torch.channels_last))
+    w2 = weight.reshape(weight.shape[0], weight.shape[1])   # (C_out, C_in)
+    run_gemm(op, DTYPE_NAMES[a.dtype], a2, w2.t() if transpose_w else w2, out2, bias,
+             config=config or None)
+    record_path(op, _PATH + "-gemm" + ("-tma" if last_path(op).endswith("-tma") else ""))
+    return True
+
 
 def _vendor_padded(x, padding):
     """(x padded explicitly where the padding is asymmetric, symmetric (h, w) padding)."""
@@ -806,8 +891,12 @@ def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, backend="trit
     g = conv_geometry(x.shape, weight.shape, stride, padding, dilation, groups)
     y = torch.empty((g.N, g.C_out, g.OH, g.OW), dtype=x.dtype, device=x.device,
                     memory_format=memory_format(x))
-    cfg = config or _config("fwd", fwd_config, g, x.dtype, x.device)
+    cfg = (config if config is not None and not isinstance(config, GemmConfig)
+           else _config("fwd", fwd_config, g, x.dtype, x.device))
     x, weight = _nhwc(x), _nhwc(weight)
+    gemm = _gemm_route(op, g, x.dtype, "fwd", config)
+    if gemm is not None and _pointwise_gemm(op, x, y, weight, True, bias, gemm):
+        return y
     bias_arg = bias if bias is not None else y   # placeholder, never read (HAS_BIAS)
     geo = (g.stride[0], g.stride[1], g.padding[0], g.padding[2], g.dilation[0], g.dilation[1])
     if g.depthwise:
@@ -843,8 +932,12 @@ def conv2d_dgrad(dy, x, weight, stride, padding, dilation, groups, backend="trit
                            False)[0]
     g = conv_geometry(x.shape, weight.shape, stride, padding, dilation, groups)
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=memory_format(x))
-    cfg = config or _config("dgrad", dgrad_config, g, x.dtype, x.device)
+    cfg = (config if config is not None and not isinstance(config, GemmConfig)
+           else _config("dgrad", dgrad_config, g, x.dtype, x.device))
     dy, weight = _nhwc(dy), _nhwc(weight)
+    gemm = _gemm_route(op, g, x.dtype, "dgrad", config)
+    if gemm is not None and _pointwise_gemm(op, dy, dx, weight, False, None, gemm):
+        return dx
     geo = (g.stride[0], g.stride[1], g.padding[0], g.padding[2], g.dilation[0], g.dilation[1])
     if g.depthwise:
         P = g.N * g.H * g.W
@@ -888,7 +981,12 @@ def conv2d_wgrad(dy, x, weight, stride, padding, dilation, groups, need_db=False
     per_split = cdiv(cdiv(P, cfg.split), cfg.block_k if not g.depthwise else cfg.block_m)
     per_split *= cfg.block_k if not g.depthwise else cfg.block_m
     split = cdiv(P, per_split)
-    part = torch.empty((split, g.C_out, g.KH, g.KW, g.ci), dtype=torch.float32, device=x.device)
+    dw = _like_weight(weight)
+    # One split: the kernel stores the weight gradient itself when dweight's memory is the
+    # (C_out, KH, KW, C_in/groups) layout it writes (a channels_last weight).
+    direct = split == 1 and dw.permute(0, 2, 3, 1).is_contiguous()
+    part = (dw.permute(0, 2, 3, 1) if direct else
+            torch.empty((split, g.C_out, g.KH, g.KW, g.ci), dtype=torch.float32, device=x.device))
     db_part = (torch.empty((split, g.C_out), dtype=torch.float32, device=x.device)
                if need_db else part)
     geo = (g.stride[0], g.stride[1], g.padding[0], g.padding[2], g.dilation[0], g.dilation[1])
@@ -911,9 +1009,10 @@ def conv2d_wgrad(dy, x, weight, stride, padding, dilation, groups, need_db=False
                BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
                num_warps=cfg.warps, num_stages=cfg.stages)
         path = _PATH
-    total = part[0] if split == 1 else part.sum(0)   # fixed-order sum of the partials
-    dw = _like_weight(weight)
-    dw.copy_(total.permute(0, 3, 1, 2))
+    if not direct:
+        total = part.numel() // split
+        launch(_sum_partials_kernel, (cdiv(total, 1024),), x.device, part, dw, total, split,
+               g.KH, g.KW, g.ci, *dw.stride(), BLOCK=1024)
     db = None
     if need_db:
         db = (db_part[0] if split == 1 else db_part.sum(0)).to(weight.dtype)

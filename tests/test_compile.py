@@ -135,7 +135,8 @@ SCRIPT = textwrap.dedent(r'''
                        8, 3, A="*fp8e4nv", B="*fp8e4nv", K="i32")
     # Persistent TMA kernel: forward (nt), dgrad (nn: w as stored) and wgrad (tn: dy.T).
     tma = dict(HAS_BIAS=False, SCALING=0, PRECISION="tf32", UPCAST=False, BLOCK_M=128,
-               BLOCK_N=256, BLOCK_K=64, GROUP_M=8, NUM_SMS=132, FLATTEN=True, SUBTILE=False)
+               BLOCK_N=256, BLOCK_K=64, GROUP_M=8, NUM_SMS=132, FLATTEN=True, SUBTILE=False,
+               DEVICE_DESC=False)
     a_k, a_m = "tensordesc<bf16[128, 64]>", "tensordesc<bf16[64, 128]>"
     b_k, b_n = "tensordesc<bf16[256, 64]>", "tensordesc<bf16[64, 256]>"
     out = "tensordesc<bf16[128, 256]>"
@@ -145,6 +146,12 @@ SCRIPT = textwrap.dedent(r'''
         compile_for_hopper(f"gemm TMA persistent bf16 {tag}", gemm._gemm_tma_kernel,
                            dict(tma, A_K_MAJOR=a_km, B_K_MAJOR=b_km, HAS_BIAS=a_km and b_km),
                            8, 3, A=a_desc, B=b_desc, C=out, K="i32")
+    for tag, a_km, b_km, sub in (("x @ w.T", True, True, False), ("wgrad, subtiled", False,
+                                                                   False, True)):
+        compile_for_hopper(f"gemm TMA persistent bf16, device descriptors, {tag}",
+                           gemm._gemm_tma_kernel, dict(tma, A_K_MAJOR=a_km, B_K_MAJOR=b_km,
+                                                       SUBTILE=sub, DEVICE_DESC=True), 8, 3,
+                           A="*bf16", B="*bf16", C="*bf16", K="i32")
     compile_for_hopper("gemm TMA persistent bf16, subtiled store, not flattened",
                        gemm._gemm_tma_kernel, dict(tma, A_K_MAJOR=True, B_K_MAJOR=True,
                                                    SUBTILE=True, FLATTEN=False), 8, 4,

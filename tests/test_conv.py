@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import aiter_dist
 from aiter_dist.kernels import conv as C
+from aiter_dist.kernels.gemm import GemmConfig
 from aiter_dist.testing import OPCHECK, assert_close_to_ref, assert_compiled_matches_eager
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -70,9 +71,13 @@ def test_conv2d_matches_float64(case, dtype, layout):
     for name, t in zip(["out", "dx", "dweight"], ours):
         assert t.is_contiguous(memory_format=layout), f"{name}: strides {t.stride()}"
     depthwise = case[1] == case[9]
+    # 1x1 stride-1 16-bit NHWC: forward and dgrad are GEMMs on the GEMM kernel.
+    pointwise = (case[5:9] == (1, 1, 0, 1) and case[9] == 1 and dtype != torch.float32
+                 and layout == CL)
     for op in ("conv2d", "conv2d_dgrad", "conv2d_wgrad"):
         path = aiter_dist.last_path(op)
         assert path.startswith("triton") and path.endswith("-depthwise") == depthwise, (op, path)
+        assert ("-gemm" in path) == (pointwise and op != "conv2d_wgrad"), (op, path)
 
 
 @pytest.mark.parametrize("depthwise", [False, True])
@@ -97,6 +102,61 @@ def test_small_tiles_and_splits(depthwise):
     torch.testing.assert_close(db, dy.double().sum((0, 2, 3)).float(), atol=1e-5, rtol=1e-5)
     dw2, db2 = C.conv2d_wgrad(dy, x, w, stride, pad, dil, g, need_db=True, config=cfg)
     assert torch.equal(dw, dw2) and torch.equal(db, db2)  # deterministic
+
+
+def test_pointwise_gemm_route(monkeypatch):
+    """1x1 bf16 NHWC convs run on the GEMM kernel, with a given GemmConfig too; a tuned conv
+    config turns the route off; a GemmConfig for a 3x3 conv is refused."""
+    x = torch.randn(2, 24, 5, 3).bfloat16().contiguous(memory_format=CL)
+    w = (torch.randn(20, 24, 1, 1) / 5).bfloat16().contiguous(memory_format=CL)
+    ref = F.conv2d(x.double(), w.double())
+    args = ((1, 1), (0, 0, 0, 0), (1, 1), 1)
+    y = C.conv2d_fwd(x, w, None, *args, config=GemmConfig(16, 32, 16, 1, 1, 1))
+    assert aiter_dist.last_path("conv2d").startswith("triton-") and "-gemm" in \
+        aiter_dist.last_path("conv2d")
+    torch.testing.assert_close(y.double(), ref, atol=2e-2, rtol=2e-2)
+    key = C.conv_key(C.conv_geometry(x.shape, w.shape, *args), x.dtype)
+    monkeypatch.setattr(C, "TUNED_CONFIGS", {("fwd", key): (16, 16, 16, 1, 1, 1, 1)})
+    monkeypatch.setattr(C, "_configs", {})
+    y2 = C.conv2d_fwd(x, w, None, *args)
+    assert "-gemm" not in aiter_dist.last_path("conv2d")
+    torch.testing.assert_close(y2.double(), ref, atol=2e-2, rtol=2e-2)
+    with pytest.raises(ValueError, match="conv2d: a GemmConfig serves 1x1"):
+        C.conv2d_fwd(x, torch.randn(20, 24, 3, 3).bfloat16(), None, *args,
+                     config=GemmConfig(16, 32, 16))
+
+
+def _parse_key(key):
+    """(N, C_in, H, W, C_out, kernel, stride, padding) of a square-kernel ``conv_key``."""
+    _, shape, _, co, k, s, p, _, _ = key.split(" ")
+    n, ci, h, w = map(int, shape.split("x"))
+    return n, ci, h, w, int(co), int(k[1:].split("x")[0]), int(s[1:].split(",")[0]), int(
+        p[1:].split(",")[0])
+
+
+def test_tuned_table_entries_and_dispatch():
+    """The measured table is well formed, and backend="auto" follows it (meta tensors: the
+    dispatch without a GPU); an unlisted shape runs ours."""
+    from aiter_dist.kernels.conv_tuned import TUNED as MEASURED
+
+    assert MEASURED
+    for key, passes in MEASURED.items():
+        assert set(passes) == {"fwd", "dgrad", "wgrad"}, key
+        n, ci, h, w, co, k, s, p = _parse_key(key)
+        g = C.conv_geometry((n, ci, h, w), (co, ci, k, k), (s, s), (p,) * 4, (1, 1), 1)
+        assert C.conv_key(g, torch.bfloat16) == key
+        for ps, (won, cfg, ours_us, vendor_us) in passes.items():
+            assert won in ("triton", "vendor") and ours_us > 0 and vendor_us > 0, (key, ps)
+            assert (won == "triton") == (ours_us <= vendor_us), (key, ps)
+            if cfg is not None:
+                (GemmConfig(*cfg[1:]) if cfg[0] == "gemm" else C.ConvConfig(*cfg))
+        x = torch.empty(n, ci, h, w, dtype=torch.bfloat16, device="meta")
+        wt = torch.empty(co, ci, k, k, dtype=torch.bfloat16, device="meta")
+        assert C.conv_backends(x, wt, (s, s), (p,) * 4, (1, 1), 1, "auto") == tuple(
+            passes[ps][0] for ps in ("fwd", "dgrad", "wgrad")), key
+    x = torch.empty(3, 5, 7, 7, dtype=torch.bfloat16, device="meta")
+    wt = torch.empty(6, 5, 3, 3, dtype=torch.bfloat16, device="meta")
+    assert C.conv_backends(x, wt, (1, 1), (1,) * 4, (1, 1), 1, "auto") == ("triton",) * 3
 
 
 def test_only_some_gradients():
@@ -265,3 +325,38 @@ def test_weight_gradient_keeps_the_weights_strides():
     x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
     aiter_dist.conv2d(x, w).sum().backward()
     assert w.grad.stride() == w.stride(), (w.grad.stride(), w.stride())
+
+
+@pytest.mark.gpu
+def test_conv2d_gpu_tuned_configs():
+    """Every measured config of the table (batch-32 shapes) computes the right thing."""
+    from aiter_dist.kernels.conv_tuned import TUNED as MEASURED
+
+    dev, bf16 = "cuda", torch.bfloat16
+    for key, passes in MEASURED.items():
+        n, ci, h, w_, co, k, s, p = _parse_key(key)
+        if n != 32:
+            continue
+        gen = torch.Generator(device=dev).manual_seed(1)
+        x = torch.randn(n, ci, h, w_, device=dev, generator=gen).to(bf16).contiguous(
+            memory_format=CL)
+        w = (torch.randn(co, ci, k, k, device=dev, generator=gen) / (ci * k * k) ** 0.5).to(
+            bf16).contiguous(memory_format=CL)
+        args = ((s, s), (p,) * 4, (1, 1), 1)
+        x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+        y64 = F.conv2d(x64, w64, None, s, p)
+        dy = torch.randn(y64.shape, device=dev, generator=gen).to(bf16)
+        y64.backward(dy.double())
+        low = F.conv2d(x, w, None, s, p)
+        for ps, (_, cfg, _, _) in passes.items():
+            if cfg is None:
+                continue
+            cfg = GemmConfig(*cfg[1:]) if cfg[0] == "gemm" else C.ConvConfig(*cfg)
+            if ps == "fwd":
+                got, ref = C.conv2d_fwd(x, w, None, *args, config=cfg), y64
+            elif ps == "dgrad":
+                got, ref = C.conv2d_dgrad(dy, x, w, *args, config=cfg), x64.grad
+            else:
+                got, ref = C.conv2d_wgrad(dy, x, w, *args, config=cfg)[0], w64.grad
+            assert_close_to_ref(f"{ps} {key} {cfg}", got, ref, ref.to(bf16) if ps != "fwd"
+                                else low)

@@ -96,10 +96,12 @@ def test_linear_under_autocast():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["nt", "nn", "tn"])
 @pytest.mark.parametrize("subtile", [False, True], ids=["store", "subtile"])
-def test_tma_kernel_in_interpreter(layout, dtype, subtile):
-    # 16x16 tiles: 6 tiles (partial ones at the edge) over the interpreter's 2 programs (the
+@pytest.mark.parametrize("device_tma", [True, False], ids=["device-desc", "host-desc"])
+def test_tma_kernel_in_interpreter(layout, dtype, subtile, device_tma, monkeypatch):
+    # Descriptors built in the kernel (the default) or by the host. 16x16 tiles: 6 tiles (partial ones at the edge) over the interpreter's 2 programs (the
     # persistent loop), K = 40 in steps of 16 (a zero-filled tail), each operand layout the
     # three linear passes use; every layout's rows are 16-byte aligned, as TMA needs.
+    monkeypatch.setattr(G, "DEVICE_TMA", device_tma)
     torch.manual_seed(2)
     M, N, K = 40, 24, 40
     a = torch.randn(M, K).to(dtype) if layout[0] == "n" else torch.randn(K, M).to(dtype).t()
@@ -401,3 +403,24 @@ def test_tgemm_dispatch_gpu():
     assert_close_to_ref("tgemm gpu", out, x.double() @ w.double().T, x @ w.T)
     aiter_dist.tgemm.mm(x, w, backend="triton")
     assert aiter_dist.last_path("tgemm.mm") == "triton-tma"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("device_tma", [True, False], ids=["device-desc", "host-desc"])
+def test_tma_kernel_eager_and_graph_gpu(device_tma, monkeypatch):
+    """The TMA kernel with descriptors built in the kernel (eager) and by the host (under CUDA
+    graph capture, or with AITER_DIST_DEVICE_TMA=0): the same bits, replays included."""
+    from aiter_dist.testing import capture_graph
+
+    monkeypatch.setattr(G, "DEVICE_TMA", device_tma)
+    torch.manual_seed(0)
+    x = torch.randn(300, 512, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(264, 512, device="cuda", dtype=torch.bfloat16)
+    eager = aiter_dist.linear(x, w, backend="triton")
+    assert aiter_dist.last_path("linear") == "triton-tma"
+    graph, out = capture_graph(lambda: aiter_dist.linear(x, w, backend="triton"))
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, aiter_dist.linear(x, w, backend="triton"))
+    assert not torch.equal(out, eager)
