@@ -167,32 +167,50 @@ def test_non_contiguous_inputs():
     torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_varlen_matches_per_sequence_dense():
-    lens_q, lens_k = [5, 0, 1, 17], [7, 3, 1, 17]  # an empty and a length-1 sequence
+def _check_varlen(lens_q, lens_k, h, hk, d, causal, window, dtype, device, deterministic=False,
+                  factor=2.0):
+    """The varlen call against attention_ref on each sequence alone: outputs, lse and the three
+    gradients, in float64 (and PyTorch's error in ``dtype`` for the tolerance)."""
     cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32)
     cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32)
-    h, hk, d = 4, 2, 16
     g = torch.Generator().manual_seed(3)
-    q = torch.randn(int(cu_q[-1]), h, d, generator=g).requires_grad_()
-    k = torch.randn(int(cu_k[-1]), hk, d, generator=g).requires_grad_()
-    v = torch.randn(int(cu_k[-1]), hk, d, generator=g).requires_grad_()
-    out, lse = aiter_dist.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k),
-                                                 causal=True, return_lse=True)
-    do = torch.randn_like(out)
+    mk = lambda n, heads: torch.randn(n, heads, d, generator=g).to(device, dtype)  # noqa: E731
+    q0, k0, v0 = mk(int(cu_q[-1]), h), mk(int(cu_k[-1]), hk), mk(int(cu_k[-1]), hk)
+    do = mk(int(cu_q[-1]), h)
+    q, k, v = (t.clone().requires_grad_() for t in (q0, k0, v0))
+    out, lse = aiter_dist.flash_attn_varlen_func(
+        q, k, v, cu_q.to(device), cu_k.to(device), max(lens_q), max(lens_k), causal=causal,
+        window_size=window, deterministic=deterministic, return_lse=True)
     out.backward(do)
     assert lse.shape == (h, q.shape[0])
     for i in range(len(lens_q)):
         a, b, c, e = int(cu_q[i]), int(cu_q[i + 1]), int(cu_k[i]), int(cu_k[i + 1])
-        qs, ks, vs = (t.detach()[x:y].double().unsqueeze(0).requires_grad_()
-                      for t, x, y in ((q, a, b), (k, c, e), (v, c, e)))
-        ref, ref_lse = attention_ref(qs, ks, vs, None, True)
-        ref.backward(do[a:b].double().unsqueeze(0))
-        torch.testing.assert_close(out[a:b].double(), ref[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(q.grad[a:b].double(), qs.grad[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(k.grad[c:e].double(), ks.grad[0], rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(v.grad[c:e].double(), vs.grad[0], rtol=1e-5, atol=1e-5)
-        if b > a:
-            torch.testing.assert_close(lse[:, a:b].double(), ref_lse[0], rtol=1e-5, atol=1e-5)
+        name = f"seq {i} ({b - a}x{e - c}) causal={causal} window={window}"
+        seq = lambda t, x, y: t[x:y].unsqueeze(0)  # noqa: E731
+        ref = _grads(lambda q, k, v: attention_ref(q, k, v, None, causal, window)[0],
+                     *(seq(t, x, y).double() for t, x, y in ((q0, a, b), (k0, c, e),
+                                                              (v0, c, e), (do, a, b))))
+        low = _grads(lambda q, k, v: attention_ref(q, k, v, None, causal, window)[0],
+                     *(seq(t, x, y) for t, x, y in ((q0, a, b), (k0, c, e), (v0, c, e),
+                                                    (do, a, b))))
+        ours = (out[a:b], q.grad[a:b], k.grad[c:e], v.grad[c:e])
+        for what, o, r, t in zip(("out", "dq", "dk", "dv"), ours, ref, low):
+            assert_close_to_ref(f"{what} {name}", o.unsqueeze(0), r, t, factor=factor)
+        if b > a and e > c:
+            ref_lse = attention_ref(*(seq(t, x, y).double() for t, x, y in (
+                (q0, a, b), (k0, c, e), (v0, c, e))), None, causal, window)[1][0]
+            finite = torch.isfinite(ref_lse)
+            torch.testing.assert_close(lse[:, a:b].double()[finite], ref_lse[finite],
+                                       rtol=1e-3, atol=1e-3)
+
+
+# Mixed lengths with an empty and a length-1 sequence; full, causal and windowed attention.
+VARLEN_MODES = [(True, (-1, -1)), (False, (-1, -1)), (False, (6, 2)), (True, (9, 0))]
+
+
+@pytest.mark.parametrize("causal,window", VARLEN_MODES, ids=str)
+def test_varlen_matches_per_sequence_dense(causal, window):
+    _check_varlen([5, 0, 1, 17], [7, 3, 1, 17], 4, 2, 16, causal, window, torch.float32, "cpu")
 
 
 def test_backward_is_deterministic():
@@ -314,3 +332,15 @@ def test_one_kernel_backward_gpu(case, config):
     low = _grads(lambda q, k, v: attention_ref(q, k, v, None, causal, window)[0], q, k, v, do)[1:]
     for name, o, r, t in zip(("dq", "dk", "dv"), grads, ref, low):
         assert_close_to_ref(f"{name} {case} {config}", o, r, t, factor=3.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal,window", VARLEN_MODES + [(False, (128, 128))], ids=str)
+def test_varlen_gpu(causal, window, d, deterministic):
+    """8 sequences of mixed lengths (an empty one, q shorter and longer than k), GQA 8/2."""
+    lens_q = [1, 300, 0, 777, 64, 1024, 129, 17]
+    lens_k = [1, 300, 5, 1500, 64, 1024, 100, 33]
+    _check_varlen(lens_q, lens_k, 8, 2, d, causal, window, torch.bfloat16, "cuda",
+                  deterministic, factor=3.0)
