@@ -2,6 +2,7 @@
 
     python benchmarks/bench_attention.py [--quick]
     python benchmarks/bench_attention.py --sweep [--sweep-dims 128,64] [--sweep-kinds fwd,bwd]
+    python benchmarks/bench_attention.py --gqa-split   (GQA backward: the group over programs)
 
 Shapes as in FlashAttention-3's benchmark: batch * seqlen = 16384, nheads * headdim = 2048,
 seqlen 1k ... 16k, headdim 64 and 128, causal and full; plus GQA (32 q heads, 8 kv heads) and a
@@ -63,6 +64,41 @@ BWD_SWEEP = (
     (64, 64, 4, 2), ((64, 128, 8, 2), (128, 64, 8, 2)), ((64, 128, 8, 2), (64, 64, 4, 3, True)),
     ((64, 64, 4, 2), (64, 64, 4, 3, True)), ((64, 128, 8, 3), (64, 64, 4, 2)),
 )
+
+
+# --gqa-split: backward configs for GQA (32 query heads on 8 KV heads, hd128): the default (two
+# kernels), the one kernel looping over the group, and the group split over 2 and 4 programs.
+GQA_SPLIT = (None, (64, 128, 8, 3, False, True), (64, 128, 8, 3, False, True, 2),
+             (64, 128, 8, 3, False, True, 4), (64, 128, 8, 2, False, False, 4),
+             (64, 64, 4, 2, False, True, 4))
+
+
+def gqa_split(dev, dt):
+    """Backward TFLOP/s of the GQA_SPLIT configs at b4 s4096 h32/8 hd128, causal and full, with
+    cuDNN's beside them; rows of the table."""
+    from aiter_dist.kernels import flash_attn as FA
+
+    q, do = (torch.randn(4, 4096, 32, 128, device=dev, dtype=dt) for _ in range(2))
+    k, v = (torch.randn(4, 4096, 8, 128, device=dev, dtype=dt) for _ in range(2))
+    rows = []
+    for causal in (True, False):
+        fl = 2.5 * flops(4, 32, 4096, 4096, 128, causal)
+        out, lse = FA.flash_attn_fwd(q, k, v, 128 ** -0.5, causal, (-1, -1))
+        _, cudnn_bwd = time_fwd_bwd(sdpa(SDPBackend.CUDNN_ATTENTION, causal, True), q, k, v)
+        for cfg in GQA_SPLIT:
+            try:
+                ms = triton.testing.do_bench(lambda: FA.flash_attn_bwd(
+                    do, q, k, v, out, lse, 128 ** -0.5, causal, (-1, -1), config=cfg),
+                    warmup=10, rep=50, return_mode="median")
+                tf = fl / ms / 1e9
+            except Exception as e:  # a config the compiler refuses is reported, not fatal
+                print(f"gqa split {cfg}: {type(e).__name__} {str(e)[:200]}", flush=True)
+                tf = float("nan")
+            rows.append((f"GQA 32/8 b4 s4096 d128 {'causal' if causal else 'full'} bwd",
+                         str(cfg or "default"), tf, fl / cudnn_bwd / 1e9,
+                         tf / (fl / cudnn_bwd / 1e9), aiter_dist.last_path("flash_attn_bwd")))
+            print(rows[-1], flush=True)
+    return rows
 
 
 def sweep(dev, dt, dims, kinds):
@@ -141,8 +177,16 @@ def main():
     ap.add_argument("--sweep-kinds", default="fwd,bwd", help="fwd, bwd or both")
     ap.add_argument("--then-table", action="store_true",
                     help="after --sweep, run the table with the best configs found")
+    ap.add_argument("--gqa-split", action="store_true",
+                    help="only time the GQA backward configs (GQA_SPLIT) against cuDNN")
     args = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16
+    if args.gqa_split:
+        rows = gqa_split(dev, dt)
+        emit("Flash attention backward, GQA 32/8 (TFLOP/s)",
+             ["shape", "config", "ours bwd", "cuDNN bwd", "ours/cuDNN", "our path"], rows,
+             {"rows": [list(r) for r in rows]}, "bench_attention_gqa_split.md")
+        return
     if args.sweep:
         best = sweep(dev, dt, [int(x) for x in args.sweep_dims.split(",")],
                      args.sweep_kinds.split(","))

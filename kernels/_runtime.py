@@ -180,9 +180,11 @@ def fast_launch(kernel, grid, device: torch.device, args, kwargs, key=None):
     index = _current_device()
     try:
         if key is None:
-            # One comprehension with the common cases inline (no call per argument: on
-            # Python 3.12 the comprehension itself is inlined); _spec for the rest.
-            key = (tuple([(a == 1, a & 15, _I32[0] <= a < _I32[1]) if type(a) is int else
+            # Inline, no call per argument (on Python 3.12 the comprehension itself is inlined
+            # too): an int in (1, 2**31) by its residue mod 16 (16..31), any other int (0, 1,
+            # negative, 64-bit) by value; a tensor by dtype and alignment; _spec for the rest.
+            # Each determines Triton's specialization; ~6x cheaper than a tuple per argument.
+            key = (tuple([((a & 15) + 16 if 1 < a < 2147483648 else a) if type(a) is int else
                           (a.dtype, a.data_ptr() & 15) if type(a) is torch.Tensor else
                           _spec(a) for a in args]), tuple(kwargs.items()))
         key = (kernel, index, key)

@@ -14,7 +14,9 @@ Backward: ``delta = rowsum(dO * O)`` (a small kernel: one read of each), then on
 block and KV head that loops over the query blocks of every query head in its GQA group: it sums
 dK and dV in registers and adds each tile's share of dQ into an fp32 buffer with atomics. With
 ``deterministic=True`` dQ comes from a second kernel, one per query block, instead (no atomics,
-fixed order, P recomputed). Memory stays linear in sequence length.
+fixed order, P recomputed). A config may split a GQA group over several programs per key
+block (``Blocks.split_group``): each writes fp32 partial dK/dV, summed in split order.
+Memory stays linear in sequence length.
 
 This file: the launchers, the autograd Function, the torch.library ops and the public functions;
 the reference and the jit kernels are in ``flash_attn_kernels.py``.
@@ -39,13 +41,14 @@ from .flash_attn_kernels import (  # noqa: F401  (attention_ref: part of this mo
 # ----------------------------------------------------------------------------- launchers
 
 class Blocks(NamedTuple):
-    """One kernel's launch config; plain tuples of 4 to 6 items are accepted too."""
+    """One kernel's launch config; plain tuples of 4 to 7 items are accepted too."""
     block_m: int   # query rows per program (forward, dQ) or per step (dK/dV)
     block_n: int   # keys per step (forward, dQ) or per program (dK/dV)
     warps: int
     stages: int
     tma: bool = False     # the looped-over tiles come through tensor descriptors (Hopper)
     tma_dq: bool = False  # one-kernel backward: the copy engine adds dQ (compiled runs only)
+    split_group: int = 1  # dK/dV: programs sharing a GQA group (fp32 partials, summed in order)
 
 
 def _cpu_blocks(sq: int, sk: int) -> Blocks:
@@ -83,7 +86,9 @@ def _bwd_blocks(d: int, device: torch.device, sq: int = 0, sk: int = 0,
     # full table agreed at every length (one kernel ahead causal, 1.07-1.16x; behind full,
     # 0.95-0.97x). With GQA (32/8 heads, causal) the one kernel loops over the group with 4x
     # fewer programs: 283 against 331. hd64: two kernels with dQ's K and V through TMA 275/358
-    # (one kernel at best 281/299).
+    # (one kernel at best 281/299). The one kernel with the group split over programs
+    # (Blocks.split_group, as many programs as without GQA) is not measured yet:
+    # ``bench_attention.py --gqa-split`` times it against these defaults.
     if d <= 64:
         return (Blocks(64, 64, 4, 2), Blocks(64, 64, 4, 3, True))
     if deterministic or group > 1 or not causal:
@@ -280,21 +285,33 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
                                                                device=q.device)
     engine = "triton-interpreter" if INTERPRETED else "triton"
     use_tma = dq_tma = False
+    split = 1
     if batch * hk > 0 and sk > 0:
         use_tma, (qq, dd) = _tiles(cfg_kv.tma, cfg_kv.block_m, varlen, q, do)
         # The interpreter has no bulk reduce: CPU runs keep the pointer atomics.
         dq_tma, (dq_arg,) = _tiles(cfg_kv.tma_dq and not deterministic and not INTERPRETED,
                                    cfg_kv.block_m, varlen, dq)
-        launch(_attn_bwd_dkdv_kernel, (cdiv(sk, cfg_kv.block_n), batch * hk), q.device,
-            qq, k, v, dd, lse, delta, dk, dv, dq_arg, cu_q, cu_k,
+        # GQA: split the group over programs (fp32 partials of dK and dV, summed below).
+        split = cfg_kv.split_group if (h // hk) % max(cfg_kv.split_group, 1) == 0 else 1
+        dk_out, dv_out = dk, dv
+        if split > 1:
+            dk_out = torch.empty((split,) + k.shape, dtype=torch.float32, device=k.device)
+            dv_out = torch.empty((split,) + v.shape, dtype=torch.float32, device=v.device)
+        launch(_attn_bwd_dkdv_kernel, (cdiv(sk, cfg_kv.block_n), batch * hk * split),
+            q.device, qq, k, v, dd, lse, delta, dk_out, dv_out, dq_arg, cu_q, cu_k,
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-            *_strides(do, varlen), *_strides(dk, varlen), *_strides(dv, varlen),
-            *_strides(dq, varlen), *lse_strides, sq, sk, hk, h // hk, *scales,
+            *_strides(do, varlen), *_strides(dk_out[0] if split > 1 else dk, varlen),
+            *_strides(dv_out[0] if split > 1 else dv, varlen),
+            *_strides(dq, varlen), *lse_strides, sq, sk, hk, h // hk, *scales, split,
+            dk_out.stride(0) if split > 1 else 0, dv_out.stride(0) if split > 1 else 0,
             USE_TMA=use_tma, ATOMIC_DQ=not deterministic, DQ_TMA=dq_tma, **common,
             **blocks(cfg_kv))
+        if split > 1:   # the partials in split order: deterministic
+            dk.copy_(dk_out.sum(0))
+            dv.copy_(dv_out.sum(0))
     if not deterministic:
         record_path("flash_attn_bwd", engine + "-atomic-dq" + ("-tma" if use_tma else "")
-                    + ("-bulk" if dq_tma else ""))
+                    + ("-bulk" if dq_tma else "") + (f"-split{split}" if split > 1 else ""))
         return dq.to(q.dtype), dk, dv
     if batch * h > 0 and sq > 0:
         use_tma, (kk, vv) = _tiles(cfg_q.tma, cfg_q.block_n, varlen, k, v)
@@ -303,7 +320,8 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
             *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
             *_strides(do, varlen), *_strides(dq, varlen), *lse_strides,
             sq, sk, h, h // hk, *scales, USE_TMA=use_tma, **common, **blocks(cfg_q))
-    record_path("flash_attn_bwd", engine + "-deterministic" + ("-tma" if use_tma else ""))
+    record_path("flash_attn_bwd", engine + "-deterministic" + ("-tma" if use_tma else "")
+                + (f"-split{split}" if split > 1 else ""))
     return dq, dk, dv
 
 

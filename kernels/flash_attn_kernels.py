@@ -313,19 +313,25 @@ def _attn_bwd_dkdv_kernel(
     sqb, sqs, sqh, skb, sks, skh, svb, svs, svh, sdob, sdos, sdoh,
     sdkb, sdks, sdkh, sdvb, sdvs, sdvh, sdqb, sdqs, sdqh, slb, slh,
     seqlen_q, seqlen_k, n_heads_k, group, qk_scale, sm_scale, left, right,
+    group_split, sdk_split, sdv_split,
     IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     PRECISION: tl.constexpr, USE_TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
     DQ_TMA: tl.constexpr,
 ):
     # One key block of one KV head; loops over the query heads of its group and their blocks.
+    # group_split > 1: that many programs share the group (GQA: as many programs as with one
+    # KV head per query head), each writing fp32 partial dK / dV at DK + split * sdk_split
+    # that the launcher sums in split order.
     # USE_TMA: Q and DO are tensor descriptors (dense layouts only), else pointers.
     # ATOMIC_DQ: dQ is summed here too, into the fp32 DQ_ACC (the one-kernel backward: five
     # matrix products per tile instead of seven over two kernels).
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    b = pid_bh // n_heads_k
-    hk = pid_bh % n_heads_k
+    b = pid_bh // (n_heads_k * group_split)
+    hk = pid_bh // group_split % n_heads_k
+    split = pid_bh % group_split
+    per_split = group // group_split
     EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
     q0, sq, k0, sk = _sequence(CU_Q, CU_K, b, seqlen_q, seqlen_k, IS_VARLEN)
     if pid_n * BLOCK_N < sk:
@@ -360,8 +366,8 @@ def _attn_bwd_dkdv_kernel(
             full_hi = 0
         a = tl.minimum(full_lo, hi)
         c = tl.maximum(full_hi, a)
-        for g in range(group):
-            h = hk * group + g
+        for g in range(per_split):
+            h = hk * group + split * per_split + g
             q_base = _head_base(Q, b, h, sqb, sqh, USE_TMA)
             do_base = _head_base(DO, b, h, sdob, sdoh, USE_TMA)
             dq_base = _head_base(DQ_ACC, b, h, sdqb, sdqh, DQ_TMA)
@@ -377,9 +383,11 @@ def _attn_bwd_dkdv_kernel(
                                                  PRECISION, USE_TMA, ATOMIC_DQ, DQ_TMA, BLOCK_M,
                                                  BLOCK_D)
         kv_mask = n_ok & d_ok
-        tl.store(_tile(DK, b, hk, k0, offs_n, offs_d, sdkb, sdks, sdkh),
+        dk_out = DK + split.to(tl.int64) * sdk_split
+        dv_out = DV + split.to(tl.int64) * sdv_split
+        tl.store(_tile(dk_out, b, hk, k0, offs_n, offs_d, sdkb, sdks, sdkh),
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
-        tl.store(_tile(DV, b, hk, k0, offs_n, offs_d, sdvb, sdvs, sdvh),
+        tl.store(_tile(dv_out, b, hk, k0, offs_n, offs_d, sdvb, sdvs, sdvh),
                  dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 

@@ -344,3 +344,55 @@ def test_varlen_gpu(causal, window, d, deterministic):
     lens_k = [1, 300, 5, 1500, 64, 1024, 100, 33]
     _check_varlen(lens_q, lens_k, 8, 2, d, causal, window, torch.bfloat16, "cuda",
                   deterministic, factor=3.0)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
+@pytest.mark.parametrize("split,varlen", [(2, False), (3, False), (4, True)], ids=str)
+def test_gqa_group_split_across_programs(split, varlen, deterministic):
+    """dK/dV with a GQA group (8 query heads on 2 KV heads) shared by 2 or 4 programs: fp32
+    partials summed in split order, the same as one program per group; 3 does not divide the
+    group and takes one program, visibly."""
+    from aiter_dist.kernels.flash_attn import flash_attn_bwd, flash_attn_fwd
+
+    b, sq, sk, h, hk, d = 2, 37, 45, 8, 2, 16
+    q, k, v, do = _inputs(b, sq, sk, h, hk, d, torch.float32, "cpu", seed=5)
+    args = (d ** -0.5, True, (20, 0))
+    cu = {}
+    if varlen:
+        q, do = q.reshape(b * sq, h, d), do.reshape(b * sq, h, d)
+        k, v = k.reshape(b * sk, hk, d), v.reshape(b * sk, hk, d)
+        cu = dict(cu_seqlens_q=torch.tensor([0, sq, 2 * sq], dtype=torch.int32),
+                  cu_seqlens_k=torch.tensor([0, sk, 2 * sk], dtype=torch.int32),
+                  max_seqlen_q=sq, max_seqlen_k=sk)
+    out, lse = flash_attn_fwd(q, k, v, *args, **cu)
+    base = (16, 16, 1, 1, False, False)
+    want = flash_attn_bwd(do, q, k, v, out, lse, *args, **cu, deterministic=deterministic,
+                          config=base)
+    got = flash_attn_bwd(do, q, k, v, out, lse, *args, **cu, deterministic=deterministic,
+                         config=base + (split,))
+    path = aiter_dist.last_path("flash_attn_bwd")
+    assert path.endswith(f"-split{split}") == (split != 3), path
+    for name, g, w in zip(("dq", "dk", "dv"), got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5, msg=name)
+    again = flash_attn_bwd(do, q, k, v, out, lse, *args, **cu, deterministic=deterministic,
+                           config=base + (split,))
+    assert torch.equal(again[1], got[1]) and torch.equal(again[2], got[2])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [(64, 128, 8, 3, False, True, 4),
+                                    (64, 128, 8, 2, False, False, 2)], ids=str)
+@pytest.mark.parametrize("causal", [True, False])
+def test_gqa_group_split_gpu(config, causal):
+    """The one-kernel backward with the GQA group split over programs, on the GPU."""
+    from aiter_dist.kernels.flash_attn import flash_attn_bwd, flash_attn_fwd
+
+    q, k, v, do = _inputs(2, 777, 1024, 16, 4, 128, torch.bfloat16, "cuda")
+    out, lse = flash_attn_fwd(q, k, v, 128 ** -0.5, causal, (-1, -1))
+    grads = flash_attn_bwd(do, q, k, v, out, lse, 128 ** -0.5, causal, (-1, -1), config=config)
+    assert aiter_dist.last_path("flash_attn_bwd").endswith(f"-split{config[6]}")
+    ref = _grads(lambda q, k, v: attention_ref(q, k, v, None, causal)[0],
+                 *(t.double() for t in (q, k, v, do)))[1:]
+    low = _grads(lambda q, k, v: attention_ref(q, k, v, None, causal)[0], q, k, v, do)[1:]
+    for name, o, r, t in zip(("dq", "dk", "dv"), grads, ref, low):
+        assert_close_to_ref(f"{name} {config} causal={causal}", o, r, t, factor=3.0)
