@@ -454,8 +454,11 @@ def _attention(q, k, v, scale, causal, window_size, cu_q, cu_k, max_q, max_k, de
         return torch.ops.aiter_dist.flash_attn_fwd(q, k, v, cu_q, cu_k, max_q or 0, max_k or 0,
                                                    scale, bool(causal), int(window_size[0]),
                                                    int(window_size[1]), deterministic)
-    return FlashAttnFunction.apply(q, k, v, scale, causal, tuple(window_size), cu_q, cu_k,
-                                   max_q, max_k, deterministic)
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return FlashAttnFunction.apply(q, k, v, scale, causal, tuple(window_size), cu_q, cu_k,
+                                       max_q, max_k, deterministic)
+    # Nothing to differentiate: the launcher alone (autograd's Function costs host time).
+    return flash_attn_fwd(q, k, v, scale, causal, tuple(window_size), cu_q, cu_k, max_q, max_k)
 
 
 # ----------------------------------------------------------------------------- functional API

@@ -627,10 +627,15 @@ torch.library.register_autograd("aiter_dist::linear", _linear_backward,
 
 def apply_linear(x, weight, bias, backends, op):
     """``x @ weight.T + bias`` by ``backends`` (forward, dgrad, wgrad): the custom op when
-    compiling, else the autograd Function."""
+    compiling, the autograd Function when a gradient is wanted, else the forward launcher."""
     if compiling():
         return torch.ops.aiter_dist.linear(x, weight, bias, ",".join(backends), op)
-    return LinearFunction.apply(x, weight, bias, backends, op)
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return LinearFunction.apply(x, weight, bias, backends, op)
+    # Nothing to differentiate: the launcher alone (autograd's Function costs host time).
+    return linear_fwd(_rows(x), weight, bias, backends[0], op).view(*x.shape[:-1],
+                                                                   weight.shape[0])
 
 
 # ----------------------------------------------------------------------------- functional API

@@ -396,3 +396,12 @@ def test_gqa_group_split_gpu(config, causal):
     low = _grads(lambda q, k, v: attention_ref(q, k, v, None, causal)[0], q, k, v, do)[1:]
     for name, o, r, t in zip(("dq", "dk", "dv"), grads, ref, low):
         assert_close_to_ref(f"{name} {config} causal={causal}", o, r, t, factor=3.0)
+
+
+def test_attention_without_gradients_skips_autograd():
+    q, k, v, _ = _inputs(1, 9, 11, 2, 1, 16, torch.float32, "cpu")
+    want = aiter_dist.flash_attn_func(q.requires_grad_(), k, v, causal=True)
+    assert want.grad_fn is not None
+    with torch.no_grad():
+        got, lse = aiter_dist.flash_attn_func(q, k, v, causal=True, return_lse=True)
+    assert got.grad_fn is None and torch.equal(got, want.detach()) and lse.shape == (1, 2, 9)
