@@ -30,8 +30,9 @@ import triton.language as tl
 from ..kernels._runtime import (INTERPRETED, cdiv, compiling, launch, record_path,
                                 runs_triton)
 from ..kernels.cross_entropy import (REDUCTIONS, _check_common, _check_target_values, _config,
-                                     _online_lse, _reduce, _target_dtype_error, _targets,
-                                     cross_entropy_bwd, cross_entropy_ref, loss_dtype)
+                                     _reduce, _target_dtype_error, cross_entropy_bwd,
+                                     cross_entropy_ref, loss_dtype)
+from ..kernels.cross_entropy_kernels import _online_lse, _targets
 from .gather_scatter import all_gather_raw
 from .protocol import check_comm_input, group_name_of, group_of, resolve_group
 
