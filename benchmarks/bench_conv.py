@@ -170,6 +170,9 @@ def main():
     ap.add_argument("--tune", action="store_true", help="time several tile configs per pass")
     ap.add_argument("--tune-rep", type=int, default=10, help="do_bench rep (ms) per candidate")
     args = ap.parse_args()
+    if args.tune:   # start from the built-in choices, not the table being remade
+        C.TUNED_CONFIGS.clear()
+        C._configs.clear()
     passes = args.passes.split(",")
     batches = [32] if args.quick else [int(b) for b in args.batch.split(",")]
     shapes = [s for s in RESNET50 if not args.quick or s[0] in QUICK]

@@ -131,7 +131,19 @@ def spec_int(v):
 
 
 _SPEC = {torch.Tensor: spec_tensor, torch.nn.Parameter: spec_tensor, int: spec_int,
-         bool: spec_int, float: lambda v: 0.0, type(None): lambda v: None}
+         bool: spec_int, float: lambda v: "fp32", type(None): lambda v: None}
+
+
+def _int_class(a: int):
+    """fast_launch's key of an int outside -1..2**31: its residue mod 16 in a band per range
+    (32-bit negative 32..47, 64-bit 48..63, 64-bit negative 64..79); by value past 64 bits."""
+    if -2**31 <= a < 0:
+        return (a & 15) + 32
+    if 2**31 <= a < 2**63:
+        return (a & 15) + 48
+    if -2**63 <= a < -2**31:
+        return (a & 15) + 64
+    return ("int", a)
 
 
 def _spec(a):
@@ -181,10 +193,12 @@ def fast_launch(kernel, grid, device: torch.device, args, kwargs, key=None):
     try:
         if key is None:
             # Inline, no call per argument (on Python 3.12 the comprehension itself is inlined
-            # too): an int in (1, 2**31) by its residue mod 16 (16..31), any other int (0, 1,
-            # negative, 64-bit) by value; a tensor by dtype and alignment; _spec for the rest.
-            # Each determines Triton's specialization; ~6x cheaper than a tuple per argument.
-            key = (tuple([((a & 15) + 16 if 1 < a < 2147483648 else a) if type(a) is int else
+            # too): an int in (1, 2**31) by its residue mod 16 (16..31), -1, 0 and 1 by value,
+            # other ints by range and residue (_int_class); a tensor by dtype and alignment;
+            # _spec for the rest (a float as "fp32", never equal to an int's key). Each
+            # determines Triton's specialization; ~6x cheaper than a tuple per argument.
+            key = (tuple([((a & 15) + 16 if 1 < a < 2147483648 else a if -2 < a < 2 else
+                           _int_class(a)) if type(a) is int else
                           (a.dtype, a.data_ptr() & 15) if type(a) is torch.Tensor else
                           _spec(a) for a in args]), tuple(kwargs.items()))
         key = (kernel, index, key)

@@ -376,11 +376,11 @@ def _nhwc(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------- vendor paths
 
 def _gemm_view(t: torch.Tensor) -> torch.Tensor | None:
-    """(N*H*W, C) view of a dense channels_last (N, C, H, W) tensor, else None."""
-    n, c, h, w = t.shape
-    if t.stride() != (h * w * c, 1, w * c, c):
+    """(N*H*W, C) view of a channels_last (N, C, H, W) tensor, else None."""
+    if not t.is_contiguous(memory_format=torch.channels_last):
         return None
-    return t.permute(0, 2, 3, 1).reshape(n * h * w, c)
+    n, c, h, w = t.shape
+    return t.permute(0, 2, 3, 1).reshape(n * h * w, c)   # a view: NHWC memory is dense
 
 
 def _gemm_route(op: str, g: ConvGeom, dtype: torch.dtype, kind: str, config):
@@ -411,8 +411,8 @@ def _pointwise_gemm(op: str, a: torch.Tensor, out: torch.Tensor, weight: torch.T
     if out2 is None:
         return False
     a2 = _gemm_view(a)
-    if a2 is None:
-        a2 = _gemm_view(a.contiguous(memory_format=torch.channels_last))
+    if a2 is None:   # any other layout: one NHWC copy
+        a2 = a.permute(0, 2, 3, 1).reshape(-1, a.shape[1])
     w2 = weight.reshape(weight.shape[0], weight.shape[1])   # (C_out, C_in)
     run_gemm(op, DTYPE_NAMES[a.dtype], a2, w2.t() if transpose_w else w2, out2, bias,
              config=config or None)

@@ -292,7 +292,10 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
         dq_tma, (dq_arg,) = _tiles(cfg_kv.tma_dq and not deterministic and not INTERPRETED,
                                    cfg_kv.block_m, varlen, dq)
         # GQA: split the group over programs (fp32 partials of dK and dV, summed below).
-        split = cfg_kv.split_group if (h // hk) % max(cfg_kv.split_group, 1) == 0 else 1
+        if cfg_kv.split_group < 1:
+            raise ValueError(f"aiter_dist.flash_attn_bwd: config split_group must be >= 1, got "
+                             f"{cfg_kv.split_group}")
+        split = cfg_kv.split_group if (h // hk) % cfg_kv.split_group == 0 else 1
         dk_out, dv_out = dk, dv
         if split > 1:
             dk_out = torch.empty((split,) + k.shape, dtype=torch.float32, device=k.device)
@@ -306,9 +309,12 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
             dk_out.stride(0) if split > 1 else 0, dv_out.stride(0) if split > 1 else 0,
             USE_TMA=use_tma, ATOMIC_DQ=not deterministic, DQ_TMA=dq_tma, **common,
             **blocks(cfg_kv))
-        if split > 1:   # the partials in split order: deterministic
-            dk.copy_(dk_out.sum(0))
-            dv.copy_(dv_out.sum(0))
+        if split > 1:   # the partials added in split order: deterministic
+            for out, parts in ((dk, dk_out), (dv, dv_out)):
+                total = parts[0]
+                for part in parts[1:]:
+                    total = total + part
+                out.copy_(total)
     if not deterministic:
         record_path("flash_attn_bwd", engine + "-atomic-dq" + ("-tma" if use_tma else "")
                     + ("-bulk" if dq_tma else "") + (f"-split{split}" if split > 1 else ""))

@@ -121,6 +121,15 @@ def test_pointwise_gemm_route(monkeypatch):
     y2 = C.conv2d_fwd(x, w, None, *args)
     assert "-gemm" not in aiter_dist.last_path("conv2d")
     torch.testing.assert_close(y2.double(), ref, atol=2e-2, rtol=2e-2)
+    # A batch of one made from an HWC image: channels_last to PyTorch, but its size-1 batch dim
+    # has a stride the dense NHWC formula does not give.
+    img = torch.randn(5, 3, 24).permute(2, 0, 1).unsqueeze(0).bfloat16()
+    assert img.is_contiguous(memory_format=CL)
+    monkeypatch.setattr(C, "TUNED_CONFIGS", {})
+    y3 = aiter_dist.conv2d(img, w)
+    assert "-gemm" in aiter_dist.last_path("conv2d")
+    torch.testing.assert_close(y3.double(), F.conv2d(img.double(), w.double()), atol=2e-2,
+                               rtol=2e-2)
     with pytest.raises(ValueError, match="conv2d: a GemmConfig serves 1x1"):
         C.conv2d_fwd(x, torch.randn(20, 24, 3, 3).bfloat16(), None, *args,
                      config=GemmConfig(16, 32, 16))

@@ -74,15 +74,17 @@ def test_anything_triton_specializes_on_compiles_again(fresh_cache, change):
     assert [e[0] for e in k.log] == ["jit", "jit"]
 
 
-def test_int_keys_separate_one_and_64_bit_from_residues(fresh_cache):
-    """17 and 1 share a residue mod 16 but 1 is a constant to Triton: two entries; 64-bit ints
-    are keyed by value; 32 and 48 (both divisible, both 32-bit) share an entry."""
+def test_int_and_float_keys(fresh_cache):
+    """An entry per Triton specialization: 17 and 1 share a residue mod 16 but 1 is a constant
+    to Triton; 2**40 and 2**40 + 16 (64-bit, divisible) share one, as do -16 and -32 and 32 and
+    48; int 0 and a float never do (Triton compiles i32 and fp32 launchers)."""
     k = _Kernel()
     dev = torch.device("cpu")
     x = torch.zeros(64)
-    for n in (17, 1, 2**40, 2**40 + 16, 32, 48):
+    for n in (17, 1, 2**40, 2**40 + 16, -16, -32, 32, 48, 0, 1e-6, 0.5):
         _runtime.fast_launch(k, (1,), dev, (x, n), {"BLOCK": 16})
-    assert [e[0] for e in k.log] == ["jit", "jit", "jit", "jit", "jit", "run"]
+    assert [e[0] for e in k.log] == ["jit", "jit", "jit", "run", "jit", "run", "jit", "run",
+                                     "jit", "jit", "run"]
 
 
 def test_unknown_arguments_and_profiler_hooks_take_the_jit(fresh_cache, monkeypatch):

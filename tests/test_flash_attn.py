@@ -377,6 +377,9 @@ def test_gqa_group_split_across_programs(split, varlen, deterministic):
     again = flash_attn_bwd(do, q, k, v, out, lse, *args, **cu, deterministic=deterministic,
                            config=base + (split,))
     assert torch.equal(again[1], got[1]) and torch.equal(again[2], got[2])
+    with pytest.raises(ValueError, match="split_group must be >= 1, got 0"):
+        flash_attn_bwd(do, q, k, v, out, lse, *args, **cu, deterministic=deterministic,
+                       config=base + (0,))
 
 
 @pytest.mark.gpu
@@ -398,10 +401,17 @@ def test_gqa_group_split_gpu(config, causal):
         assert_close_to_ref(f"{name} {config} causal={causal}", o, r, t, factor=3.0)
 
 
-def test_attention_without_gradients_skips_autograd():
+def test_attention_without_gradients_skips_autograd(monkeypatch):
+    from aiter_dist.kernels import flash_attn as FA
+
     q, k, v, _ = _inputs(1, 9, 11, 2, 1, 16, torch.float32, "cpu")
     want = aiter_dist.flash_attn_func(q.requires_grad_(), k, v, causal=True)
     assert want.grad_fn is not None
+
+    def no_function(*args):
+        raise AssertionError("FlashAttnFunction.apply called without gradients")
+
+    monkeypatch.setattr(FA.FlashAttnFunction, "apply", no_function)
     with torch.no_grad():
         got, lse = aiter_dist.flash_attn_func(q, k, v, causal=True, return_lse=True)
     assert got.grad_fn is None and torch.equal(got, want.detach()) and lse.shape == (1, 2, 9)
