@@ -18,9 +18,9 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .kernels._runtime import FLOAT_DTYPES, record_path
-from .kernels.gemm import (apply_linear, autocast_inputs, check_linear_inputs, compute_dtype,
-                           linear_backends)
+from .kernels._runtime import FLOAT_DTYPES, compiling, plan_cache, record_path, signature
+from .kernels.gemm import (_autocast_dtype, apply_linear, autocast_inputs, check_linear_inputs,
+                           compute_dtype, linear_backends)
 
 default_backend = "auto"  # "auto" | "triton" | "vendor": the backend of calls that name none
 
@@ -41,13 +41,28 @@ def mm(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     ``"auto"`` (the tuned table), ``"triton"`` or ``"vendor"``; default ``default_backend``.
     """
     op = "tgemm.mm"
-    _check(input, weight, bias, otype)
-    backends = linear_backends(op, math.prod(input.shape[:-1]), weight.shape[0], weight.shape[1],
-                               compute_dtype(input), input.device,
-                               default_backend if backend is None else backend, prefer="vendor")
+    backend = default_backend if backend is None else backend
+    try:  # inputs of a signature seen before passed the checks; their backends are known
+        key = (*signature(input), *signature(weight),
+               None if bias is None else signature(bias), otype, backend)
+        backends = _known.get(key)
+    except (AttributeError, TypeError):
+        key = backends = None
+    if backends is None or compiling() or _autocast_dtype(input) is not None:
+        _check(input, weight, bias, otype)
+        backends = linear_backends(op, math.prod(input.shape[:-1]), weight.shape[0],
+                                   weight.shape[1], compute_dtype(input), input.device, backend,
+                                   prefer="vendor")
+        if key is not None and not compiling() and _autocast_dtype(input) is None:
+            _known[key] = backends
     if backends == ("vendor",) * 3:
         record_path(op, "torch.linear")
         out = F.linear(input, weight, bias)
     else:
         out = apply_linear(*autocast_inputs(input, weight, bias), backends, op)
     return out if otype is None or out.dtype == otype else out.to(otype)
+
+
+# (input, weight, bias signatures, otype, backend) -> the (forward, dgrad, wgrad) backends.
+_known = plan_cache()
+

@@ -1,13 +1,15 @@
 """Host time per eager call: aiter_dist's ops against their PyTorch counterparts, one GPU.
 
-    python benchmarks/bench_overhead.py [--profile]
+    python benchmarks/bench_overhead.py [--profile] [--floor]
 
 Each op runs on small inputs (its GPU time is a few microseconds) in a loop of N calls; the
 wall time of the loop before the closing synchronize, divided by N, is the host's cost of one
 call (the GPU keeps up). Median of 7 loops. The collectives run in a process group of one with
 the kernel forced (``custom_all_reduce_raw``, ``algo="one_shot"`` with ``one_rank_kernel``): the
 same Python path and launch as in a larger group; NCCL and ``torch.ops.symm_mem`` run in the same
-group of one. ``--profile`` prints a cProfile of 300 calls of each of our ops.
+group of one. ``--profile`` prints a cProfile of 300 calls of each of our ops. ``--floor`` times
+the pieces every call is made of (an allocation, a tensor attribute, a Triton launch through the
+JIT, through ``fast_launch`` and through the compiled launcher alone), the floor of a call.
 """
 from __future__ import annotations
 
@@ -22,6 +24,8 @@ import time
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 import aiter_dist
 from common import emit
@@ -72,6 +76,17 @@ def cases():
         c, s = cos[None, :, None], sin[None, :, None]
         return torch.cat([t1 * c - t2 * s, t1 * s + t2 * c], dim=-1).to(t.dtype)
 
+    from aiter_dist.kernels import flash_attn as FA
+    from aiter_dist.kernels import rmsnorm as RN
+
+    def norm_launchers():
+        _, _, rstd = RN.rms_norm_fwd(x, w)
+        RN.rms_norm_bwd(g, x, w, rstd)
+
+    def fa_launchers():
+        o, lse = FA.flash_attn_fwd(q, q, q, 64 ** -0.5, True, (-1, -1))
+        FA.flash_attn_bwd(dout, q, q, q, o, lse, 64 ** -0.5, True, (-1, -1))
+
     def fa_fwd_bwd():
         aiter_dist.flash_attn_func(qg, kg, vg, causal=True).backward(dout)
 
@@ -83,11 +98,14 @@ def cases():
         ("rms_norm", lambda: aiter_dist.rms_norm(x, w), lambda: F.rms_norm(x, (1024,), w)),
         ("rms_norm fwd+bwd", lambda: aiter_dist.rms_norm(xg, w).backward(g),
          lambda: F.rms_norm(xg, (1024,), w).backward(g)),
+        ("rms_norm fwd+bwd launchers", norm_launchers, None),
         ("add_rms_norm", lambda: aiter_dist.add_rms_norm(x, r, w),
          lambda: F.rms_norm(x + r, (1024,), w)),
         ("flash_attn_func fwd", lambda: aiter_dist.flash_attn_func(q, q, q, causal=True),
          lambda: F.scaled_dot_product_attention(qt, qt, qt, is_causal=True)),
         ("flash_attn_func fwd+bwd", fa_fwd_bwd, sdpa_fwd_bwd),
+        # The launchers alone, no autograd: what the engine and the Function add is the rest.
+        ("flash_attn fwd+bwd launchers", fa_launchers, None),
         ("linear", lambda: aiter_dist.linear(x, lin_w), lambda: F.linear(x, lin_w)),
         ("tgemm.mm", lambda: aiter_dist.tgemm.mm(x, lin_w), lambda: F.linear(x, lin_w)),
         # The training ops against PyTorch's own expression (several launches for RoPE).
@@ -114,10 +132,74 @@ def cases():
     return rows
 
 
+@triton.jit
+def _one_arg_kernel(X):
+    pass
+
+
+@triton.jit
+def _many_args_kernel(A, B, C, D, E, F_, M, N, sa, sb, sc, eps, P: tl.constexpr, Q: tl.constexpr,
+                      R: tl.constexpr):
+    pass
+
+
+class _Double(torch.autograd.Function):
+    """2 * x with a Python backward: beside ``(2 * x).backward()``, the cost of a Function."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.mul(2)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g.mul(2)
+
+
+def floor_rows():
+    """Host us of the pieces of a call, one row each."""
+    from aiter_dist.kernels import _runtime as rt
+
+    dev = torch.device("cuda")
+    x = torch.randn(8, 1024, device=dev, dtype=torch.bfloat16)
+    ts = [torch.empty(16, device=dev) for _ in range(6)]
+    many = (*ts, 8, 1024, 1024, 1024, 1024, 1e-6)
+    many_kw = dict(P=True, Q=64, R=False)
+    _many_args_kernel[(1,)](*many, **many_kw)
+    _one_arg_kernel[(1,)](x)
+    rt.fast_launch(_many_args_kernel, (1,), dev, many, many_kw)
+    entry = next(v for k, v in rt._compiled.items() if k[0] is _many_args_kernel)
+    stream = rt._current_stream(0)
+    xg = x.clone().requires_grad_()
+    g = torch.randn_like(x)
+    return [
+        ("(2 * x).backward(g), native", lambda: xg.mul(2).backward(g)),
+        ("the same through a Python Function", lambda: _Double.apply(xg).backward(g)),
+        ("x.device", lambda: x.device),
+        ("x.data_ptr()", lambda: x.data_ptr()),
+        ("x.stride(0)", lambda: x.stride(0)),
+        ("torch.empty(8, fp32)", lambda: torch.empty(8, dtype=torch.float32, device=dev)),
+        ("torch.empty_like(x)", lambda: torch.empty_like(x)),
+        ("torch.is_grad_enabled()", torch.is_grad_enabled),
+        ("current stream (raw)", lambda: rt._current_stream(rt._current_device())),
+        ("1-arg kernel, JIT call", lambda: _one_arg_kernel[(1,)](x)),
+        ("15-arg kernel, JIT call", lambda: _many_args_kernel[(1,)](*many, **many_kw)),
+        ("15-arg kernel, fast_launch", lambda: rt.fast_launch(_many_args_kernel, (1,), dev, many,
+                                                              many_kw)),
+        ("15-arg kernel, launcher alone", lambda: entry.run(1, 1, 1, stream, entry.function,
+                                                            entry.packed, None, None, None,
+                                                            *many, *entry.tail)),
+    ]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--floor", action="store_true")
     args = ap.parse_args()
+    if args.floor:
+        rows = [(name, host_us(fn)) for name, fn in floor_rows()]
+        emit("Host us of the pieces of a call", ["piece", "us"], rows,
+             {r[0]: round(r[1], 2) for r in rows}, "bench_overhead_floor.md")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     aiter_dist.init_distributed()
     table, summary = [], {}
@@ -135,7 +217,7 @@ def main():
             prof.disable()
             torch.cuda.synchronize()
             print(f"===== {name}")
-            pstats.Stats(prof).sort_stats("tottime").print_stats(14)
+            pstats.Stats(prof).sort_stats("tottime").print_stats(24)
     emit("Host time per eager call (us): ours vs PyTorch", ["op", "ours", "PyTorch", "ratio",
                                                             "our path"], table, summary,
          "bench_overhead.md")

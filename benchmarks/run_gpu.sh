@@ -11,8 +11,8 @@
 #                                         (multigpu tier and collective benchmarks at every world size
 #                                         3..n-1 of an n-GPU machine)
 # Results (tables, logs) go to $OUT (default ./out). NVLink multicast stays off throughout.
-# Environment: NORM_ARGS, ATTN_ARGS, GEMM_ARGS, COLL_ARGS (benchmark flags), WORLDS, TRAIN_CONFIG,
-# TRAIN_NPROC, TRAIN_STEPS.
+# Environment: NORM_ARGS, ATTN_ARGS, GEMM_ARGS, COLL_ARGS, OVERHEAD_ARGS (benchmark flags), WORLDS,
+# TRAIN_CONFIG, TRAIN_NPROC, TRAIN_STEPS.
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
@@ -34,7 +34,7 @@ for s in $stages; do
     attention) run bench_attention.log python3 benchmarks/bench_attention.py ${ATTN_ARGS:-} ;;
     gemm) run bench_gemm.log python3 benchmarks/bench_gemm.py ${GEMM_ARGS:-} ;;
     collectives) [ "$ngpu" -ge 2 ] && run bench_collectives.log torchrun --nproc-per-node "$ngpu" benchmarks/bench_collectives.py ${COLL_ARGS:-} ;;
-    overhead) run bench_overhead.log python3 benchmarks/bench_overhead.py ;;
+    overhead) run bench_overhead.log python3 benchmarks/bench_overhead.py ${OVERHEAD_ARGS:-} ;;
     conv) run bench_conv.log python3 benchmarks/bench_conv.py ${CONV_ARGS:-} ;;
     dist-gemm) [ "$ngpu" -ge 2 ] && run bench_dist_gemm.log torchrun --nproc-per-node 2 benchmarks/bench_dist_gemm.py ${DGEMM_ARGS:-} ;;
     train-ops) run bench_train_ops.log python3 benchmarks/bench_train_ops.py ${TRAIN_OPS_ARGS:-} ;;

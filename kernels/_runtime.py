@@ -181,27 +181,35 @@ class _Compiled:
 _compiled: dict = {}
 
 
+def _hooked() -> bool:
+    """Whether a profiler's launch hooks are attached (an empty HookChain when none is)."""
+    hook = _knobs.runtime.launch_enter_hook
+    return hook is not None and getattr(hook, "calls", True)
+
+
+def _launch_key(args, kwargs):
+    # Inline, no call per argument (on Python 3.12 the comprehension itself is inlined too): an
+    # int in (1, 2**31) by its residue mod 16 (16..31), -1, 0 and 1 by value, other ints by range
+    # and residue (_int_class); a tensor by dtype and alignment; _spec for the rest (a float as
+    # "fp32", never equal to an int's key). Each determines Triton's specialization; ~6x cheaper
+    # than a tuple per argument.
+    return (tuple([((a & 15) + 16 if 1 < a < 2147483648 else a if -2 < a < 2 else
+                    _int_class(a)) if type(a) is int else
+                   (a.dtype, a.data_ptr() & 15) if type(a) is torch.Tensor else
+                   _spec(a) for a in args]), tuple(kwargs.items()))
+
+
 def fast_launch(kernel, grid, device: torch.device, args, kwargs, key=None):
     """``kernel[grid](*args, **kwargs)`` through the compiled kernel's own launcher once the
     kernel is known (``AITER_DIST_FAST_LAUNCH=0``: always Triton's JIT call). ``key``: the
     caller's own description of the call, which must determine Triton's specialization of every
     argument (the collectives pass one built from the few arguments that vary)."""
-    hook = _knobs.runtime.launch_enter_hook  # an empty HookChain when no profiler is attached
+    hook = _knobs.runtime.launch_enter_hook  # (inline _hooked(): this runs on every launch)
     if not FAST_LAUNCH or (hook is not None and getattr(hook, "calls", True)):
         return kernel[grid](*args, **kwargs)  # a profiler's launch hooks: Triton's own path
     index = _current_device()
     try:
-        if key is None:
-            # Inline, no call per argument (on Python 3.12 the comprehension itself is inlined
-            # too): an int in (1, 2**31) by its residue mod 16 (16..31), -1, 0 and 1 by value,
-            # other ints by range and residue (_int_class); a tensor by dtype and alignment;
-            # _spec for the rest (a float as "fp32", never equal to an int's key). Each
-            # determines Triton's specialization; ~6x cheaper than a tuple per argument.
-            key = (tuple([((a & 15) + 16 if 1 < a < 2147483648 else a if -2 < a < 2 else
-                           _int_class(a)) if type(a) is int else
-                          (a.dtype, a.data_ptr() & 15) if type(a) is torch.Tensor else
-                          _spec(a) for a in args]), tuple(kwargs.items()))
-        key = (kernel, index, key)
+        key = (kernel, index, _launch_key(args, kwargs) if key is None else key)
         entry = _compiled.get(key)
     except TypeError:  # an argument we cannot describe (or an unhashable constexpr)
         return kernel[grid](*args, **kwargs)
@@ -220,6 +228,78 @@ def fast_launch(kernel, grid, device: torch.device, args, kwargs, key=None):
               _current_stream(index), entry.function, entry.packed, None, None, None,
               *args, *entry.tail)
     return None
+
+
+# ----------------------------------------------------------------------------- launch plans
+#
+# fast_launch still describes every argument on every call (~6 us for 15 arguments on the H200
+# hosts, against 8 for the launcher itself). An op that keys its own cache by what fixes its int
+# arguments (shapes, strides, dtypes, device) keeps a LaunchPlan per key instead: the compiled
+# launcher, the grid and the constexprs, called with the tensors and scalars alone. Tensors
+# are specialized on 16-byte alignment too: plans are made from aligned calls only, and the op
+# checks its pointers' alignment before it uses one (a misaligned call takes the full path).
+
+class LaunchPlan:
+    """A kernel launch whose grid, constexprs and int arguments' specialization are fixed: call
+    it with the launch's positional arguments. ``extra``: what the op keeps beside it."""
+    __slots__ = ("kernel", "grid", "device", "kwargs", "entry", "index", "extra")
+
+    def __init__(self, kernel, grid, device, kwargs, entry, index, extra=None):
+        self.kernel, self.device, self.kwargs = kernel, device, kwargs
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.entry, self.index, self.extra = entry, index, extra
+
+    def __call__(self, *args):
+        e = self.entry
+        if e is None or _hooked():  # the interpreter, AITER_DIST_FAST_LAUNCH=0, or a profiler
+            return launch(self.kernel, self.grid, self.device, *args, **self.kwargs)
+        g = self.grid
+        e.run(g[0], g[1], g[2], _current_stream(self.index), e.function, e.packed, None, None,
+              None, *args, *e.tail)
+        return None
+
+
+_plan_caches: list = []
+
+
+def signature(t):
+    """What a plan is keyed by for a tensor: shape, strides, dtype and device."""
+    return t.shape, t.stride(), t.dtype, t.device
+
+
+def plan_cache() -> dict:
+    """A new dict of an op's plans, emptied by :func:`clear_plans`."""
+    cache: dict = {}
+    _plan_caches.append(cache)
+    return cache
+
+
+def clear_plans() -> None:
+    """Forget every op's plans (after changing a dispatch table or config at run time)."""
+    for cache in _plan_caches:
+        cache.clear()
+
+
+# The current device, part of every plan's key: Triton launches on it (None when interpreted).
+plan_device = (lambda: None) if INTERPRETED else _current_device
+
+
+def plan_launch(kernel, grid, device: torch.device, *args, **kwargs):
+    """``launch(kernel, grid, device, *args, **kwargs)``, and a :class:`LaunchPlan` that repeats
+    it for arguments of the same specialization; None when a tensor argument is not 16-byte
+    aligned (the kernel compiled for it would not serve aligned ones as fast)."""
+    launch(kernel, grid, device, *args, **kwargs)
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.data_ptr() & 15:
+            return None
+    entry, index = None, None
+    if not INTERPRETED:
+        index = _current_device()
+        try:
+            entry = _compiled.get((kernel, index, _launch_key(args, kwargs))) or None
+        except TypeError:
+            entry = None
+    return LaunchPlan(kernel, grid, device, kwargs, entry, index)
 
 
 # ----------------------------------------------------------------------------- global scratch

@@ -51,8 +51,9 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from ._runtime import (FLOAT_DTYPES, INTERPRETED, cdiv, check_same_device, check_tensor,
-                       compiling, last_path, launch, next_pow2, record_path)
+from ._runtime import (FLOAT_DTYPES, INTERPRETED, cdiv, check_same_device, check_tensor, compiling,
+                       last_path, launch, next_pow2, plan_cache, plan_device, plan_launch,
+                       record_path, signature)
 from .conv_tuned import TUNED as _MEASURED
 from .conv_kernels import (  # noqa: F401  (conv2d_ref: part of this module's API)
     _conv2d_dgrad_kernel, _conv2d_fwd_kernel, _conv2d_wgrad_kernel, _dw_conv2d_dgrad_kernel,
@@ -452,12 +453,14 @@ def _vendor_bwd(dy, x, weight, stride, padding, dilation, groups, need_dx, need_
 # ----------------------------------------------------------------------------- launchers
 
 def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, backend="triton", *,
-               config=None):
+               config=None, keep=None):
     """Forward launcher: ``F.conv2d(x, weight, bias)`` with normalized parameters (``stride``
     (h, w), ``padding`` (top, bottom, left, right), ``dilation`` (h, w)); the caller checked the
     inputs (:func:`conv_params`). Output (N, C_out, OH, OW) in x's dtype and memory format.
-    ``backend``: ``"triton"`` or ``"vendor"``; recorded as ``last_path("conv2d")``."""
+    ``backend``: ``"triton"`` or ``"vendor"``; recorded as ``last_path("conv2d")``.
+    ``keep``: conv2d's record of these inputs, where a launch plan of the direct kernel goes."""
     op = "conv2d"
+    x_in, w_in = x, weight
     reason = _vendor_reason(x)
     if backend == "vendor" or reason is not None:
         record_path(op, "torch.conv2d", reason)
@@ -484,12 +487,19 @@ def conv2d_fwd(x, weight, bias, stride, padding, dilation, groups, backend="trit
         return y
     M = g.N * g.OH * g.OW
     grid = (cdiv(M, cfg.block_m) * cdiv(g.co, cfg.block_n), g.groups)
-    launch(_conv2d_fwd_kernel, grid, x.device, x, weight, bias_arg, y, M, g.H, g.W, g.OH, g.OW,
-           g.ci, g.co, g.KH, g.KW, *x.stride(), *weight.stride(), *y.stride(), *geo,
-           HAS_BIAS=bias is not None, FLAT_K=g.ci < 16, X_C1=x.stride(1) == 1,
-           W_C1=weight.stride(1) == 1, PRECISION=PRECISION, UPCAST=INTERPRETED,
-           BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-           GROUP_M=cfg.group_m, num_warps=cfg.warps, num_stages=cfg.stages)
+    ints = (M, g.H, g.W, g.OH, g.OW, g.ci, g.co, g.KH, g.KW, *x.stride(), *weight.stride(),
+            *y.stride(), *geo)
+    planned = keep is not None and x.data_ptr() == x_in.data_ptr() and (
+        weight.data_ptr() == w_in.data_ptr())  # (a plan launches the inputs as given)
+    plan = (plan_launch if planned else launch)(
+        _conv2d_fwd_kernel, grid, x.device, x, weight, bias_arg, y, *ints,
+        HAS_BIAS=bias is not None, FLAT_K=g.ci < 16, X_C1=x.stride(1) == 1,
+        W_C1=weight.stride(1) == 1, PRECISION=PRECISION, UPCAST=INTERPRETED,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m, num_warps=cfg.warps, num_stages=cfg.stages)
+    if planned and plan is not None:
+        plan.extra = (tuple(y.shape), memory_format(x_in), ints)
+        keep[2] = plan
     record_path(op, _PATH)
     return y
 
@@ -728,9 +738,35 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     path, recorded with the reason.
     """
     op = "conv2d"
-    stride, padding, dilation = conv_params(op, input, weight, bias, stride, padding, dilation,
-                                            groups)
-    backends = conv_backends(input, weight, stride, padding, dilation, groups)
+    try:  # inputs and parameters seen before passed the checks (the config tables are part of
+        # the key: replacing one starts afresh)
+        key = (*signature(input), *signature(weight),
+               None if bias is None else signature(bias), stride, padding, dilation, groups,
+               default_backend, id(TUNED), id(TUNED_CONFIGS), id(_configs), plan_device())
+        known = _conv_plans.get(key)
+    except (AttributeError, TypeError):  # not tensors, or parameters given as lists
+        key = known = None
+    if compiling():  # (traced code keeps no host caches: the custom op, below)
+        key = known = None
+    if known is not None:
+        (stride, padding, dilation), backends, plan = known
+        if plan is not None and not compiling() and not (
+                (input.requires_grad or weight.requires_grad
+                 or (bias is not None and bias.requires_grad)) and torch.is_grad_enabled()) and (
+                not (input.data_ptr() | weight.data_ptr()
+                     | (0 if bias is None else bias.data_ptr())) & 15):
+            y_shape, y_format, ints = plan.extra
+            y = torch.empty(y_shape, dtype=input.dtype, device=input.device,
+                            memory_format=y_format)
+            plan(input, weight, y if bias is None else bias, y, *ints)
+            record_path(op, _PATH)
+            return y
+    else:
+        stride, padding, dilation = conv_params(op, input, weight, bias, stride, padding,
+                                                dilation, groups)
+        backends = conv_backends(input, weight, stride, padding, dilation, groups)
+        if key is not None:
+            known = _conv_plans[key] = [(stride, padding, dilation), backends, None]
     if compiling():
         return torch.ops.aiter_dist.conv2d_fwd(input, weight, bias, list(stride), list(padding),
                                                list(dilation), groups, ",".join(backends))
@@ -738,7 +774,14 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
                                     or (bias is not None and bias.requires_grad)):
         return Conv2dFunction.apply(input, weight, bias, stride, padding, dilation, groups,
                                     backends)
-    return conv2d_fwd(input, weight, bias, stride, padding, dilation, groups, backends[0])
+    return conv2d_fwd(input, weight, bias, stride, padding, dilation, groups, backends[0],
+                      keep=known)
+
+
+# (input, weight, bias signatures, the parameters as given, backend, config tables, current
+# device) -> [normalized parameters, backends, LaunchPlan of the direct forward kernel or None].
+_conv_plans = plan_cache()
+
 
 
 __all__ = ["conv2d", "conv2d_ref", "conv2d_fwd", "conv2d_dgrad", "conv2d_wgrad", "conv2d_bwd",

@@ -32,7 +32,7 @@ from typing import NamedTuple
 import torch
 
 from ._runtime import (INTERPRETED, cdiv, check_same_device, compiling, launch, next_pow2,
-                       record_path, runs_triton)
+                       plan_cache, plan_device, plan_launch, record_path, runs_triton, signature)
 from .flash_attn_kernels import (  # noqa: F401  (attention_ref: part of this module's API)
     LOG2E, _attn_bwd_delta_kernel, _attn_bwd_dkdv_kernel, _attn_bwd_dq_kernel, _attn_fwd_kernel,
     attention_ref)
@@ -70,6 +70,17 @@ def _fwd_blocks(d: int, device: torch.device, sq: int = 0, sk: int = 0) -> Block
     if d <= 128:
         return Blocks(64, 64, 4, 3, True)
     return Blocks(64, 32, 4, 2)
+
+
+# Problems of at most this many scores (batch * heads * seqlen_q * seqlen_k) take the default
+# configs without TMA: a few GPU microseconds either way, while Triton's launcher expands
+# tensor-descriptor arguments in Python and encodes them on every launch (~10 us a launch on the
+# H200 hosts, more than such a kernel runs).
+HOST_BOUND_SCORES = 1 << 21
+
+
+def _host_bound(heads: int, sq: int, sk: int) -> bool:
+    return heads * sq * sk <= HOST_BOUND_SCORES
 
 
 def _bwd_blocks(d: int, device: torch.device, sq: int = 0, sk: int = 0,
@@ -177,10 +188,19 @@ def _precision(dtype):
 
 
 def flash_attn_fwd(q, k, v, softmax_scale, causal, window_size, cu_seqlens_q=None,
-                   cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *, config=None):
+                   cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *, config=None,
+                   signature=None):
     """Forward launcher: (out, lse). Dense lse is (batch, nheads, seqlen_q); varlen (nheads,
-    total_q)."""
+    total_q). ``signature``: q, k and v's (shape, strides, dtype, device), when the caller has
+    them."""
     varlen = cu_seqlens_q is not None
+    plan_key = None
+    if not varlen and config is None:
+        plan_key, plan = _fwd_plan_key(q, k, v, causal, window_size, signature)
+        if plan is not None and not (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
+            return _planned_fwd(plan, q, k, v, softmax_scale)
+        if plan_key is not None and not all(t.stride(-1) == 1 for t in (q, k, v)):
+            plan_key = None  # (copies below: a plan launches the tensors as given)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     d = q.shape[-1]
     h, hk = q.shape[-2], k.shape[-2]
@@ -200,25 +220,71 @@ def flash_attn_fwd(q, k, v, softmax_scale, causal, window_size, cu_seqlens_q=Non
         return _torch_fwd(q, k, v, softmax_scale, left, right, cu_seqlens_q, cu_seqlens_k,
                           out, lse)
     # TMA (tensor descriptors for K and V) serves dense layouts whose head dim is a power of 2.
-    config = Blocks(*(config or _fwd_blocks(d, q.device, sq, sk)))
+    if config is None:
+        config = _fwd_blocks(d, q.device, sq, sk)
+        if _host_bound(batch * h, sq, sk):
+            config = config._replace(tma=False)
+    config = Blocks(*config)
     block_m, block_n, warps, stages = config[:4]
     block_d = _block_d(d)
     grid = (cdiv(max(sq, 1), block_m), batch * h)
     cu_q = cu_seqlens_q if varlen else lse  # unused placeholders when dense
     cu_k = cu_seqlens_k if varlen else lse
     use_tma, (kk, vv) = _tiles(config.tma, block_n, varlen, k, v)
+    path = ("triton-interpreter" if INTERPRETED else "triton") + ("-tma" if use_tma else "")
     if batch * h > 0 and sq > 0:
-        launch(_attn_fwd_kernel, grid, q.device,
-            q, kk, vv, out, lse, cu_q, cu_k,
-            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-            *_strides(out, varlen), *lse_strides,
-            sq, sk, h, h // hk, softmax_scale * LOG2E, max(left, 0), max(right, 0),
+        ints = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+                *_strides(out, varlen), *lse_strides, sq, sk, h, h // hk)
+        window = (max(left, 0), max(right, 0))
+        plan = (plan_launch if plan_key is not None else launch)(
+            _attn_fwd_kernel, grid, q.device, q, kk, vv, out, lse, cu_q, cu_k, *ints,
+            softmax_scale * LOG2E, *window,
             IS_VARLEN=varlen, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HEAD_DIM=d,
             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
             PRECISION=_precision(q.dtype), USE_TMA=use_tma, num_warps=warps, num_stages=stages)
-    record_path("flash_attn", ("triton-interpreter" if INTERPRETED else "triton")
-                + ("-tma" if use_tma else ""))
+        if plan_key is not None and plan is not None:
+            # (descriptor templates without their tensors: a plan keeps no memory alive)
+            descs = (_rebased(kk, None), _rebased(vv, None)) if use_tma else None
+            plan.extra = (tuple(lse.shape), descs, ints, window, path)
+            _fwd_plans[plan_key] = plan
+    record_path("flash_attn", path)
     return out, lse
+
+
+# (q, k, v signatures, causal, window, current device) -> LaunchPlan of the dense forward; extra
+# is (lse shape, K and V descriptors to copy or None, ints before the scale, ints after, path).
+_fwd_plans = plan_cache()
+
+
+def _fwd_plan_key(q, k, v, causal, window_size, signature=None):
+    try:
+        key = (*(signature or (*signature(q), *signature(k), *signature(v))), bool(causal),
+               tuple(window_size), plan_device())
+        return key, _fwd_plans.get(key)
+    except (AttributeError, TypeError):  # not tensors, or window_size not a pair of ints
+        return None, None
+
+
+def _planned_fwd(plan, q, k, v, softmax_scale):
+    """The dense forward from a plan: outputs, descriptors rebased on k and v, one launch."""
+    lse_shape, descs, ints, window, path = plan.extra
+    out = torch.empty_like(q)
+    lse = torch.empty(lse_shape, dtype=torch.float32, device=q.device)
+    if descs is not None:
+        k, v = _rebased(descs[0], k), _rebased(descs[1], v)
+    plan(q, k, v, out, lse, lse, lse, *ints, softmax_scale * LOG2E, *window)
+    record_path("flash_attn", path)
+    return out, lse
+
+
+def _rebased(desc, t):
+    """A copy of tensor descriptor ``desc`` over ``t`` (same shape, strides, dtype, alignment):
+    the dataclass's checks ran when ``desc`` was built."""
+    copy = object.__new__(type(desc))
+    copy.__dict__.update(desc.__dict__)
+    copy.base = t
+    return copy
+
 
 
 def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu_seqlens_q=None,
@@ -257,6 +323,9 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
     # (1 and 3 compile).
     if config is None:
         config = _bwd_blocks(d, q.device, sq, sk, deterministic, h // hk, right >= 0)
+        if _host_bound(batch * h, sq, sk):
+            config = (config._replace(tma=False, tma_dq=False) if isinstance(config, Blocks)
+                      else tuple(Blocks(*c)._replace(tma=False, tma_dq=False) for c in config))
     if isinstance(config[0], int):
         cfg_kv = cfg_q = Blocks(*config)
     else:
@@ -377,10 +446,13 @@ class FlashAttnFunction(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
         ctx.args = (softmax_scale, causal, window_size, max_seqlen_q, max_seqlen_k, deterministic)
         ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # (lse has no gradient: no zeros for it)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        if dout is None:  # (only lse was used)
+            return (None,) * 11
         q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
         scale, causal, window, max_q, max_k, deterministic = ctx.args
         dq, dk, dv = flash_attn_bwd(dout, q, k, v, out, lse, scale, causal, window, cu_q, cu_k,
@@ -454,7 +526,8 @@ torch.library.register_autograd("aiter_dist::flash_attn_fwd", _flash_attn_backwa
                                 setup_context=_flash_attn_setup)
 
 
-def _attention(q, k, v, scale, causal, window_size, cu_q, cu_k, max_q, max_k, deterministic):
+def _attention(q, k, v, scale, causal, window_size, cu_q, cu_k, max_q, max_k, deterministic,
+               signature=None):
     """(out, lse): through the custom op when compiling, else the autograd Function."""
     if compiling():
         return torch.ops.aiter_dist.flash_attn_fwd(q, k, v, cu_q, cu_k, max_q or 0, max_k or 0,
@@ -464,7 +537,8 @@ def _attention(q, k, v, scale, causal, window_size, cu_q, cu_k, max_q, max_k, de
         return FlashAttnFunction.apply(q, k, v, scale, causal, tuple(window_size), cu_q, cu_k,
                                        max_q, max_k, deterministic)
     # Nothing to differentiate: the launcher alone (autograd's Function costs host time).
-    return flash_attn_fwd(q, k, v, scale, causal, tuple(window_size), cu_q, cu_k, max_q, max_k)
+    return flash_attn_fwd(q, k, v, scale, causal, tuple(window_size), cu_q, cu_k, max_q, max_k,
+                          signature=signature)
 
 
 # ----------------------------------------------------------------------------- functional API
@@ -588,6 +662,10 @@ def _common_args(op, dropout_p, softmax_scale, window_size, d):
     return float(softmax_scale)
 
 
+# (q, k, v signatures) that passed flash_attn_func's checks.
+_checked_dense = plan_cache()
+
+
 def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
                     window_size=(-1, -1), deterministic=False, return_lse=False):
     """Attention over batched sequences of one length: forward and backward in Triton.
@@ -642,10 +720,20 @@ def flash_attn_func(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False,
     gradients. CPU tensors on a GPU machine take a PyTorch path (fp32, quadratic memory,
     recorded as ``"torch"``) with the same masks but no bitwise promise.
     """
-    _check("flash_attn_func", q, k, v, varlen=False)
+    try:  # inputs of a signature seen before passed the checks
+        key = (*signature(q), *signature(k), *signature(v))
+        checked = key in _checked_dense
+    except (AttributeError, TypeError):
+        key, checked = None, False
+    if compiling():  # (traced code keeps no host caches)
+        key, checked = None, False
+    if not checked:
+        _check("flash_attn_func", q, k, v, varlen=False)
+        if key is not None:
+            _checked_dense[key] = True
     scale = _common_args("flash_attn_func", dropout_p, softmax_scale, window_size, q.shape[-1])
     out, lse = _attention(q, k, v, scale, causal, window_size, None, None, None, None,
-                          bool(deterministic))
+                          bool(deterministic), key)
     return (out, lse) if return_lse else out
 
 

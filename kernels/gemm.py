@@ -41,7 +41,8 @@ import triton
 import triton.language as tl
 
 from ._runtime import (INTERPRETED, cdiv, check_same_device, check_tensor, compiling,
-                       ensure_scratch_allocator, launch, next_pow2, record_path, runs_triton)
+                       ensure_scratch_allocator, last_path, launch, next_pow2, plan_cache,
+                       plan_device, plan_launch, record_path, runs_triton, signature)
 from .gemm_tuned import TUNED
 
 # Eager launches of the TMA kernel build its descriptors on the GPU from plain pointers
@@ -369,11 +370,11 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def run_gemm(op: str, kind: str, a, b, out, bias=None, x_scale=None, w_scale=None,
-             scaling: int = NO_SCALES, config=None, tma=None) -> torch.Tensor:
+             scaling: int = NO_SCALES, config=None, tma=None, plan_key=None) -> torch.Tensor:
     """Launch ``out = a @ b (+ bias)`` (with fp8 scales) on the path and config that fit;
     record the path under ``op``. ``tma``: None picks (Hopper and aligned), True asks for the
     tensor-descriptor kernel where the layout allows (the interpreter runs it too), False the
-    pointer kernel."""
+    pointer kernel. ``plan_key``: keep the launch under it in ``_gemm_plans`` (see matmul)."""
     M, K = a.shape
     N = b.shape[1]
     hopper, sms = _device_facts(a.device)
@@ -413,6 +414,15 @@ def run_gemm(op: str, kind: str, a, b, out, bias=None, x_scale=None, w_scale=Non
         if DEVICE_TMA and (INTERPRETED or not _capturing()):
             ensure_scratch_allocator()
             descs, device_desc = (a_view, b_view, out), True
+            if plan_key is not None and scaling == NO_SCALES:
+                # (a and b stand for their transposed views: a launch reads only the pointer)
+                ints = (M, N, K, *scale_strides, *strides)
+                _keep_plan(plan_key, plan_launch(
+                    _gemm_tma_kernel, (min(sms, tiles),), a.device, a_view, b_view, out,
+                    bias_arg, xs, ws, *ints, A_K_MAJOR=a_k_major, B_K_MAJOR=b_k_major,
+                    NUM_SMS=sms, FLATTEN=config.flatten, SUBTILE=config.subtile,
+                    DEVICE_DESC=True, **common), ints, True, op)
+                return out
         else:
             from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -429,18 +439,50 @@ def run_gemm(op: str, kind: str, a, b, out, bias=None, x_scale=None, w_scale=Non
                SUBTILE=config.subtile, DEVICE_DESC=device_desc, **common)
     else:
         grid = (cdiv(M, bm) * cdiv(N, bn),)
-        launch(_gemm_kernel, grid, a.device, a, b, out, bias_arg, xs, ws, M, N, K, *a.stride(),
-               *b.stride(), *out.stride(), *scale_strides, EVEN_K=K % bk == 0, **common)
+        ints = (M, N, K, *a.stride(), *b.stride(), *out.stride(), *scale_strides)
+        if plan_key is not None and scaling == NO_SCALES:
+            _keep_plan(plan_key, plan_launch(_gemm_kernel, grid, a.device, a, b, out, bias_arg,
+                                             xs, ws, *ints, EVEN_K=K % bk == 0, **common),
+                       ints, False, op)
+        else:
+            launch(_gemm_kernel, grid, a.device, a, b, out, bias_arg, xs, ws, *ints,
+                   EVEN_K=K % bk == 0, **common)
     return out
+
+
+# (a, b, bias signatures, out dtype, config, tma, op, DEVICE_TMA, current device) -> LaunchPlan
+# whose extra is (ints, device descriptors, path): matmul's launch without the checks and the
+# config lookup.
+_gemm_plans = plan_cache()
+
+
+def _keep_plan(key, plan, ints, device_desc, op):
+    if plan is not None:
+        plan.extra = (ints, device_desc, last_path(op))
+        _gemm_plans[key] = plan
+
 
 
 def matmul(a, b, bias=None, *, out_dtype=None, config=None, tma=None, op="matmul"):
     """``a @ b + bias`` through our kernel: a (M, K), b (K, N), any strides; fp32 accumulation,
     output (M, N) contiguous in ``out_dtype`` (default a's). The caller checks the inputs."""
+    key = (*signature(a), *signature(b), None if bias is None else signature(bias), out_dtype,
+           config, tma, op, DEVICE_TMA, plan_device())
+    plan = _gemm_plans.get(key)
+    if plan is not None and not (a.data_ptr() | b.data_ptr() | (
+            0 if bias is None else bias.data_ptr())) & 15:
+        ints, device_desc, path = plan.extra
+        if not device_desc or not _capturing():  # (a capture takes host descriptors)
+            out = torch.empty(ints[0], ints[1], dtype=out_dtype or a.dtype, device=a.device)
+            if device_desc:
+                ensure_scratch_allocator()
+            plan(a, b, out, out if bias is None else bias, out, out, *ints)
+            record_path(op, path)
+            return out
     M, N = a.shape[0], b.shape[1]
     out = torch.empty(M, N, dtype=out_dtype or a.dtype, device=a.device)
     kind = DTYPE_NAMES[a.dtype]
-    return run_gemm(op, kind, a, b, out, bias, config=config, tma=tma)
+    return run_gemm(op, kind, a, b, out, bias, config=config, tma=tma, plan_key=key)
 
 
 def _autocast_dtype(x) -> torch.dtype | None:
@@ -651,11 +693,59 @@ def linear(x, weight, bias=None, *, backend="auto"):
     implementation that served.
     """
     op = "linear"
+    try:
+        key = (*signature(x), *signature(weight), None if bias is None else signature(bias),
+               backend)
+        known = _linear_plans.get(key)
+    except (AttributeError, TypeError):  # not tensors (or an unhashable backend): the checks
+        key = known = None
+    if compiling():  # (traced code keeps no host caches: the custom op, below)
+        key = known = None
+    if known is not None and _autocast_dtype(x) is None:
+        backends, plan, out_shape = known
+        if plan is not None and not (
+                (x.requires_grad or weight.requires_grad or (bias is not None and
+                                                             bias.requires_grad))
+                and torch.is_grad_enabled()) and not compiling() and not (
+                x.data_ptr() | weight.data_ptr() | (0 if bias is None else bias.data_ptr())
+                ) & 15:
+            ints, device_desc, path = plan.extra
+            if not device_desc or not _capturing():
+                # The forward GEMM from its plan: x and weight stand for their 2-D views.
+                out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+                if device_desc:
+                    ensure_scratch_allocator()
+                plan(x, weight, out, out if bias is None else bias, out, out, *ints)
+                record_path(op, path)
+                return out
+        return apply_linear(x, weight, bias, backends, op)
     check_linear_inputs(op, x, weight, bias)
-    x, weight, bias = autocast_inputs(x, weight, bias)
-    backends = linear_backends(op, math.prod(x.shape[:-1]), weight.shape[0],
-                               weight.shape[1], x.dtype, x.device, backend, prefer="triton")
-    return apply_linear(x, weight, bias, backends, op)
+    cast = autocast_inputs(x, weight, bias)
+    backends = linear_backends(op, math.prod(x.shape[:-1]), weight.shape[0], weight.shape[1],
+                               cast[0].dtype, x.device, backend, prefer="triton")
+    out = apply_linear(*cast, backends, op)
+    if key is not None and cast[0] is x:  # (autocast's choice is made per call)
+        _linear_plans[key] = (backends, _forward_plan(x, weight, bias, backends), out.shape)
+    return out
+
+
+# (x, weight, bias signatures, backend) -> (the (forward, dgrad, wgrad) backends, the forward
+# GEMM's plan or None, the output's shape), for inputs that passed the checks.
+_linear_plans = plan_cache()
+
+
+def _forward_plan(x, weight, bias, backends):
+    """The plan matmul keeps for linear's forward GEMM of these inputs, where its launch can
+    take x and weight as they are (the 2-D view of x is x's own memory)."""
+    if backends[0] != "triton":
+        return None
+    x2 = _rows(x)
+    if x2.data_ptr() != x.data_ptr():
+        return None
+    b = weight.t()
+    return _gemm_plans.get((*signature(x2), *signature(b),
+                            None if bias is None else signature(bias), None, None, None,
+                            "linear", DEVICE_TMA, plan_device()))
 
 
 __all__ = ["linear", "matmul", "run_gemm", "gemm_ref", "linear_ref", "LinearFunction",

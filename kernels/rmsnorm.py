@@ -25,7 +25,8 @@ import triton.language as tl
 
 from ._runtime import (FLOAT_DTYPES, INTERPRETED, cdiv, check_last_dim_contiguous,
                        check_same_device, check_tensor, compiling, launch, next_pow2,
-                       record_path, takes_torch_path)
+                       plan_cache, plan_device, plan_launch, record_path,
+                       signature, takes_torch_path)
 
 ONE_PASS_MAX_N = 65536
 
@@ -78,6 +79,7 @@ def _rms_norm_fwd_kernel(
     M, N, stride_x, stride_r, stride_y, stride_res, eps,
     HAS_RESIDUAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     NUM_CHUNKS: tl.constexpr, EVEN: tl.constexpr, OFFSETS_64: tl.constexpr,
+    STORE_RSTD: tl.constexpr = True,
 ):
     # One block of rows per program. EVEN: the block tiles the tensor exactly, so no masks.
     # OFFSETS_64: element offsets exceed int32 (else 32-bit address arithmetic, cheaper).
@@ -161,7 +163,8 @@ def _rms_norm_fwd_kernel(
             w = tl.load(W + ccols, mask=ccols < N, other=0.0).to(tl.float32)
             y = x * rstd[:, None] * w
             tl.store(Y + rows64 * stride_y + ccols, y.to(Y.dtype.element_ty), mask=mask)
-    tl.store(RSTD + rows, rstd, mask=row_mask)
+    if STORE_RSTD:  # (the backward's input; a call without autograd has no use for it)
+        tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
 @triton.jit
@@ -325,10 +328,26 @@ def _needs_64bit_offsets(rows: int, n: int, *row_strides: int) -> bool:
 
 _fwd_configs: dict = {}  # (N, residual) -> a GPU forward config (it does not depend on M)
 _PATH = "triton-interpreter" if INTERPRETED else "triton"
+# (x, weight signatures, need_rstd, residual's, current device) -> LaunchPlan; extra = (M, ints,
+# x contiguous).
+_fwd_plans = plan_cache()
 
 
-def rms_norm_fwd(x, weight, eps=1e-6, residual=None, *, config=None):
-    """Forward launcher. Returns (y, residual_out or None, rstd)."""
+
+def rms_norm_fwd(x, weight, eps=1e-6, residual=None, *, config=None, need_rstd=True):
+    """Forward launcher. Returns (y, residual_out or None, rstd); rstd is None when
+    ``need_rstd`` is False (a call without autograd: the kernel skips writing it)."""
+    key = None
+    if config is None:
+        try:
+            key = (*signature(x), *signature(weight), need_rstd,
+                   None if residual is None else signature(residual), plan_device())
+        except (AttributeError, TypeError):  # not tensors: the checks below name the problem
+            pass
+        plan = _fwd_plans.get(key)
+        if plan is not None and not (x.data_ptr() | weight.data_ptr() | (
+                0 if residual is None else residual.data_ptr())) & 15:
+            return _planned_fwd(plan, x, weight, eps, residual, need_rstd)
     op = "add_rms_norm" if residual is not None else "rms_norm"
     if not _plain_inputs(x, weight, residual):
         _check_norm_inputs(op, x, weight, residual, dtypes=NORM_DTYPES)
@@ -339,34 +358,59 @@ def rms_norm_fwd(x, weight, eps=1e-6, residual=None, *, config=None):
         y, res_out, rstd = _rms_norm_fwd_torch(x2, weight, eps, r2)
         return y.view(x.shape), (res_out.view(x.shape) if res_out is not None else None), rstd
     y = torch.empty_like(x2, memory_format=torch.contiguous_format)
-    rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device) if need_rstd else None
     if residual is not None:
         res_out = torch.empty_like(y)
     else:
         r2 = res_out = y  # unused placeholders, never dereferenced (HAS_RESIDUAL=False)
+    planned = config is None and key is not None
     if config is None:
         if x.device.type == "cpu":
             config = _fwd_config(M, N, x.device, residual=residual is not None)
         else:
-            key = (N, residual is not None)
-            config = _fwd_configs.get(key)
+            ckey = (N, residual is not None)
+            config = _fwd_configs.get(ckey)
             if config is None:
-                config = _fwd_configs[key] = _fwd_config(M, N, x.device,
-                                                         residual=residual is not None)
+                config = _fwd_configs[ckey] = _fwd_config(M, N, x.device,
+                                                          residual=residual is not None)
     block_m, block_n, chunks, num_warps = config
     stride_x, stride_r = x2.stride(0), r2.stride(0)
-    launch(_rms_norm_fwd_kernel, (cdiv(M, block_m),), x.device,
-           x2, r2, weight, y, res_out, rstd, M, N, stride_x, stride_r, N, N, eps,
-           HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
-           NUM_CHUNKS=chunks, EVEN=(chunks == 1 and block_n == N and M % block_m == 0),
-           OFFSETS_64=_needs_64bit_offsets(M + block_m, N, stride_x, stride_r),
-           num_warps=num_warps)
+    ints = (M, N, stride_x, stride_r, N, N)
+    plan = (plan_launch if planned else launch)(
+        _rms_norm_fwd_kernel, (cdiv(M, block_m),), x.device,
+        x2, r2, weight, y, res_out, y if rstd is None else rstd, *ints, eps,
+        HAS_RESIDUAL=residual is not None, BLOCK_M=block_m, BLOCK_N=block_n,
+        NUM_CHUNKS=chunks, EVEN=(chunks == 1 and block_n == N and M % block_m == 0),
+        OFFSETS_64=_needs_64bit_offsets(M + block_m, N, stride_x, stride_r),
+        STORE_RSTD=need_rstd, num_warps=num_warps)
+    # A plan launches with x and residual as given: only where the 2-D views are x's own memory
+    # (a reshape that copied gives another pointer).
+    if planned and plan is not None and x2.data_ptr() == x.data_ptr() and (
+            residual is None or r2.data_ptr() == residual.data_ptr()):
+        plan.extra = (M, ints, x.is_contiguous())
+        _fwd_plans[key] = plan
     record_path(op, _PATH)
     if x.dim() != 2:
         y = y.view(x.shape)
         if residual is not None:
             res_out = res_out.view(x.shape)
     return y, (res_out if residual is not None else None), rstd
+
+
+def _planned_fwd(plan, x, weight, eps, residual, need_rstd):
+    """rms_norm_fwd's launch from a plan: the outputs, one launch, the path record."""
+    M, ints, contiguous = plan.extra
+    y = (torch.empty_like(x) if contiguous
+         else torch.empty(x.shape, dtype=x.dtype, device=x.device))
+    rstd = torch.empty(M, dtype=torch.float32, device=x.device) if need_rstd else None
+    if residual is None:
+        plan(x, y, weight, y, y, y if rstd is None else rstd, *ints, eps)
+        record_path("rms_norm", _PATH)
+        return y, None, rstd
+    res_out = torch.empty_like(y)
+    plan(x, residual, weight, y, res_out, y if rstd is None else rstd, *ints, eps)
+    record_path("add_rms_norm", _PATH)
+    return y, res_out, rstd
 
 
 def _bwd_config(M: int, N: int, device: torch.device, max_n: int):
@@ -393,6 +437,18 @@ def rms_norm_bwd(dy, x_normed, weight, rstd, dresidual=None, *, max_n=ONE_PASS_M
     """Backward launcher: (dx, dweight). ``x_normed`` is the tensor that was normalized
     (``residual_out`` for the fused op); ``dresidual`` is the incoming grad of residual_out.
     ``dw_fp32``: return dweight unrounded, for a caller that still sums it over ranks."""
+    key = None
+    if config is None and max_n == ONE_PASS_MAX_N:
+        try:
+            key = (*signature(dy), *signature(x_normed), *signature(weight), rstd.dtype,
+                   None if dresidual is None else signature(dresidual), dw_fp32, plan_device())
+        except (AttributeError, TypeError):
+            pass
+        plan = _bwd_plans.get(key)
+        if plan is not None and not (dy.data_ptr() | x_normed.data_ptr() | weight.data_ptr()
+                                     | rstd.data_ptr() | (0 if dresidual is None
+                                                          else dresidual.data_ptr())) & 15:
+            return _planned_bwd(plan, dy, x_normed, weight, rstd, dresidual, dw_fp32)
     x2 = _rows(x_normed)
     M, N = x2.shape
     dy2 = _rows(dy.contiguous())
@@ -405,13 +461,42 @@ def rms_norm_bwd(dy, x_normed, weight, rstd, dresidual=None, *, max_n=ONE_PASS_M
     programs, block_m, block_n, chunks, num_warps = config or _bwd_config(M, N, x2.device, max_n)
     programs = max(1, min(programs, M))
     dw_partial = torch.empty(programs, N, dtype=torch.float32, device=x2.device)
-    launch(_rms_norm_bwd_kernel, (programs,), x2.device,
-           x2, weight, dy2, dres2, dx, dw_partial, rstd,
-           M, N, x2.stride(0), dy2.stride(0), dres2.stride(0), dx.stride(0),
-           cdiv(M, programs), HAS_DRES=dresidual is not None, BLOCK_M=block_m,
-           BLOCK_N=block_n, NUM_CHUNKS=chunks, num_warps=num_warps)
+    ints = (M, N, x2.stride(0), dy2.stride(0), dres2.stride(0), dx.stride(0), cdiv(M, programs))
+    # A plan launches the inputs as given: only where their 2-D views are their own memory.
+    planned = key is not None and x2.data_ptr() == x_normed.data_ptr() and (
+        dy2.data_ptr() == dy.data_ptr()) and (dresidual is None
+                                              or dres2.data_ptr() == dresidual.data_ptr())
+    plan = (plan_launch if planned else launch)(
+        _rms_norm_bwd_kernel, (programs,), x2.device,
+        x2, weight, dy2, dres2, dx, dw_partial, rstd, *ints,
+        HAS_DRES=dresidual is not None, BLOCK_M=block_m, BLOCK_N=block_n, NUM_CHUNKS=chunks,
+        num_warps=num_warps)
+    if planned and plan is not None:
+        plan.extra = (programs, N, ints)
+        _bwd_plans[key] = plan
+    return dx.view(x_normed.shape), _dw_sum(dw_partial, weight, dw_fp32)
+
+
+# (dy, x_normed, weight signatures, rstd dtype, dresidual's, dw_fp32, current device) ->
+# LaunchPlan of the backward kernel; extra = (programs, N, ints).
+_bwd_plans = plan_cache()
+
+
+def _dw_sum(dw_partial, weight, dw_fp32):
+    """The programs' fp32 partial dweights summed in a fixed order, then rounded once to the
+    weight's dtype. (``sum(dtype=...)`` would round the partials first.)"""
     dw = dw_partial.sum(0)
-    return dx.view(x_normed.shape), (dw if dw_fp32 else dw.to(weight.dtype))
+    return dw if dw_fp32 else dw.to(weight.dtype)
+
+
+def _planned_bwd(plan, dy, x_normed, weight, rstd, dresidual, dw_fp32):
+    """rms_norm_bwd's launch from a plan: dx (contiguous), the partials, one launch, the sum."""
+    programs, n, ints = plan.extra
+    dx = torch.empty(x_normed.shape, dtype=x_normed.dtype, device=x_normed.device)
+    dw_partial = torch.empty(programs, n, dtype=torch.float32, device=x_normed.device)
+    plan(x_normed, weight, dy, dy if dresidual is None else dresidual, dx, dw_partial, rstd,
+         *ints)
+    return dx, _dw_sum(dw_partial, weight, dw_fp32)
 
 
 def add_rms_norm_bwd(dy, dresidual_out, residual_out, weight, rstd):
@@ -536,7 +621,7 @@ def rms_norm(x, weight, eps=1e-6):
         return torch.ops.aiter_dist.rms_norm_fwd(x, weight, None, eps)[0]
     if _needs_grad(x, weight):
         return RMSNormFunction.apply(x, weight, eps)
-    return rms_norm_fwd(x, weight, eps)[0]
+    return rms_norm_fwd(x, weight, eps, need_rstd=False)[0]
 
 
 def add_rms_norm(x, residual, weight, eps=1e-6):
@@ -568,7 +653,7 @@ def add_rms_norm(x, residual, weight, eps=1e-6):
         return out, residual_out
     if _needs_grad(x, residual, weight):
         return AddRMSNormFunction.apply(x, residual, weight, eps)
-    out, residual_out, _ = rms_norm_fwd(x, weight, eps, residual)
+    out, residual_out, _ = rms_norm_fwd(x, weight, eps, residual, need_rstd=False)
     return out, residual_out
 
 

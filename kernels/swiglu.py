@@ -21,7 +21,8 @@ import triton
 import triton.language as tl
 
 from ._runtime import (FLOAT_DTYPES, INTERPRETED, cdiv, check_same_device, check_tensor,
-                       compiling, launch, next_pow2, record_path, takes_torch_path)
+                       compiling, launch, next_pow2, plan_cache, plan_device, plan_launch,
+                       record_path, takes_torch_path)
 
 SWIGLU_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
@@ -181,7 +182,7 @@ def _needs_64bit(m: int, n: int, *row_strides: int) -> bool:
     return m * max(n, *row_strides) + n >= 2**31
 
 
-_plans: dict = {}  # a call's signature -> (grid, int args, constexprs, num_warps)
+_plans = plan_cache()  # a call's signature -> (grid, int args, constexprs, num_warps, LaunchPlan)
 _MAX_PLANS = 4096
 
 
@@ -190,7 +191,7 @@ def _launch(kernel, tensors, m, n, row_strides, device, config):
     row strides of the inputs and of the (contiguous) outputs. Grid, ints and constexprs are
     computed once per signature; a call adds its pointers (and their 16-byte alignment, which
     completes what Triton specializes on)."""
-    key = (kernel, m, n, row_strides, tensors[0].dtype, device, config)
+    key = (kernel, m, n, row_strides, tensors[0].dtype, device, config, plan_device())
     plan = _plans.get(key)
     if plan is None:
         block_m, block_n, num_warps = config or swiglu_config(m, n, device)
@@ -198,11 +199,22 @@ def _launch(kernel, tensors, m, n, row_strides, device, config):
         plan = ((cdiv(m, block_m) * col_blocks,), (m, n, col_blocks, *row_strides, n),
                 dict(BLOCK_M=block_m, BLOCK_N=block_n,
                      EVEN=(m % block_m == 0 and n % block_n == 0),
-                     OFFSETS_64=_needs_64bit(m + block_m, n + block_n, *row_strides)), num_warps)
+                     OFFSETS_64=_needs_64bit(m + block_m, n + block_n, *row_strides)), num_warps,
+                None)
         if len(_plans) >= _MAX_PLANS:
             _plans.clear()
         _plans[key] = plan
-    grid, ints, constexprs, num_warps = plan
+    grid, ints, constexprs, num_warps, launch_plan = plan
+    align = 0
+    for t in tensors:
+        align |= t.data_ptr()
+    if align & 15 == 0:  # the common case: a LaunchPlan (made by the first aligned call)
+        if launch_plan is not None:
+            launch_plan(*tensors, *ints)
+        else:
+            _plans[key] = (grid, ints, constexprs, num_warps, plan_launch(
+                kernel, grid, device, *tensors, *ints, num_warps=num_warps, **constexprs))
+        return
     launch(kernel, grid, device, *tensors, *ints,
            launch_key=(key, tuple(t.data_ptr() & 15 for t in tensors)), num_warps=num_warps,
            **constexprs)

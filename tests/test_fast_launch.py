@@ -109,6 +109,40 @@ def test_a_caller_key_replaces_the_derived_one(fresh_cache):
     assert [e[0] for e in k.log] == ["jit", "run"]
 
 
+def test_a_plan_calls_the_launcher_with_the_same_arguments(fresh_cache, monkeypatch):
+    k = _Kernel()
+    dev = torch.device("cpu")
+    x = torch.zeros(64)
+    monkeypatch.setattr(_runtime, "INTERPRETED", False)  # a compiled process: plans hold launchers
+    plan = _runtime.plan_launch(k, (5, 2), dev, x, 48, BLOCK=16)
+    y = x[16:]
+    plan(y, 48)
+    assert [e[0] for e in k.log] == ["jit", "run"]
+    got = k.log[1][1]
+    assert got[:9] == (5, 2, 1, 1234, "fn", "meta", None, None, None) and got[9] is y
+    assert got[10:] == (48, 16, False)
+    assert _runtime.plan_launch(k, (1,), dev, x[1:], 48, BLOCK=16) is None  # misaligned
+
+
+def test_a_plan_takes_triton_s_own_path_under_a_profiler_or_without_a_launcher(fresh_cache,
+                                                                             monkeypatch):
+    k = _Kernel()
+    dev = torch.device("cpu")
+    x = torch.zeros(64)
+    monkeypatch.setattr(_runtime, "INTERPRETED", False)
+    plan = _runtime.plan_launch(k, (1,), dev, x, 32, BLOCK=16)
+    hooks = _runtime._knobs.runtime.launch_enter_hook
+    monkeypatch.setattr(hooks, "calls", [lambda *a: None])
+    plan(x, 32)
+    assert [e[0] for e in k.log] == ["jit", "jit"]
+    monkeypatch.setattr(hooks, "calls", [])
+    plan(x, 32)
+    assert [e[0] for e in k.log] == ["jit", "jit", "run"]
+    no_launcher = _runtime.LaunchPlan(k, (1,), dev, {"BLOCK": 16}, None, 0)
+    no_launcher(x, 32)  # (the interpreter, or AITER_DIST_FAST_LAUNCH=0): launch() as usual
+    assert [e[0] for e in k.log] == ["jit", "jit", "run", "run"]
+
+
 def test_host_arithmetic():
     assert [_runtime.cdiv(a, 4) for a in (0, 1, 4, 5)] == [0, 1, 1, 2]
     assert [_runtime.next_pow2(n) for n in (0, 1, 2, 3, 64, 65)] == [1, 1, 2, 4, 64, 128]

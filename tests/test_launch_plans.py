@@ -1,0 +1,228 @@
+"""Launch plans (kernels/_runtime.LaunchPlan): an op's second call with inputs of one signature
+(shapes, strides, dtypes, device) launches from the plan its first call left, skipping the
+checks and config lookups. The plan must give the bits the full path gives, for every signature
+it is keyed by, and stand aside for misaligned pointers. CPU tier: the interpreter behind the
+plans (the keys and arguments are the same code); GPU tier: the compiled launchers themselves."""
+import pytest
+import torch
+
+import aiter_dist
+from aiter_dist.kernels import _runtime
+from aiter_dist.kernels import gemm as G
+
+CPU = pytest.param("cpu", id="cpu")
+GPU = pytest.param("cuda", id="cuda", marks=pytest.mark.gpu)
+
+
+@pytest.fixture
+def plan_calls(monkeypatch):
+    """Counts launches from plans; the plans start empty and are emptied again after."""
+    calls = []
+    real = _runtime.LaunchPlan.__call__
+
+    def counted(self, *args):
+        calls.append(self)
+        return real(self, *args)
+
+    _runtime.clear_plans()
+    monkeypatch.setattr(_runtime.LaunchPlan, "__call__", counted)
+    yield calls
+    _runtime.clear_plans()
+
+
+def _rows_variants(dev, dtype, n):
+    """(name, tensor) inputs of one row width: contiguous 2-D and 3-D, another row count, the
+    same rows strided inside a wider buffer, and a view 2 bytes off alignment."""
+    base = torch.randn(9, 2 * n, device=dev).to(dtype)
+    flat = torch.randn(9 * n + 8, device=dev).to(dtype)
+    return [("2d", torch.randn(7, n, device=dev).to(dtype)),
+            ("3d", torch.randn(2, 3, n, device=dev).to(dtype)),
+            ("rows", torch.randn(9, n, device=dev).to(dtype)),
+            ("strided", base[:, :n]),  # (the shape of "rows", another row stride)
+            ("misaligned", flat[1:1 + 7 * n].view(7, n))]
+
+
+def _check_plans(calls, fn, inputs, compiled, unplanned=("misaligned",)):
+    """For each input: the full path (plans cleared), then twice more (the plan); equal bits.
+    Misaligned inputs (and the ``unplanned`` cases) must not reach a plan. Returns how many
+    calls the plans served."""
+    served = 0
+    for name, args in inputs:
+        _runtime.clear_plans()
+        fresh = fn(*args)
+        before = len(calls)
+        again = [fn(*args) for _ in range(2)]
+        hits = len(calls) - before
+        if name in unplanned:
+            assert hits == 0, f"{name}: reached a plan"
+        else:
+            assert hits >= 2, f"{name}: the second and third calls did not launch from a plan"
+            if compiled:
+                assert all(p.entry is not None for p in calls[before:]), \
+                    f"{name}: a plan without the compiled launcher on the GPU"
+        served += hits
+        for out in again:
+            for a, b in zip(_flat(fresh), _flat(out)):
+                assert torch.equal(a, b), f"{name}: the plan's bits differ from the full path's"
+    # Every signature in one process, one after another: no plan serves another's inputs.
+    fresh = []
+    for _, args in inputs:
+        _runtime.clear_plans()
+        fresh.append(fn(*args))
+    _runtime.clear_plans()
+    for _ in range(2):
+        for (name, args), want in zip(inputs, fresh):
+            for a, b in zip(_flat(want), _flat(fn(*args))):
+                assert torch.equal(a, b), f"{name}: served by another signature's plan"
+    return served
+
+
+def _flat(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+@pytest.mark.parametrize("dev", [CPU, GPU])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_norm_plans(plan_calls, dev, dtype):
+    n = 40
+    w = torch.randn(n, device=dev).to(dtype)
+    cases = [(name, (x,)) for name, x in _rows_variants(dev, dtype, n)]
+    _check_plans(plan_calls, lambda x: aiter_dist.rms_norm(x, w, 1e-5), cases, dev == "cuda")
+    fused = [(name, (x, torch.randn(x.shape, device=dev).to(dtype))) for name, x in
+             _rows_variants(dev, dtype, n)]
+    _check_plans(plan_calls, lambda x, r: aiter_dist.add_rms_norm(x, r, w), fused,
+                 dev == "cuda")
+
+
+@pytest.mark.parametrize("dev", [CPU, GPU])
+def test_norm_plans_with_autograd(plan_calls, dev):
+    """The forward under autograd writes rstd (a call without autograd does not): separate
+    plans, and the gradients match the full path's."""
+    n = 24
+    x = torch.randn(6, n, device=dev)
+    w = torch.randn(n, device=dev, requires_grad=True)
+    aiter_dist.rms_norm(x, w.detach())  # a plan without rstd first
+
+    def fwd_bwd(x):
+        xg = x.clone().requires_grad_()
+        y = aiter_dist.rms_norm(xg, w)
+        dx, dw = torch.autograd.grad(y, (xg, w), torch.ones_like(y))
+        return y.detach(), dx, dw
+
+    _check_plans(plan_calls, fwd_bwd, [("2d", (x,))], dev == "cuda")
+
+
+@pytest.mark.parametrize("dev", [CPU, GPU])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_linear_plans(plan_calls, dev, dtype):
+    k, n = 32, 24
+    w = torch.randn(n, k, device=dev).to(dtype)
+    bias = torch.randn(n, device=dev).to(dtype)
+    cases = [(name, (x,)) for name, x in _rows_variants(dev, dtype, k)]
+    _check_plans(plan_calls, lambda x: aiter_dist.linear(x, w, backend="triton"), cases,
+                 dev == "cuda")
+    _check_plans(plan_calls, lambda x: aiter_dist.linear(x, w, bias, backend="triton"), cases,
+                 dev == "cuda")
+    # dgrad and wgrad through the plans too (matmul keys its plans by op and layout).
+    wg = w.clone().requires_grad_()
+
+    def fwd_bwd(x):
+        xg = x.clone().requires_grad_()
+        y = aiter_dist.linear(xg, wg, backend="triton")
+        return (y.detach(), *torch.autograd.grad(y, (xg, wg), torch.ones_like(y)))
+
+    _check_plans(plan_calls, fwd_bwd, cases[:1], dev == "cuda")
+
+
+def test_linear_plans_follow_the_dispatch_table(plan_calls, monkeypatch):
+    """clear_plans() after a table change: the next call takes the new choice."""
+    x, w = torch.randn(5, 16), torch.randn(8, 16)
+    aiter_dist.linear(x, w, backend="triton")
+    aiter_dist.linear(x, w, backend="triton")
+    assert aiter_dist.last_path("linear").startswith("triton")
+    monkeypatch.setattr(G, "linear_backends", lambda *a, **k: ("vendor",) * 3)
+    aiter_dist.linear(x, w)  # ("auto": a new key, so the new choice)
+    assert aiter_dist.last_path("linear") == "torch.linear"
+
+
+@pytest.mark.parametrize("dev", [CPU, GPU])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_flash_attention_plans(plan_calls, dev, causal):
+    dtype = torch.float16 if dev == "cuda" else torch.float32
+
+    def qkv(b, sq, sk, h, hk, d):
+        return (torch.randn(b, sq, h, d, device=dev).to(dtype),
+                *(torch.randn(b, sk, hk, d, device=dev).to(dtype) for _ in range(2)))
+
+    q, k, v = qkv(2, 13, 13, 4, 2, 32)
+    wide = torch.randn(2, 13, 8, 32, device=dev).to(dtype)  # heads strided inside a wider buffer
+    flat = torch.randn(2 * 13 * 4 * 32 + 8, device=dev).to(dtype)
+    cases = [("dense", (q, k, v)), ("gqa", qkv(1, 9, 17, 4, 1, 64)),
+             ("strided heads", (wide[:, :, :4], k, v)),
+             ("misaligned", (flat[1:1 + q.numel()].view(q.shape), k, v))]
+    _check_plans(plan_calls, lambda q, k, v: aiter_dist.flash_attn_func(
+        q, k, v, causal=causal, return_lse=True), cases, dev == "cuda")
+    # Another scale with the same plan: the scale is an argument, not part of the plan.
+    a = aiter_dist.flash_attn_func(q, k, v, causal=causal, softmax_scale=0.3)
+    _runtime.clear_plans()
+    assert torch.equal(a, aiter_dist.flash_attn_func(q, k, v, causal=causal, softmax_scale=0.3))
+
+
+@pytest.mark.parametrize("dev", [CPU, GPU])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_swiglu_plans(plan_calls, dev, dtype):
+    cases = [(name, (g, torch.randn(g.shape, device=dev).to(dtype)))
+             for name, g in _rows_variants(dev, dtype, 40)]
+
+    def fwd_bwd(g, u):
+        g, u = g.clone().requires_grad_(), u.clone().requires_grad_()
+        y = aiter_dist.swiglu(g, u)
+        return (y.detach(), *torch.autograd.grad(y, (g, u), torch.ones_like(y)))
+
+    _check_plans(plan_calls, lambda g, u: aiter_dist.swiglu(g, u), cases, dev == "cuda")
+    _check_plans(plan_calls, fwd_bwd, cases[:2], dev == "cuda")
+
+
+@pytest.mark.parametrize("dev", [CPU, GPU])
+@pytest.mark.parametrize("bias", [False, True], ids=["no-bias", "bias"])
+def test_conv2d_plans(plan_calls, dev, bias):
+    """3x3 convs (the direct kernel): channels_last and NCHW inputs (copied to channels_last
+    on the GPU, so not planned there), strides and padding as ints or pairs."""
+    dtype = torch.float16 if dev == "cuda" else torch.float32
+    cl = torch.channels_last
+    w = torch.randn(8, 6, 3, 3, device=dev).to(dtype).contiguous(memory_format=cl)
+    b = torch.randn(8, device=dev).to(dtype) if bias else None
+    x = torch.randn(2, 6, 9, 7, device=dev).to(dtype)
+    flat = torch.randn(x.numel() + 8, device=dev).to(dtype)
+    cases = [("channels_last", (x.contiguous(memory_format=cl), 1, 1)),
+             ("pairs", (x.contiguous(memory_format=cl), (2, 1), (1, 0))),
+             ("nchw", (x, 1, 1)),
+             ("misaligned", (flat[1:1 + x.numel()].view(x.shape), 1, 1))]
+    _check_plans(plan_calls, lambda x, s, p: aiter_dist.conv2d(x, w, b, s, p), cases,
+                 dev == "cuda", unplanned=("misaligned",) + (("nchw",) if dev == "cuda" else ()))
+
+
+@pytest.mark.parametrize("dev", [CPU, GPU])
+def test_plans_keep_no_tensor_alive(plan_calls, dev):
+    """A plan holds launch parameters, not the tensors of the call that made it (on the GPU the
+    attention shape is large enough for the tensor-descriptor path)."""
+    import gc
+    import weakref
+
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    shape = (2, 1024, 16, 128) if dev == "cuda" else (1, 9, 2, 16)
+    tensors = {"x": torch.randn(5, 32, device=dev).to(dtype),
+               "w": torch.randn(32, device=dev).to(dtype),
+               "lw": torch.randn(8, 32, device=dev).to(dtype),
+               **{n: torch.randn(shape, device=dev).to(dtype) for n in "qkv"}}
+    for _ in range(2):
+        aiter_dist.rms_norm(tensors["x"], tensors["w"])
+        aiter_dist.linear(tensors["x"], tensors["lw"], backend="triton")
+        aiter_dist.flash_attn_func(tensors["q"], tensors["k"], tensors["v"], causal=True)
+    if dev == "cuda":
+        assert aiter_dist.last_path("flash_attn") == "triton-tma"
+    assert plan_calls, "no plan served the second calls"
+    refs = {n: weakref.ref(t) for n, t in tensors.items()}
+    del tensors
+    gc.collect()
+    assert [n for n, r in refs.items() if r() is not None] == []
