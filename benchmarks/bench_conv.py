@@ -30,6 +30,7 @@ import triton
 
 import aiter_dist
 from aiter_dist.kernels import conv as C
+from aiter_dist.kernels._runtime import clear_plans
 from aiter_dist.kernels.gemm import GemmConfig
 from common import emit, env_header
 
@@ -173,6 +174,7 @@ def main():
     if args.tune:   # start from the built-in choices, not the table being remade
         C.TUNED_CONFIGS.clear()
         C._configs.clear()
+        clear_plans()  # (conv2d's plans were made with the tables as they were)
     passes = args.passes.split(",")
     batches = [32] if args.quick else [int(b) for b in args.batch.split(",")]
     shapes = [s for s in RESNET50 if not args.quick or s[0] in QUICK]

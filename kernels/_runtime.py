@@ -267,9 +267,22 @@ def signature(t):
     return t.shape, t.stride(), t.dtype, t.device
 
 
+PLAN_CACHE_SIZE = 4096  # entries per op; a full cache starts afresh (shapes that keep changing)
+
+
+class _PlanCache(dict):
+    __slots__ = ()
+
+    def __setitem__(self, key, value):
+        if len(self) >= PLAN_CACHE_SIZE:
+            self.clear()
+        dict.__setitem__(self, key, value)
+
+
 def plan_cache() -> dict:
-    """A new dict of an op's plans, emptied by :func:`clear_plans`."""
-    cache: dict = {}
+    """A new dict of an op's plans, emptied by :func:`clear_plans` (and when it holds
+    ``PLAN_CACHE_SIZE`` entries)."""
+    cache = _PlanCache()
     _plan_caches.append(cache)
     return cache
 
@@ -280,8 +293,12 @@ def clear_plans() -> None:
         cache.clear()
 
 
-# The current device, part of every plan's key: Triton launches on it (None when interpreted).
-plan_device = (lambda: None) if INTERPRETED else _current_device
+def plan_device(device: torch.device):
+    """The current CUDA device, part of the key of a plan for a call on ``device``: Triton
+    launches there. None for CPU tensors (which must not initialize CUDA) and the interpreter."""
+    if INTERPRETED or device.type != "cuda":
+        return None
+    return _current_device()
 
 
 def plan_launch(kernel, grid, device: torch.device, *args, **kwargs):

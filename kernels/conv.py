@@ -738,11 +738,12 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     path, recorded with the reason.
     """
     op = "conv2d"
-    try:  # inputs and parameters seen before passed the checks (the config tables are part of
-        # the key: replacing one starts afresh)
+    try:  # inputs and parameters seen before passed the checks (the config tables and the
+        # module's switches are part of the key; a table changed in place needs clear_plans())
         key = (*signature(input), *signature(weight),
                None if bias is None else signature(bias), stride, padding, dilation, groups,
-               default_backend, id(TUNED), id(TUNED_CONFIGS), id(_configs), plan_device())
+               default_backend, id(TUNED), id(TUNED_CONFIGS), id(_configs), PRECISION, GEMM_1X1,
+               GPU_NHWC_COPY, plan_device(input.device))
         known = _conv_plans.get(key)
     except (AttributeError, TypeError):  # not tensors, or parameters given as lists
         key = known = None
@@ -778,8 +779,9 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
                       keep=known)
 
 
-# (input, weight, bias signatures, the parameters as given, backend, config tables, current
-# device) -> [normalized parameters, backends, LaunchPlan of the direct forward kernel or None].
+# (input, weight, bias signatures, the parameters as given, backend, config tables, switches,
+# current device) -> [normalized parameters, backends, LaunchPlan of the direct forward kernel or
+# None].
 _conv_plans = plan_cache()
 
 

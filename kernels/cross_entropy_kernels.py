@@ -127,3 +127,28 @@ def _cross_entropy_bwd_kernel(
     _write_grad(X, DX, rows64[:, None] * stride_x, rows64[:, None] * stride_dx, row_mask, C,
                 lse, dl, local, valid, 1.0 - label_smoothing, label_smoothing / n_classes,
                 BLOCK_C, HAS_SMOOTHING)
+
+
+@triton.jit
+def _loss_reduce_kernel(
+    LOSS,         # (M,) fp32 per-row losses
+    TGT,          # (M,) class ids: MEAN divides by the rows whose target is not ignore_index
+    OUT,          # () the reduced loss, rounded once to its dtype
+    M, ignore_index,
+    MEAN: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # One program, blocks in a fixed order then a fixed tree: deterministic. 0/0 gives NaN, as
+    # PyTorch's mean over no target.
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    count = tl.zeros([BLOCK], dtype=tl.int32)
+    for m0 in range(0, M, BLOCK):
+        rows = m0 + tl.arange(0, BLOCK)
+        mask = rows < M
+        acc += tl.load(LOSS + rows, mask=mask, other=0.0)
+        if MEAN:
+            t = tl.load(TGT + rows, mask=mask, other=ignore_index)
+            count += (t != ignore_index).to(tl.int32)
+    total = tl.sum(acc, axis=0)
+    if MEAN:
+        total = total / tl.sum(count, axis=0).to(tl.float32)
+    tl.store(OUT, total.to(OUT.dtype.element_ty))

@@ -189,14 +189,14 @@ def _precision(dtype):
 
 def flash_attn_fwd(q, k, v, softmax_scale, causal, window_size, cu_seqlens_q=None,
                    cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None, *, config=None,
-                   signature=None):
+                   sig=None):
     """Forward launcher: (out, lse). Dense lse is (batch, nheads, seqlen_q); varlen (nheads,
-    total_q). ``signature``: q, k and v's (shape, strides, dtype, device), when the caller has
-    them."""
+    total_q). ``sig``: q, k and v's signatures (shape, strides, dtype, device), when the caller
+    has them."""
     varlen = cu_seqlens_q is not None
     plan_key = None
     if not varlen and config is None:
-        plan_key, plan = _fwd_plan_key(q, k, v, causal, window_size, signature)
+        plan_key, plan = _fwd_plan_key(q, k, v, causal, window_size, sig)
         if plan is not None and not (q.data_ptr() | k.data_ptr() | v.data_ptr()) & 15:
             return _planned_fwd(plan, q, k, v, softmax_scale)
         if plan_key is not None and not all(t.stride(-1) == 1 for t in (q, k, v)):
@@ -256,10 +256,10 @@ def flash_attn_fwd(q, k, v, softmax_scale, causal, window_size, cu_seqlens_q=Non
 _fwd_plans = plan_cache()
 
 
-def _fwd_plan_key(q, k, v, causal, window_size, signature=None):
+def _fwd_plan_key(q, k, v, causal, window_size, sig=None):
     try:
-        key = (*(signature or (*signature(q), *signature(k), *signature(v))), bool(causal),
-               tuple(window_size), plan_device())
+        key = (*(sig or (*signature(q), *signature(k), *signature(v))), bool(causal),
+               tuple(window_size), plan_device(q.device))
         return key, _fwd_plans.get(key)
     except (AttributeError, TypeError):  # not tensors, or window_size not a pair of ints
         return None, None
@@ -527,7 +527,7 @@ torch.library.register_autograd("aiter_dist::flash_attn_fwd", _flash_attn_backwa
 
 
 def _attention(q, k, v, scale, causal, window_size, cu_q, cu_k, max_q, max_k, deterministic,
-               signature=None):
+               sig=None):
     """(out, lse): through the custom op when compiling, else the autograd Function."""
     if compiling():
         return torch.ops.aiter_dist.flash_attn_fwd(q, k, v, cu_q, cu_k, max_q or 0, max_k or 0,
@@ -538,7 +538,7 @@ def _attention(q, k, v, scale, causal, window_size, cu_q, cu_k, max_q, max_k, de
                                        max_q, max_k, deterministic)
     # Nothing to differentiate: the launcher alone (autograd's Function costs host time).
     return flash_attn_fwd(q, k, v, scale, causal, tuple(window_size), cu_q, cu_k, max_q, max_k,
-                          signature=signature)
+                          sig=sig)
 
 
 # ----------------------------------------------------------------------------- functional API

@@ -450,10 +450,19 @@ def run_gemm(op: str, kind: str, a, b, out, bias=None, x_scale=None, w_scale=Non
     return out
 
 
-# (a, b, bias signatures, out dtype, config, tma, op, DEVICE_TMA, current device) -> LaunchPlan
-# whose extra is (ints, device descriptors, path): matmul's launch without the checks and the
-# config lookup.
+# (a, b, bias signatures, out dtype, config, tma, op, DEVICE_TMA, fp32 precision, current
+# device) -> LaunchPlan whose extra is (ints, device descriptors, path): matmul's launch without
+# the checks and the config lookup.
 _gemm_plans = plan_cache()
+
+# Whether a CUDA graph is being captured (never, interpreted: the CPU build's binding raises).
+_graph_capturing = (lambda: False) if INTERPRETED else _capturing
+
+
+def _matmul_key(a, b, bias, out_dtype, config, tma, op):
+    return (*signature(a), *signature(b), None if bias is None else signature(bias), out_dtype,
+            config, tma, op, DEVICE_TMA,
+            _precision(a.dtype) if a.dtype == torch.float32 else None, plan_device(a.device))
 
 
 def _keep_plan(key, plan, ints, device_desc, op):
@@ -466,13 +475,15 @@ def _keep_plan(key, plan, ints, device_desc, op):
 def matmul(a, b, bias=None, *, out_dtype=None, config=None, tma=None, op="matmul"):
     """``a @ b + bias`` through our kernel: a (M, K), b (K, N), any strides; fp32 accumulation,
     output (M, N) contiguous in ``out_dtype`` (default a's). The caller checks the inputs."""
-    key = (*signature(a), *signature(b), None if bias is None else signature(bias), out_dtype,
-           config, tma, op, DEVICE_TMA, plan_device())
-    plan = _gemm_plans.get(key)
+    try:
+        key = _matmul_key(a, b, bias, out_dtype, config, tma, op)
+        plan = _gemm_plans.get(key)
+    except TypeError:  # (a config given as a list)
+        key = plan = None
     if plan is not None and not (a.data_ptr() | b.data_ptr() | (
             0 if bias is None else bias.data_ptr())) & 15:
         ints, device_desc, path = plan.extra
-        if not device_desc or not _capturing():  # (a capture takes host descriptors)
+        if not device_desc or not _graph_capturing():  # (a capture takes host descriptors)
             out = torch.empty(ints[0], ints[1], dtype=out_dtype or a.dtype, device=a.device)
             if device_desc:
                 ensure_scratch_allocator()
@@ -695,7 +706,8 @@ def linear(x, weight, bias=None, *, backend="auto"):
     op = "linear"
     try:
         key = (*signature(x), *signature(weight), None if bias is None else signature(bias),
-               backend)
+               backend, DEVICE_TMA,
+               _precision(x.dtype) if x.dtype == torch.float32 else None, plan_device(x.device))
         known = _linear_plans.get(key)
     except (AttributeError, TypeError):  # not tensors (or an unhashable backend): the checks
         key = known = None
@@ -710,7 +722,7 @@ def linear(x, weight, bias=None, *, backend="auto"):
                 x.data_ptr() | weight.data_ptr() | (0 if bias is None else bias.data_ptr())
                 ) & 15:
             ints, device_desc, path = plan.extra
-            if not device_desc or not _capturing():
+            if not device_desc or not _graph_capturing():
                 # The forward GEMM from its plan: x and weight stand for their 2-D views.
                 out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
                 if device_desc:
@@ -724,7 +736,7 @@ def linear(x, weight, bias=None, *, backend="auto"):
     backends = linear_backends(op, math.prod(x.shape[:-1]), weight.shape[0], weight.shape[1],
                                cast[0].dtype, x.device, backend, prefer="triton")
     out = apply_linear(*cast, backends, op)
-    if key is not None and cast[0] is x:  # (autocast's choice is made per call)
+    if key is not None and _autocast_dtype(x) is None:  # (autocast's choice is made per call)
         _linear_plans[key] = (backends, _forward_plan(x, weight, bias, backends), out.shape)
     return out
 
@@ -742,10 +754,7 @@ def _forward_plan(x, weight, bias, backends):
     x2 = _rows(x)
     if x2.data_ptr() != x.data_ptr():
         return None
-    b = weight.t()
-    return _gemm_plans.get((*signature(x2), *signature(b),
-                            None if bias is None else signature(bias), None, None, None,
-                            "linear", DEVICE_TMA, plan_device()))
+    return _gemm_plans.get(_matmul_key(x2, weight.t(), bias, None, None, None, "linear"))
 
 
 __all__ = ["linear", "matmul", "run_gemm", "gemm_ref", "linear_ref", "LinearFunction",

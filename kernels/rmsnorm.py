@@ -329,7 +329,7 @@ def _needs_64bit_offsets(rows: int, n: int, *row_strides: int) -> bool:
 _fwd_configs: dict = {}  # (N, residual) -> a GPU forward config (it does not depend on M)
 _PATH = "triton-interpreter" if INTERPRETED else "triton"
 # (x, weight signatures, need_rstd, residual's, current device) -> LaunchPlan; extra = (M, ints,
-# x contiguous).
+# whether empty_like(x) has the output's strides).
 _fwd_plans = plan_cache()
 
 
@@ -341,7 +341,7 @@ def rms_norm_fwd(x, weight, eps=1e-6, residual=None, *, config=None, need_rstd=T
     if config is None:
         try:
             key = (*signature(x), *signature(weight), need_rstd,
-                   None if residual is None else signature(residual), plan_device())
+                   None if residual is None else signature(residual), plan_device(x.device))
         except (AttributeError, TypeError):  # not tensors: the checks below name the problem
             pass
         plan = _fwd_plans.get(key)
@@ -387,7 +387,8 @@ def rms_norm_fwd(x, weight, eps=1e-6, residual=None, *, config=None, need_rstd=T
     # (a reshape that copied gives another pointer).
     if planned and plan is not None and x2.data_ptr() == x.data_ptr() and (
             residual is None or r2.data_ptr() == residual.data_ptr()):
-        plan.extra = (M, ints, x.is_contiguous())
+        # (empty_like(x) where it gives the full path's strides: not for a size-1 dim strided)
+        plan.extra = (M, ints, torch.empty_like(x).stride() == y.view(x.shape).stride())
         _fwd_plans[key] = plan
     record_path(op, _PATH)
     if x.dim() != 2:
@@ -399,8 +400,8 @@ def rms_norm_fwd(x, weight, eps=1e-6, residual=None, *, config=None, need_rstd=T
 
 def _planned_fwd(plan, x, weight, eps, residual, need_rstd):
     """rms_norm_fwd's launch from a plan: the outputs, one launch, the path record."""
-    M, ints, contiguous = plan.extra
-    y = (torch.empty_like(x) if contiguous
+    M, ints, like_x = plan.extra
+    y = (torch.empty_like(x) if like_x
          else torch.empty(x.shape, dtype=x.dtype, device=x.device))
     rstd = torch.empty(M, dtype=torch.float32, device=x.device) if need_rstd else None
     if residual is None:
@@ -441,7 +442,8 @@ def rms_norm_bwd(dy, x_normed, weight, rstd, dresidual=None, *, max_n=ONE_PASS_M
     if config is None and max_n == ONE_PASS_MAX_N:
         try:
             key = (*signature(dy), *signature(x_normed), *signature(weight), rstd.dtype,
-                   None if dresidual is None else signature(dresidual), dw_fp32, plan_device())
+                   None if dresidual is None else signature(dresidual), dw_fp32,
+                   plan_device(x_normed.device))
         except (AttributeError, TypeError):
             pass
         plan = _bwd_plans.get(key)

@@ -191,7 +191,7 @@ def _launch(kernel, tensors, m, n, row_strides, device, config):
     row strides of the inputs and of the (contiguous) outputs. Grid, ints and constexprs are
     computed once per signature; a call adds its pointers (and their 16-byte alignment, which
     completes what Triton specializes on)."""
-    key = (kernel, m, n, row_strides, tensors[0].dtype, device, config, plan_device())
+    key = (kernel, m, n, row_strides, tensors[0].dtype, device, config, plan_device(device))
     plan = _plans.get(key)
     if plan is None:
         block_m, block_n, num_warps = config or swiglu_config(m, n, device)

@@ -421,3 +421,35 @@ def test_linear_cross_entropy_gpu_memory():
     ref = _grads_and_peak(K.linear_cross_entropy_ref, x, w, t)
     assert ours[2] <= ref[2] / 4, (ours[2] / 2**30, ref[2] / 2**30)
     torch.testing.assert_close(ours[0].float(), ref[0].float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_reduction_kernel_without_autograd(reduction, dtype, monkeypatch):
+    """Without autograd, sum and mean of up to REDUCE_KERNEL_MAX_ROWS rows come from one kernel
+    (ignored targets left out of the mean; all ignored: NaN for the mean, 0 for the sum);
+    beyond it, PyTorch's ops; the same value either way."""
+    launched = []
+    real = K.launch
+
+    def spy(kernel, *args, **kwargs):
+        launched.append(kernel.__name__)
+        return real(kernel, *args, **kwargs)
+
+    monkeypatch.setattr(K, "launch", spy)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1500, 11, generator=g).to(dtype)
+    t = torch.randint(0, 11, (1500,), generator=g)
+    t[::7] = -100
+    want = F.cross_entropy(x.double(), t, reduction=reduction)
+    got = aiter_dist.cross_entropy(x, t, reduction=reduction)
+    assert "_loss_reduce_kernel" in launched and got.dtype == dtype and got.shape == ()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    launched.clear()
+    monkeypatch.setattr(K, "REDUCE_KERNEL_MAX_ROWS", 1000)
+    beyond = aiter_dist.cross_entropy(x, t, reduction=reduction)
+    assert "_loss_reduce_kernel" not in launched
+    torch.testing.assert_close(beyond.double(), want, rtol=tol, atol=tol)
+    none = aiter_dist.cross_entropy(x[:5], torch.full((5,), -100), reduction=reduction)
+    assert none.isnan() if reduction == "mean" else none == 0

@@ -39,6 +39,7 @@ def _rows_variants(dev, dtype, n):
             ("3d", torch.randn(2, 3, n, device=dev).to(dtype)),
             ("rows", torch.randn(9, n, device=dev).to(dtype)),
             ("strided", base[:, :n]),  # (the shape of "rows", another row stride)
+            ("one strided row", base[:1, :n]),  # (contiguous to PyTorch, strides (2n, 1))
             ("misaligned", flat[1:1 + 7 * n].view(7, n))]
 
 
@@ -64,6 +65,7 @@ def _check_plans(calls, fn, inputs, compiled, unplanned=("misaligned",)):
         for out in again:
             for a, b in zip(_flat(fresh), _flat(out)):
                 assert torch.equal(a, b), f"{name}: the plan's bits differ from the full path's"
+                assert a.stride() == b.stride(), f"{name}: the plan's output strides differ"
     # Every signature in one process, one after another: no plan serves another's inputs.
     fresh = []
     for _, args in inputs:
@@ -97,11 +99,10 @@ def test_norm_plans(plan_calls, dev, dtype):
 @pytest.mark.parametrize("dev", [CPU, GPU])
 def test_norm_plans_with_autograd(plan_calls, dev):
     """The forward under autograd writes rstd (a call without autograd does not): separate
-    plans, and the gradients match the full path's."""
+    plans, side by side, and the gradients match the full path's."""
     n = 24
     x = torch.randn(6, n, device=dev)
     w = torch.randn(n, device=dev, requires_grad=True)
-    aiter_dist.rms_norm(x, w.detach())  # a plan without rstd first
 
     def fwd_bwd(x):
         xg = x.clone().requires_grad_()
@@ -109,6 +110,13 @@ def test_norm_plans_with_autograd(plan_calls, dev):
         dx, dw = torch.autograd.grad(y, (xg, w), torch.ones_like(y))
         return y.detach(), dx, dw
 
+    want = fwd_bwd(x)  # the full path (the fixture emptied the plans)
+    _runtime.clear_plans()
+    for _ in range(2):
+        aiter_dist.rms_norm(x, w.detach())  # a plan without rstd first
+    for _ in range(2):
+        for a, b in zip(want, fwd_bwd(x)):
+            assert torch.equal(a, b)
     _check_plans(plan_calls, fwd_bwd, [("2d", (x,))], dev == "cuda")
 
 
@@ -135,14 +143,63 @@ def test_linear_plans(plan_calls, dev, dtype):
 
 
 def test_linear_plans_follow_the_dispatch_table(plan_calls, monkeypatch):
-    """clear_plans() after a table change: the next call takes the new choice."""
+    """A plan keeps the dispatch it was made with; clear_plans() after a table change."""
     x, w = torch.randn(5, 16), torch.randn(8, 16)
-    aiter_dist.linear(x, w, backend="triton")
-    aiter_dist.linear(x, w, backend="triton")
+    for _ in range(2):
+        aiter_dist.linear(x, w)
     assert aiter_dist.last_path("linear").startswith("triton")
     monkeypatch.setattr(G, "linear_backends", lambda *a, **k: ("vendor",) * 3)
-    aiter_dist.linear(x, w)  # ("auto": a new key, so the new choice)
+    aiter_dist.linear(x, w)
+    assert aiter_dist.last_path("linear").startswith("triton")
+    _runtime.clear_plans()
+    aiter_dist.linear(x, w)
     assert aiter_dist.last_path("linear") == "torch.linear"
+
+
+def test_linear_plans_and_autocast():
+    """A call under autocast leaves no plan that would skip the dtype check outside it."""
+    _runtime.clear_plans()
+    x, w = torch.randn(5, 16).bfloat16(), torch.randn(8, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(2):
+            assert aiter_dist.linear(x, w).dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="differs from weight dtype"):
+        aiter_dist.linear(x, w)
+
+
+def test_matmul_plans_repeat_tma_calls():
+    """The tensor-descriptor kernel from a plan (the interpreter runs it): same bits."""
+    _runtime.clear_plans()
+    a, b = torch.randn(40, 32), torch.randn(32, 24)
+    first = G.matmul(a, b, tma=True)
+    assert aiter_dist.last_path("matmul") == "triton-interpreter-tma"
+    for _ in range(2):
+        assert torch.equal(G.matmul(a, b, tma=True), first)
+    assert torch.equal(G.matmul(a, b, config=[16, 16, 16, 1, 1, 1]), G.matmul(
+        a, b, config=G.GemmConfig(16, 16, 16, 1, 1, 1)))  # (a config given as a list)
+
+
+@pytest.mark.gpu
+def test_linear_plans_follow_module_switches_gpu(plan_calls, monkeypatch):
+    """Device-side descriptors on and off (AITER_DIST_DEVICE_TMA), and TF32 on and off for
+    fp32: each its own plan (none with host descriptors), each the full path's bits."""
+    x, w = torch.randn(300, 512, device="cuda"), torch.randn(264, 512, device="cuda")
+    for device_tma in (True, False):
+        monkeypatch.setattr(G, "DEVICE_TMA", device_tma)
+        for tf32 in (False, True):
+            monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", tf32)
+            _runtime.clear_plans()
+            want = aiter_dist.linear(x.bfloat16(), w.bfloat16(), backend="triton")
+            want32 = aiter_dist.linear(x, w, backend="triton")
+            del plan_calls[:]
+            assert torch.equal(aiter_dist.linear(x.bfloat16(), w.bfloat16(), backend="triton"),
+                               want)
+            assert torch.equal(aiter_dist.linear(x, w, backend="triton"), want32)
+            if device_tma:
+                assert [p.kwargs["DEVICE_DESC"] for p in plan_calls] == [True, True]
+                assert plan_calls[-1].kwargs["PRECISION"] == ("tf32" if tf32 else "ieee")
+            else:  # host descriptors are encoded per call: no plan
+                assert not plan_calls
 
 
 @pytest.mark.parametrize("dev", [CPU, GPU])
@@ -162,6 +219,14 @@ def test_flash_attention_plans(plan_calls, dev, causal):
              ("misaligned", (flat[1:1 + q.numel()].view(q.shape), k, v))]
     _check_plans(plan_calls, lambda q, k, v: aiter_dist.flash_attn_func(
         q, k, v, causal=causal, return_lse=True), cases, dev == "cuda")
+
+    def fwd_bwd(q, k, v):  # the forward under autograd takes the plans too (a deterministic
+        # backward: atomics would change dq's last bits between calls)
+        q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+        out = aiter_dist.flash_attn_func(q, k, v, causal=causal, deterministic=True)
+        return (out.detach(), *torch.autograd.grad(out, (q, k, v), torch.ones_like(out)))
+
+    _check_plans(plan_calls, fwd_bwd, cases[:1], dev == "cuda")
     # Another scale with the same plan: the scale is an argument, not part of the plan.
     a = aiter_dist.flash_attn_func(q, k, v, causal=causal, softmax_scale=0.3)
     _runtime.clear_plans()
