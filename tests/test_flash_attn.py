@@ -415,3 +415,24 @@ def test_attention_without_gradients_skips_autograd(monkeypatch):
     with torch.no_grad():
         got, lse = aiter_dist.flash_attn_func(q, k, v, causal=True, return_lse=True)
     assert got.grad_fn is None and torch.equal(got, want.detach()) and lse.shape == (1, 2, 9)
+
+
+def test_small_problems_skip_tensor_descriptors(monkeypatch):
+    """A default config with TMA serves problems above HOST_BOUND_SCORES through descriptors;
+    smaller ones take the pointer kernels (same values)."""
+    from aiter_dist.kernels import flash_attn as FA
+    from aiter_dist.kernels._runtime import clear_plans
+
+    clear_plans()
+    monkeypatch.setattr(FA, "_fwd_blocks", lambda *a: FA.Blocks(16, 16, 1, 1, True))
+    q, k, v, _ = _inputs(1, 20, 20, 2, 1, 16, torch.float32, "cpu", seed=2)
+    try:
+        small, _ = FA.flash_attn_fwd(q, k, v, 0.25, True, (-1, -1))
+        assert aiter_dist.last_path("flash_attn") == "triton-interpreter"
+        monkeypatch.setattr(FA, "HOST_BOUND_SCORES", 0)
+        clear_plans()  # (the first call's plan holds its choice)
+        large, _ = FA.flash_attn_fwd(q, k, v, 0.25, True, (-1, -1))
+        assert aiter_dist.last_path("flash_attn") == "triton-interpreter-tma"
+    finally:
+        clear_plans()  # (plans made with the patched configs)
+    torch.testing.assert_close(small, large, rtol=1e-5, atol=1e-5)
