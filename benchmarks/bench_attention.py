@@ -3,6 +3,7 @@
     python benchmarks/bench_attention.py [--quick]
     python benchmarks/bench_attention.py --sweep [--sweep-dims 128,64] [--sweep-kinds fwd,bwd]
     python benchmarks/bench_attention.py --gqa-split   (GQA backward: the group over programs)
+    python benchmarks/bench_attention.py --small-tma   (tiny forwards: pointers or descriptors)
 
 Shapes as in FlashAttention-3's benchmark: batch * seqlen = 16384, nheads * headdim = 2048,
 seqlen 1k ... 16k, headdim 64 and 128, causal and full; plus GQA (32 q heads, 8 kv heads) and a
@@ -169,6 +170,25 @@ def use_configs(best):
     print("table configs:", best, flush=True)
 
 
+def small_tma(dev, dt):
+    """GPU us (graph replay) of small causal forwards with K and V through tensor descriptors
+    and through pointers: where flash_attn's HOST_BOUND_SCORES bound belongs."""
+    from aiter_dist.kernels import flash_attn as FA
+
+    rows = []
+    for b, s, h, d in ((1, 128, 8, 64), (1, 256, 16, 128), (2, 512, 8, 128)):
+        q = torch.randn(b, s, h, d, device=dev, dtype=dt)
+        for tma in (True, False):
+            cfg = (64, 64, 4, 3, tma)
+            ms = triton.testing.do_bench_cudagraph(
+                lambda: FA.flash_attn_fwd(q, q, q, d ** -0.5, True, (-1, -1), config=cfg),
+                rep=50)
+            rows.append((f"b{b} s{s} h{h} d{d}", b * h * s * s, "tma" if tma else "pointers",
+                         ms * 1e3))
+            print(rows[-1], flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
@@ -179,8 +199,16 @@ def main():
                     help="after --sweep, run the table with the best configs found")
     ap.add_argument("--gqa-split", action="store_true",
                     help="only time the GQA backward configs (GQA_SPLIT) against cuDNN")
+    ap.add_argument("--small-tma", action="store_true",
+                    help="only time small forwards with and without tensor descriptors")
     args = ap.parse_args()
     dev, dt = "cuda", torch.bfloat16
+    if args.small_tma:
+        rows = small_tma(dev, dt)
+        emit("Flash attention forward, small causal problems (GPU us, graph replay)",
+             ["shape", "scores", "K/V through", "us"], rows, {"rows": [list(r) for r in rows]},
+             "bench_attention_small.md")
+        return
     if args.gqa_split:
         rows = gqa_split(dev, dt)
         emit("Flash attention backward, GQA 32/8 (TFLOP/s)",

@@ -459,6 +459,24 @@ _gemm_plans = plan_cache()
 _graph_capturing = (lambda: False) if INTERPRETED else _capturing
 
 
+def _planned_gemm(plan, a, b, bias, out_shape, out_dtype, op):
+    """``a @ b (+ bias)`` from one of matmul's plans into a new ``out_shape`` tensor (None: the
+    plan's (M, N)); a and b may stand for their 2-D or transposed views, as a launch reads only
+    pointers. None where the plan cannot serve: a misaligned pointer, or a CUDA-graph capture
+    with device-side descriptors (captures encode host ones)."""
+    if (a.data_ptr() | b.data_ptr() | (0 if bias is None else bias.data_ptr())) & 15:
+        return None
+    ints, device_desc, path = plan.extra
+    if device_desc:
+        if _graph_capturing():
+            return None
+        ensure_scratch_allocator()
+    out = torch.empty(out_shape or ints[:2], dtype=out_dtype, device=a.device)
+    plan(a, b, out, out if bias is None else bias, out, out, *ints)
+    record_path(op, path)
+    return out
+
+
 def _matmul_key(a, b, bias, out_dtype, config, tma, op):
     return (*signature(a), *signature(b), None if bias is None else signature(bias), out_dtype,
             config, tma, op, DEVICE_TMA,
@@ -480,15 +498,9 @@ def matmul(a, b, bias=None, *, out_dtype=None, config=None, tma=None, op="matmul
         plan = _gemm_plans.get(key)
     except TypeError:  # (a config given as a list)
         key = plan = None
-    if plan is not None and not (a.data_ptr() | b.data_ptr() | (
-            0 if bias is None else bias.data_ptr())) & 15:
-        ints, device_desc, path = plan.extra
-        if not device_desc or not _graph_capturing():  # (a capture takes host descriptors)
-            out = torch.empty(ints[0], ints[1], dtype=out_dtype or a.dtype, device=a.device)
-            if device_desc:
-                ensure_scratch_allocator()
-            plan(a, b, out, out if bias is None else bias, out, out, *ints)
-            record_path(op, path)
+    if plan is not None:
+        out = _planned_gemm(plan, a, b, bias, None, out_dtype or a.dtype, op)
+        if out is not None:
             return out
     M, N = a.shape[0], b.shape[1]
     out = torch.empty(M, N, dtype=out_dtype or a.dtype, device=a.device)
@@ -718,17 +730,10 @@ def linear(x, weight, bias=None, *, backend="auto"):
         if plan is not None and not (
                 (x.requires_grad or weight.requires_grad or (bias is not None and
                                                              bias.requires_grad))
-                and torch.is_grad_enabled()) and not compiling() and not (
-                x.data_ptr() | weight.data_ptr() | (0 if bias is None else bias.data_ptr())
-                ) & 15:
-            ints, device_desc, path = plan.extra
-            if not device_desc or not _graph_capturing():
-                # The forward GEMM from its plan: x and weight stand for their 2-D views.
-                out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
-                if device_desc:
-                    ensure_scratch_allocator()
-                plan(x, weight, out, out if bias is None else bias, out, out, *ints)
-                record_path(op, path)
+                and torch.is_grad_enabled()):
+            # The forward GEMM from its plan: x and weight stand for x2 and weight.T.
+            out = _planned_gemm(plan, x, weight, bias, out_shape, x.dtype, op)
+            if out is not None:
                 return out
         return apply_linear(x, weight, bias, backends, op)
     check_linear_inputs(op, x, weight, bias)

@@ -183,7 +183,6 @@ def _needs_64bit(m: int, n: int, *row_strides: int) -> bool:
 
 
 _plans = plan_cache()  # a call's signature -> (grid, int args, constexprs, num_warps, LaunchPlan)
-_MAX_PLANS = 4096
 
 
 def _launch(kernel, tensors, m, n, row_strides, device, config):
@@ -201,8 +200,6 @@ def _launch(kernel, tensors, m, n, row_strides, device, config):
                      EVEN=(m % block_m == 0 and n % block_n == 0),
                      OFFSETS_64=_needs_64bit(m + block_m, n + block_n, *row_strides)), num_warps,
                 None)
-        if len(_plans) >= _MAX_PLANS:
-            _plans.clear()
         _plans[key] = plan
     grid, ints, constexprs, num_warps, launch_plan = plan
     align = 0
