@@ -24,11 +24,11 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ..kernels._runtime import cdiv
-from ..kernels._runtime import compiling
+from ..kernels._runtime import cdiv, compiling, plan_cache
 from .policy import route
 from .protocol import (OP_NAMES, _finish, _meet, _peer_buf, _report_mismatch, _start,
-                       check_comm_input, group_name_of, group_of, launch_collective, pieces)
+                       check_comm_input, group_name_of, group_of, launch_collective, pieces,
+                       plan_key)
 from .workspace import max_grid
 
 OP_ALL_REDUCE = 1
@@ -128,21 +128,28 @@ def _check_all_reduce_input(x, algo):
                          f"call .contiguous() first")
 
 
-def _launch_all_reduce(ws, call, x_flat, out_flat, two_shot, copy_in):
+def _launch_all_reduce(ws, call, x_flat, out_flat, two_shot, copy_in, plan=None):
     cpu = ws.device.type == "cpu"
     n = x_flat.numel()
     # The interpreter runs each block op as one numpy call: large blocks, few iterations.
     block = 16384 if cpu else 2048
     chunk = cdiv(cdiv(n, ws.world_size), 64) * 64 if two_shot else n
     programs = max(1, min(cdiv(chunk, block), max_grid(ws)))
-    launch_collective(_all_reduce_kernel, programs, ws, call, n, int(two_shot),
-                      tensors=(x_flat, out_flat), scalars=(chunk,), TWO_SHOT=two_shot,
-                      COPY_IN=copy_in, BLOCK=block, num_warps=1 if cpu else 8)
+    return launch_collective(_all_reduce_kernel, programs, ws, call, n, int(two_shot),
+                             tensors=(x_flat, out_flat), scalars=(chunk,), plan=plan,
+                             TWO_SHOT=two_shot, COPY_IN=copy_in, BLOCK=block,
+                             num_warps=1 if cpu else 8)
 
 
-def _kernel_all_reduce(x: torch.Tensor, ws, call, algo: str) -> torch.Tensor:
+# plan_key(x, group, algo, one_rank_kernel) -> the CollectivePlan of a message that takes one
+# launch with a copy in (the input not the workspace tensor).
+_plans = plan_cache()
+
+
+def _kernel_all_reduce(x: torch.Tensor, ws, call, algo: str, key=None) -> torch.Tensor:
     """The one-shot or two-shot kernel. Messages larger than the workspace go in pieces; an input
-    that is the group's workspace tensor skips the copy in."""
+    that is the group's workspace tensor skips the copy in. ``key``: the plan key under which a
+    one-launch call leaves its plan."""
     out = torch.empty_like(x)
     xf, of = x.view(-1), out.view(-1)
     two_shot = algo == "two_shot"
@@ -153,7 +160,10 @@ def _kernel_all_reduce(x: torch.Tensor, ws, call, algo: str) -> torch.Tensor:
     # elements past the message: every access is masked by numel.)
     cap = (ws.data_bytes // x.element_size()) // (64 * ws.world_size) * (64 * ws.world_size)
     if xf.numel() <= cap:
-        _launch_all_reduce(ws, call, xf, of, two_shot, copy_in=True)
+        plan = _launch_all_reduce(ws, call, xf, of, two_shot, copy_in=True,
+                                  plan=None if key is None else ("all_reduce", algo))
+        if plan is not None:
+            _plans[key] = plan
         return out
     for a, b in pieces(xf.numel(), cap):
         _launch_all_reduce(ws, call, xf[a:b], of[a:b], two_shot, copy_in=True)
@@ -170,6 +180,16 @@ def all_reduce_raw(x: torch.Tensor, group=None, algo: str = "auto", *,
                    one_rank_kernel: bool = False) -> torch.Tensor:
     """Sum of ``x`` over ``group`` into a new tensor, no autograd. ``one_rank_kernel``: a group
     of one still runs the kernel (tests)."""
+    try:
+        key = plan_key(x, group, algo, one_rank_kernel)
+        plan = _plans.get(key)
+    except (AttributeError, TypeError):  # not a tensor: the checks below name the problem
+        key = plan = None
+    if plan is not None and plan.usable() and not x.data_ptr() & 15 \
+            and x.data_ptr() != plan.ws.data_ptr:
+        out = torch.empty_like(x)
+        plan(x, out)
+        return out
     _check_all_reduce_input(x, algo)
     r = route("all_reduce", OP_ALL_REDUCE, "all_reduce", x, group, algo,
               nbytes=x.numel() * x.element_size(), total=x.numel(),
@@ -178,7 +198,7 @@ def all_reduce_raw(x: torch.Tensor, group=None, algo: str = "auto", *,
         return x.clone()
     if r.path == "fallback":
         return fallback_all_reduce_raw(x, group)
-    return _kernel_all_reduce(x, r.ws, r.call, r.path)
+    return _kernel_all_reduce(x, r.ws, r.call, r.path, key)
 
 
 def custom_all_reduce_raw(x: torch.Tensor, group=None, algo: str = "one_shot") -> torch.Tensor:

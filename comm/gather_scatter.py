@@ -18,11 +18,11 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ..kernels._runtime import cdiv
-from ..kernels._runtime import compiling
+from ..kernels._runtime import cdiv, compiling, plan_cache
 from .policy import route
 from .protocol import (OP_NAMES, _finish, _peer_buf, _report_mismatch, _start, check_comm_input,
-                       group_name_of, group_of, launch_collective, pieces, resolve_group)
+                       group_name_of, group_of, launch_collective, pieces, plan_key,
+                       resolve_group)
 from .workspace import max_grid
 
 OP_ALL_GATHER, OP_REDUCE_SCATTER = 2, 3
@@ -89,27 +89,39 @@ def _gather_scatter_kernel(
 
 # ----------------------------------------------------------------------------- launchers
 
-def _launch_flat(ws, call, x_flat, out_flat, n_per_rank, reduce, copy_in=True):
+def _launch_flat(ws, call, x_flat, out_flat, n_per_rank, reduce, copy_in=True, plan=None):
     cpu = ws.device.type == "cpu"
     block = 16384 if cpu else 2048
     programs = max(1, min(cdiv(max(n_per_rank, 1), block), max_grid(ws)))
-    launch_collective(_gather_scatter_kernel, programs, ws, call, n_per_rank, 0,
-                      tensors=(x_flat, out_flat), REDUCE=reduce, COPY_IN=copy_in, BLOCK=block,
-                      num_warps=1 if cpu else 8)
+    return launch_collective(_gather_scatter_kernel, programs, ws, call, n_per_rank, 0,
+                             tensors=(x_flat, out_flat), plan=plan, REDUCE=reduce,
+                             COPY_IN=copy_in, BLOCK=block, num_warps=1 if cpu else 8)
 
 
-def _kernel_all_gather(x: torch.Tensor, ws, call) -> torch.Tensor:
-    """(world, n): every rank's flat x in rank order. Large messages go in pieces."""
+# plan_key(x, group, dim, algo) -> the CollectivePlan of a contiguous message that takes one
+# launch with a copy in (reduce-scatter: split along dim 0, so x is already in rank-block order).
+_ag_plans = plan_cache()
+_rs_plans = plan_cache()
+
+
+def _kernel_all_gather(x: torch.Tensor, ws, call, key=None) -> torch.Tensor:
+    """(world, n): every rank's flat x in rank order. Large messages go in pieces. ``key``: the
+    plan key under which a one-launch call of a contiguous x leaves its plan."""
     n, world = x.numel(), ws.world_size
     out = torch.empty(world, n, dtype=x.dtype, device=x.device)
     if ws.holds(x):
         _launch_flat(ws, call, x.view(-1), out.view(-1), n, False, copy_in=False)
         return out
+    if not x.is_contiguous():
+        key = None  # (the launch gets a copy: a plan would pass x itself)
     x = x.contiguous().view(-1)
     cap = (ws.data_bytes // x.element_size()) // 64 * 64
     for a, b in pieces(n, cap):
         if b - a == n:
-            _launch_flat(ws, call, x, out.view(-1), n, False)
+            plan = _launch_flat(ws, call, x, out.view(-1), n, False,
+                                plan=None if key is None else ("all_gather", "one_shot"))
+            if plan is not None:
+                _ag_plans[key] = plan
         else:
             part = torch.empty(world, b - a, dtype=x.dtype, device=x.device)
             _launch_flat(ws, call, x[a:b], part.view(-1), b - a, False)
@@ -117,8 +129,10 @@ def _kernel_all_gather(x: torch.Tensor, ws, call) -> torch.Tensor:
     return out
 
 
-def _kernel_reduce_scatter(x2: torch.Tensor, ws, call) -> torch.Tensor:
-    """Chunk ``rank`` of the sum of ``x2`` (world, n), summed in rank order. In pieces if large."""
+def _kernel_reduce_scatter(x2: torch.Tensor, ws, call, key=None) -> torch.Tensor:
+    """Chunk ``rank`` of the sum of ``x2`` (world, n), summed in rank order. In pieces if large.
+    ``key``: the plan key under which a one-launch call leaves its plan (x2 then is the caller's
+    x, viewed)."""
     world, n = x2.shape
     out = torch.empty(n, dtype=x2.dtype, device=x2.device)
     if ws.holds(x2):
@@ -126,8 +140,13 @@ def _kernel_reduce_scatter(x2: torch.Tensor, ws, call) -> torch.Tensor:
         return out
     cap = (ws.data_bytes // x2.element_size()) // (64 * world) * 64
     for a, b in pieces(n, cap):
-        src = x2.view(-1) if b - a == n else x2[:, a:b].contiguous().view(-1)
-        _launch_flat(ws, call, src, out[a:b], b - a, True)
+        if b - a == n:
+            plan = _launch_flat(ws, call, x2.view(-1), out, n, True,
+                                plan=None if key is None else ("reduce_scatter", "one_shot"))
+            if plan is not None:
+                _rs_plans[key] = plan
+        else:
+            _launch_flat(ws, call, x2[:, a:b].contiguous().view(-1), out[a:b], b - a, True)
     return out
 
 
@@ -159,7 +178,24 @@ def _check(op, x, dim, algo):
     return dim % x.dim()
 
 
+def _gathered(stacked, x, dim, world):
+    # (world, ..., d_dim, ...) -> (..., world * d_dim, ...): shard r at rows r*d .. (r+1)*d.
+    moved = stacked.movedim(0, dim)
+    return moved.reshape(*x.shape[:dim], world * x.shape[dim], *x.shape[dim + 1:])
+
+
 def all_gather_raw(x, dim=0, group=None, algo="auto"):
+    try:
+        key = plan_key(x, group, dim, algo)
+        plan = _ag_plans.get(key)
+    except (AttributeError, TypeError):  # not a tensor: the checks below name the problem
+        key = plan = None
+    if plan is not None and plan.usable() and not x.data_ptr() & 15 \
+            and x.data_ptr() != plan.ws.data_ptr:
+        world = plan.st.world_size
+        out = torch.empty(world, x.numel(), dtype=x.dtype, device=x.device)
+        plan(x, out)
+        return _gathered(out.view(world, *x.shape), x, plan.extra, world)
     dim = _check("all_gather", x, dim, algo)
     nbytes = x.numel() * x.element_size()
     r = route("all_gather", OP_ALL_GATHER, "gather_scatter", x, group, algo, nbytes=nbytes,
@@ -170,13 +206,24 @@ def all_gather_raw(x, dim=0, group=None, algo="auto"):
     if r.path == "fallback":
         stacked = _fallback_all_gather(x.contiguous(), resolve_group(group), world)
     else:
-        stacked = _kernel_all_gather(x, r.ws, r.call).view(world, *x.shape)
-    # (world, ..., d_dim, ...) -> (..., world * d_dim, ...): shard r at rows r*d .. (r+1)*d.
-    moved = stacked.movedim(0, dim)
-    return moved.reshape(*x.shape[:dim], world * x.shape[dim], *x.shape[dim + 1:])
+        stacked = _kernel_all_gather(x, r.ws, r.call, key).view(world, *x.shape)
+        plan = _ag_plans.get(key)
+        if plan is not None:
+            plan.extra = dim
+    return _gathered(stacked, x, dim, world)
 
 
 def reduce_scatter_raw(x, dim=0, group=None, algo="auto"):
+    try:
+        key = plan_key(x, group, dim, algo)
+        plan = _rs_plans.get(key)
+    except (AttributeError, TypeError):  # not a tensor: the checks below name the problem
+        key = plan = None
+    if plan is not None and plan.usable() and not x.data_ptr() & 15 \
+            and x.data_ptr() != plan.ws.data_ptr:
+        out = torch.empty(plan.extra, dtype=x.dtype, device=x.device)
+        plan(x, out)
+        return out
     dim = _check("reduce_scatter", x, dim, algo)
     group = resolve_group(group)
     world = dist.get_world_size(group)
@@ -194,7 +241,12 @@ def reduce_scatter_raw(x, dim=0, group=None, algo="auto"):
     if r.path == "fallback":
         out = _fallback_reduce_scatter(x2.view(world, -1), group, dist.get_rank(group))
     else:
-        out = _kernel_reduce_scatter(x2.view(world, -1), r.ws, r.call)
+        # A plan passes x itself: only where x2 is x's memory in the same order.
+        planned = x.is_contiguous() and x2.data_ptr() == x.data_ptr()
+        out = _kernel_reduce_scatter(x2.view(world, -1), r.ws, r.call, key if planned else None)
+        plan = _rs_plans.get(key) if planned else None
+        if plan is not None:
+            plan.extra = out_shape
     return out.view(out_shape)
 
 

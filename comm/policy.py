@@ -32,8 +32,8 @@ import torch
 import torch.distributed as dist
 
 from ..kernels._runtime import INTERPRETED, record_path
-from .protocol import (DTYPE_CODE, OP_NAMES, VARIANT_FALLBACK, Call, _describe, check_comm_errors,
-                       handshake, resolve_group, shape_key, timeout_s)
+from .protocol import (DTYPE_CODE, OP_NAMES, VARIANT_FALLBACK, Call, _capturing, _describe,
+                       check_comm_errors, handshake, resolve_group, shape_key, timeout_s)
 from .workspace import (CTL_SEQ, CTL_SLOT_WORDS, CTL_SLOTS, HEADER_WORDS, MAX_WORLD, _groups,
                         get_workspace, group_name, group_state)
 
@@ -68,10 +68,6 @@ AUTO = {
         "cpu": {w: ((256 << 10, "one_shot"),) for w in _WORLDS},
     },
 }
-
-
-_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing",
-                     lambda: torch.cuda.is_current_stream_capturing())
 
 
 def auto_row(device: torch.device) -> str:

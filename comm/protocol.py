@@ -34,10 +34,14 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
-from ..kernels._runtime import FLOAT_DTYPES, check_tensor, launch, spec_int, spec_tensor
-from .workspace import (ERR_CODE, ERR_MISMATCH, ERR_MY_HEADER, ERR_NONE, ERR_OP, ERR_PEER, ERR_PEER_EXITED,
-                        ERR_PEER_FAILED, ERR_PEER_HEADER, ERR_PROGRAM, ERR_TIMEOUT, HEADER_BYTES,
-                        HEADER_WORDS, MAX_WORLD, SIGNAL_CHANNELS)
+from ..kernels._runtime import (FLOAT_DTYPES, _current_device, check_tensor, launch, plan_of,
+                                record_path, spec_int, spec_tensor)
+from .workspace import (CTL_SEQ, ERR_CODE, ERR_MISMATCH, ERR_MY_HEADER, ERR_NONE, ERR_OP, ERR_PEER,
+                        ERR_PEER_EXITED, ERR_PEER_FAILED, ERR_PEER_HEADER, ERR_PROGRAM,
+                        ERR_TIMEOUT, HEADER_BYTES, HEADER_WORDS, MAX_WORLD, SIGNAL_CHANNELS)
+
+_capturing = getattr(torch._C, "_cuda_isCurrentStreamCapturing",
+                     lambda: torch.cuda.is_current_stream_capturing())
 
 # Op ids kernels write into headers and error records; each collective file registers its own.
 OP_NAMES: dict[int, str] = {}
@@ -336,7 +340,7 @@ def protocol_meta(ws) -> dict:
 
 
 def launch_collective(kernel, programs: int, ws, call: Call, numel: int, variant: int,
-                      tensors=(), scalars=(), **meta) -> None:
+                      tensors=(), scalars=(), plan=None, **meta):
     """Launch one piece of ``call``: ``kernel(*tensors, <protocol arguments>, *scalars, **meta)``
     on ``programs`` programs, the protocol arguments being the pointer tables, the error record,
     the header fields (seq, op, dtype, numel, total, key, variant), rank, world and the spin
@@ -344,7 +348,9 @@ def launch_collective(kernel, programs: int, ws, call: Call, numel: int, variant
 
     The launch key names only what varies between calls (the tensors, numel and the scalars,
     which Triton specializes on); the header fields, rank and world are never specialized, the
-    pointer tables and record are the workspace's, the spin bound is fixed."""
+    pointer tables and record are the workspace's, the spin bound is fixed. ``plan``: the
+    (op, path) a :class:`CollectivePlan` repeating this launch records; it is returned (None
+    when a tensor is not 16-byte aligned)."""
     check_comm_errors(ws)
     device = ws.device
     common = getattr(ws, "launch_meta", None)
@@ -353,6 +359,7 @@ def launch_collective(kernel, programs: int, ws, call: Call, numel: int, variant
     args = (*tensors, ws.buffer_ptrs, ws.signal_ptrs, ws.err, call.seq, call.op, call.dtype,
             numel, call.total, call.key, variant, ws.rank, ws.world_size, max_spins(device),
             *scalars)
+    key = None
     if device.type != "cpu":
         key = (ws.max_programs, tuple(map(spec_tensor, tensors)), spec_int(numel),
                tuple(spec_int(v) if type(v) is int else type(v) for v in scalars),
@@ -361,13 +368,82 @@ def launch_collective(kernel, programs: int, ws, call: Call, numel: int, variant
         if SYNC_CHECK:
             torch.cuda.current_stream(device).synchronize()
             check_comm_errors(ws)
-        return
-    ws.set_deadline(time.monotonic() + _TIMEOUT_S)  # the watchdog enforces the CPU timeout
-    try:
-        launch(kernel, (programs,), device, *args, **common, **meta)
-    finally:
-        ws.set_deadline(0.0)
-    check_comm_errors(ws)
+    else:
+        ws.set_deadline(time.monotonic() + _TIMEOUT_S)  # the watchdog enforces the CPU timeout
+        try:
+            launch(kernel, (programs,), device, *args, **common, **meta)
+        finally:
+            ws.set_deadline(0.0)
+        check_comm_errors(ws)
+    if plan is None:
+        return None
+    lp = plan_of(kernel, (programs,), device, args, {**common, **meta}, key)
+    return None if lp is None else CollectivePlan(ws, *plan, lp, args, len(tensors))
+
+
+# ----------------------------------------------------------------------------- launch plans
+#
+# An eager collective's host path (checks, routing, the workspace lookup, the launch key) costs
+# several times the kernel launch itself. A call whose message takes one kernel launch keeps a
+# CollectivePlan under its signature (shape, strides, dtype, device, group, algo, the capture
+# state that picks the auto row): the routed path, the workspace and the launch with every int
+# but seq fixed. A later call of that signature bumps the group's counter and launches.
+
+class CollectivePlan:
+    """One call signature's routed, single-launch kernel path (see above). ``extra``: what the
+    op keeps beside it (output shapes)."""
+    __slots__ = ("st", "ws", "op", "path", "launch", "ints", "ctl_row", "cpu", "extra")
+
+    def __init__(self, ws, op: str, path: str, launch_plan, args, n_tensors: int):
+        st = ws.state
+        self.st, self.ws, self.op, self.path, self.launch = st, ws, op, path, launch_plan
+        # args: (*tensors, buffer_ptrs, signal_ptrs, err, seq, op .. world, max_spins, *scalars)
+        head = args[n_tensors:n_tensors + 3]
+        self.ints = (head, args[n_tensors + 4:n_tensors + 12], args[n_tensors + 13:])
+        self.ctl_row = st.ctl[st.rank]
+        self.cpu = ws.device.type == "cpu"
+        self.extra = None
+
+    def usable(self) -> bool:
+        """Whether this plan may serve a call now: its workspace is still the group's (not
+        released), and nothing reported an error (the full path then raises the details)."""
+        st, ws = self.st, self.ws
+        return (not st.broken and not ws.broken and ws.err_host[ERR_CODE] == ERR_NONE
+                and st.workspaces.get(ws.device) is ws)
+
+    def __call__(self, *tensors) -> None:
+        """Count the call in the group's sequence, record the path, launch."""
+        st, ws = self.st, self.ws
+        st.seq = seq = (st.seq + 1) & 0x7FFFFFFF
+        self.ctl_row[CTL_SEQ] = seq
+        record_path(self.op, self.path)
+        head, header, scalars = self.ints
+        args = (*tensors, *head, seq, *header, max_spins(ws.device), *scalars)
+        if not self.cpu:
+            self.launch(*args)
+            if SYNC_CHECK:
+                torch.cuda.current_stream(ws.device).synchronize()
+                check_comm_errors(ws)
+            return
+        ws.set_deadline(time.monotonic() + _TIMEOUT_S)
+        try:
+            self.launch(*args)
+        finally:
+            ws.set_deadline(0.0)
+        check_comm_errors(ws)
+
+
+def plan_key(x: torch.Tensor, group, *rest):
+    """The key of a collective call's plan: ``x``'s signature, the group (None: the world's
+    current group object), the capture state and current device of a CUDA call, and ``rest``
+    (the op's own arguments)."""
+    device = x.device
+    if device.type == "cuda":
+        where = (_current_device(), _capturing())
+    else:
+        where = None
+    return (x.shape, x.stride(), x.dtype, device, dist.group.WORLD if group is None else group,
+            where, *rest)
 
 
 def pieces(n: int, cap: int):

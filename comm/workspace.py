@@ -47,7 +47,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..kernels._runtime import cdiv
+from ..kernels._runtime import cdiv, clear_plans
 
 MAX_WORLD = 8
 SIGNAL_CHANNELS = 2
@@ -695,3 +695,4 @@ def release_workspaces() -> None:
     for st in _groups.values():
         st.release()
     _groups.clear()
+    clear_plans()  # (the collectives' plans hold workspaces)

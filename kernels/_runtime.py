@@ -306,6 +306,13 @@ def plan_launch(kernel, grid, device: torch.device, *args, **kwargs):
     it for arguments of the same specialization; None when a tensor argument is not 16-byte
     aligned (the kernel compiled for it would not serve aligned ones as fast)."""
     launch(kernel, grid, device, *args, **kwargs)
+    return plan_of(kernel, grid, device, args, kwargs)
+
+
+def plan_of(kernel, grid, device: torch.device, args, kwargs, launch_key=None):
+    """The :class:`LaunchPlan` that repeats the launch just made with ``args`` and ``kwargs``
+    (``launch_key``: the key it was launched with, if the caller gave fast_launch one); None when
+    a tensor argument is not 16-byte aligned."""
     for a in args:
         if isinstance(a, torch.Tensor) and a.data_ptr() & 15:
             return None
@@ -313,7 +320,8 @@ def plan_launch(kernel, grid, device: torch.device, *args, **kwargs):
     if not INTERPRETED:
         index = _current_device()
         try:
-            entry = _compiled.get((kernel, index, _launch_key(args, kwargs))) or None
+            key = _launch_key(args, kwargs) if launch_key is None else launch_key
+            entry = _compiled.get((kernel, index, key)) or None
         except TypeError:
             entry = None
     return LaunchPlan(kernel, grid, device, kwargs, entry, index)

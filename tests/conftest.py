@@ -1,8 +1,17 @@
 """Test tiers. The CPU tier runs the Triton kernels through the interpreter: on a machine without a
 GPU (or with `CUDA_VISIBLE_DEVICES=`, which hides them). `-m gpu` and `-m multigpu` need GPUs.
 Each tier skips itself, with the reason, where it cannot run."""
-import pytest
-import torch
+import os
+
+# The one-GPU tests of the collectives run up to 8 virtual ranks, each spinning on its own stream
+# until its peers arrive. Streams that share a hardware queue serialize, so a rank's kernel could
+# wait behind a peer that waits on it: give every stream its own queue (CUDA's default is 8,
+# HIP's 4). Read when the CUDA/HIP context is created, hence before torch touches the GPU.
+os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "32")
+os.environ.setdefault("GPU_MAX_HW_QUEUES", "8")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from aiter_dist.testing import gpu_world
 

@@ -291,3 +291,97 @@ def test_plans_keep_no_tensor_alive(plan_calls, dev):
     del tensors
     gc.collect()
     assert [n for n, r in refs.items() if r() is not None] == []
+
+
+# ----------------------------------------------------------------------------- collectives
+
+def _collective_plans(rank, world, ops):
+    """Each op twice more after its first call: the plan serves both (its compiled launcher on a
+    GPU), with the full path's bits. Misaligned inputs and the workspace tensor itself take the
+    full path; plans end with release_workspaces(); a rank whose planned call meets a peer's
+    different message raises like the full path."""
+    from aiter_dist.comm import protocol, release_workspaces, workspace_tensor
+
+    served = []
+    real = protocol.CollectivePlan.__call__
+
+    def counted(self, *tensors):
+        served.append(self)
+        return real(self, *tensors)
+
+    protocol.CollectivePlan.__call__ = counted
+    dev = aiter_dist.local_device()
+    gen = torch.Generator().manual_seed(rank)
+
+    def check(name, fn, x, planned=True):
+        fresh = fn(x)
+        before = len(served)
+        again = [fn(x.clone() if x.data_ptr() & 15 == 0 and planned else x) for _ in range(2)]
+        hits = served[before:]
+        if not planned:
+            assert not hits, f"{name}: reached a plan"
+        else:
+            assert len(hits) == 2, f"{name}: the second and third calls did not launch from a plan"
+            if dev.type == "cuda":
+                assert all(p.launch.entry is not None for p in hits), f"{name}: no compiled launcher"
+        for out in again:
+            assert torch.equal(out, fresh), f"{name}: the plan's bits differ from the full path's"
+
+    ar = aiter_dist.all_reduce
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randint(-6, 7, (5, 67), generator=gen).to(dtype).to(dev)
+        # (auto: eager GPU calls go to torch.distributed, see policy.AUTO: no plan)
+        for algo in ("one_shot", "two_shot", "auto"):
+            check(f"all_reduce {algo} {dtype}", lambda t: ar(t, algo=algo), x,
+                  planned=algo != "auto" or dev.type == "cpu")
+        if "all_gather" in ops:
+            for dim in (0, 1):
+                check(f"all_gather dim {dim} {dtype}",
+                      lambda t: aiter_dist.all_gather(t, dim=dim, algo="one_shot"), x)
+        if "reduce_scatter" in ops:
+            x2 = torch.randint(-6, 7, (world * 3, 37), generator=gen).to(dtype).to(dev)
+            check(f"reduce_scatter {dtype}",
+                  lambda t: aiter_dist.reduce_scatter(t, algo="one_shot"), x2)
+            check(f"reduce_scatter dim 1 {dtype}",  # (a copy into rank order: no plan)
+                  lambda t: aiter_dist.reduce_scatter(t, dim=1, algo="one_shot"), x2.t(), False)
+    flat = torch.randint(-6, 7, (5 * 67 + 8,), generator=gen).float().to(dev)
+    check("misaligned", lambda t: ar(t, algo="one_shot"), flat[1:1 + 5 * 67].view(5, 67), False)
+    ws_x = workspace_tensor((5, 67), torch.float32, device=dev)
+    ws_x.copy_(flat[:5 * 67].view(5, 67))
+    x = ws_x.clone()
+    check("plain", lambda t: ar(t, algo="one_shot"), x)  # (a plan for ws_x's signature)
+    want = ar(x, algo="one_shot")
+    before = len(served)
+    ws_x.copy_(x)
+    assert torch.equal(ar(ws_x, algo="one_shot"), want)
+    assert len(served) == before, "the workspace tensor itself reached a plan"
+    release_workspaces()
+    before = len(served)
+    assert torch.equal(ar(x, algo="one_shot"), want)
+    assert len(served) == before, "a plan outlived release_workspaces()"
+    assert torch.equal(ar(x, algo="one_shot"), want) and len(served) == before + 1
+    # Rank 1 passes the same bytes in another shape: its call takes the full path, rank 0's the
+    # plan; the kernels compare headers and both ranks raise.
+    with pytest.raises(RuntimeError, match="different message|stopped this collective"):
+        ar(x if rank == 0 else x.view(67, 5), algo="one_shot")
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+            aiter_dist.check_errors()
+    release_workspaces()
+    return len(served)
+
+
+OPS = ("all_reduce", "all_gather", "reduce_scatter")
+
+
+def test_collective_plans_cpu():
+    from aiter_dist.testing import run_distributed
+
+    assert all(n > 0 for n in run_distributed(_collective_plans, 2, OPS))
+
+
+@pytest.mark.multigpu
+def test_collective_plans_gpu():
+    from aiter_dist.testing import run_gpu_ranks
+
+    assert all(n > 0 for n in run_gpu_ranks(_collective_plans, OPS, world=2))
