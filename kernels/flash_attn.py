@@ -299,6 +299,27 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
     kernels with fixed reduction orders (seven products per tile), bitwise reproducible.
     """
     varlen = cu_seqlens_q is not None
+    plan_key = None
+    if not varlen and config is None:
+        try:
+            plan_key = (*signature(do), *signature(q), *signature(k), *signature(v),
+                        *signature(out), *signature(lse), float(softmax_scale), bool(causal),
+                        tuple(window_size), bool(deterministic), plan_device(q.device))
+            plans = _bwd_plans.get(plan_key)
+        except (AttributeError, TypeError):  # not tensors: the full path names the problem
+            plan_key = plans = None
+        if plans is not None and not (do.data_ptr() | q.data_ptr() | k.data_ptr() | v.data_ptr()
+                                      | out.data_ptr() | lse.data_ptr()) & 15:
+            return _planned_bwd(plans, do, q, k, v, out, lse)
+        if plan_key is not None and not all(t.stride(-1) == 1 for t in (do, q, k, v, out)):
+            plan_key = None  # (copies below: a plan launches the tensors as given)
+
+    def go(*args, **kwargs):  # launch, and return its plan when this call makes plans
+        if plan_key is None:
+            launch(*args, **kwargs)
+            return None
+        return plan_launch(*args, **kwargs)
+
     do = _last_dim_contiguous(do)
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     d = q.shape[-1]
@@ -334,14 +355,17 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
         deterministic = True
     cu_q = cu_seqlens_q if varlen else lse
     cu_k = cu_seqlens_k if varlen else lse
+    plan_delta = plan_kv = plan_q = None
     if batch * h > 0 and sq > 0:
         # 64 rows of any head dim keep the tile in registers (4 warps); the interpreter likes
         # whole short sequences.
         delta_rows = cfg_q.block_m if q.device.type == "cpu" else 64
-        launch(_attn_bwd_delta_kernel, (cdiv(sq, delta_rows), batch * h), q.device,
-            out, do, delta, cu_q, *_strides(out, varlen), *_strides(do, varlen), *lse_strides,
-            sq, h, IS_VARLEN=varlen, HEAD_DIM=d, BLOCK_M=delta_rows,
-            BLOCK_D=_block_d(d), num_warps=4)
+        ints = (*_strides(out, varlen), *_strides(do, varlen), *lse_strides, sq, h)
+        plan_delta = go(_attn_bwd_delta_kernel, (cdiv(sq, delta_rows), batch * h), q.device,
+                        out, do, delta, cu_q, *ints, IS_VARLEN=varlen, HEAD_DIM=d,
+                        BLOCK_M=delta_rows, BLOCK_D=_block_d(d), num_warps=4)
+        if plan_delta is not None:
+            plan_delta.extra = ints
     common = dict(IS_VARLEN=varlen, HAS_LEFT=left >= 0, HAS_RIGHT=right >= 0, HEAD_DIM=d,
                   BLOCK_D=_block_d(d), PRECISION=_precision(q.dtype))
 
@@ -370,15 +394,17 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
         if split > 1:
             dk_out = torch.empty((split,) + k.shape, dtype=torch.float32, device=k.device)
             dv_out = torch.empty((split,) + v.shape, dtype=torch.float32, device=v.device)
-        launch(_attn_bwd_dkdv_kernel, (cdiv(sk, cfg_kv.block_n), batch * hk * split),
-            q.device, qq, k, v, dd, lse, delta, dk_out, dv_out, dq_arg, cu_q, cu_k,
-            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-            *_strides(do, varlen), *_strides(dk_out[0] if split > 1 else dk, varlen),
-            *_strides(dv_out[0] if split > 1 else dv, varlen),
-            *_strides(dq, varlen), *lse_strides, sq, sk, hk, h // hk, *scales, split,
-            dk_out.stride(0) if split > 1 else 0, dv_out.stride(0) if split > 1 else 0,
-            USE_TMA=use_tma, ATOMIC_DQ=not deterministic, DQ_TMA=dq_tma, **common,
-            **blocks(cfg_kv))
+        ints = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+                *_strides(do, varlen), *_strides(dk_out[0] if split > 1 else dk, varlen),
+                *_strides(dv_out[0] if split > 1 else dv, varlen),
+                *_strides(dq, varlen), *lse_strides, sq, sk, hk, h // hk, *scales, split,
+                dk_out.stride(0) if split > 1 else 0, dv_out.stride(0) if split > 1 else 0)
+        plan_kv = go(_attn_bwd_dkdv_kernel, (cdiv(sk, cfg_kv.block_n), batch * hk * split),
+                     q.device, qq, k, v, dd, lse, delta, dk_out, dv_out, dq_arg, cu_q, cu_k,
+                     *ints, USE_TMA=use_tma, ATOMIC_DQ=not deterministic, DQ_TMA=dq_tma,
+                     **common, **blocks(cfg_kv))
+        if plan_kv is not None:
+            plan_kv.extra = ints
         if split > 1:   # the partials added in split order: deterministic
             for out, parts in ((dk, dk_out), (dv, dv_out)):
                 total = parts[0]
@@ -386,19 +412,55 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
                     total = total + part
                 out.copy_(total)
     if not deterministic:
-        record_path("flash_attn_bwd", engine + "-atomic-dq" + ("-tma" if use_tma else "")
-                    + ("-bulk" if dq_tma else "") + (f"-split{split}" if split > 1 else ""))
+        path = (engine + "-atomic-dq" + ("-tma" if use_tma else "") + ("-bulk" if dq_tma else "")
+                + (f"-split{split}" if split > 1 else ""))
+        if plan_delta and plan_kv and not (use_tma or dq_tma or split > 1):
+            _bwd_plans[plan_key] = (False, plan_delta, plan_kv, None, path)
+        record_path("flash_attn_bwd", path)
         return dq.to(q.dtype), dk, dv
     if batch * h > 0 and sq > 0:
+        tma_kv = use_tma
         use_tma, (kk, vv) = _tiles(cfg_q.tma, cfg_q.block_n, varlen, k, v)
-        launch(_attn_bwd_dq_kernel, (cdiv(sq, cfg_q.block_m), batch * h), q.device,
-            q, kk, vv, do, lse, delta, dq, cu_q, cu_k,
-            *_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
-            *_strides(do, varlen), *_strides(dq, varlen), *lse_strides,
-            sq, sk, h, h // hk, *scales, USE_TMA=use_tma, **common, **blocks(cfg_q))
+        ints = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
+                *_strides(do, varlen), *_strides(dq, varlen), *lse_strides,
+                sq, sk, h, h // hk, *scales)
+        plan_q = go(_attn_bwd_dq_kernel, (cdiv(sq, cfg_q.block_m), batch * h), q.device,
+                    q, kk, vv, do, lse, delta, dq, cu_q, cu_k, *ints, USE_TMA=use_tma,
+                    **common, **blocks(cfg_q))
+        if plan_q is not None:
+            plan_q.extra = ints
+        if plan_delta and plan_kv and plan_q and not (tma_kv or use_tma or split > 1):
+            _bwd_plans[plan_key] = (True, plan_delta, plan_kv, plan_q,
+                                    engine + "-deterministic")
     record_path("flash_attn_bwd", engine + "-deterministic" + ("-tma" if use_tma else "")
                 + (f"-split{split}" if split > 1 else ""))
     return dq, dk, dv
+
+
+# (do, q, k, v, out, lse signatures, scale, causal, window, deterministic, current device) ->
+# (deterministic, LaunchPlans of the delta, dK/dV and dQ kernels, path) of a dense backward
+# whose tiles come through pointers, its group not split: the host-bound problems (larger ones
+# take the descriptor paths, whose GPU time hides the host's).
+_bwd_plans = plan_cache()
+
+
+def _planned_bwd(plans, do, q, k, v, out, lse):
+    """The dense backward from its plans: the outputs, two or three launches. (The dense
+    kernels take lse as the unused sequence-offset pointers.)"""
+    deterministic, plan_delta, plan_kv, plan_q, path = plans
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    plan_delta(out, do, delta, lse, *plan_delta.extra)
+    if deterministic:
+        dq = torch.empty_like(q)
+        plan_kv(q, k, v, do, lse, delta, dk, dv, dq, lse, lse, *plan_kv.extra)
+        plan_q(q, k, v, do, lse, delta, dq, lse, lse, *plan_q.extra)
+        record_path("flash_attn_bwd", path)
+        return dq, dk, dv
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    plan_kv(q, k, v, do, lse, delta, dk, dv, dq, lse, lse, *plan_kv.extra)
+    record_path("flash_attn_bwd", path)
+    return dq.to(q.dtype), dk, dv
 
 
 def _split_varlen(t, cu):

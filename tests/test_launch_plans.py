@@ -234,6 +234,62 @@ def test_flash_attention_plans(plan_calls, dev, causal):
 
 
 @pytest.mark.parametrize("dev", [CPU, GPU])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
+def test_flash_attention_backward_plans(plan_calls, dev, deterministic):
+    """The backward's launches (delta, dK/dV, and dQ where deterministic) from plans: dK and dV
+    bitwise the full path's, dQ too where it is deterministic (atomic adds on a GPU may land in
+    another order); a misaligned input and another scale do not reuse a plan."""
+    from aiter_dist.kernels import flash_attn as FA
+
+    dtype = torch.float16 if dev == "cuda" else torch.float32
+
+    def problem(b, sq, sk, h, hk, d, q=None):
+        q = torch.randn(b, sq, h, d, device=dev).to(dtype) if q is None else q
+        k, v = (torch.randn(b, sk, hk, d, device=dev).to(dtype) for _ in range(2))
+        out, lse = FA.flash_attn_fwd(q, k, v, 0.125, True, (-1, -1))
+        return (torch.randn_like(out), q, k, v, out, lse)
+
+    wide = torch.randn(2, 13, 8, 32, device=dev).to(dtype)  # heads strided inside a wider buffer
+    dense = problem(2, 13, 13, 4, 2, 32)
+    flat = torch.randn(dense[0].numel() + 8, device=dev).to(dtype)
+    cases = [("dense", dense, 0.125), ("gqa", problem(1, 9, 17, 4, 1, 64), 0.125),
+             ("strided heads", problem(2, 13, 13, 4, 2, 32, wide[:, :, :4]), 0.125),
+             ("misaligned", (flat[1:1 + dense[0].numel()].view(dense[0].shape), *dense[1:]),
+              0.125),
+             ("another scale", dense, 0.3)]
+    exact = deterministic or dev == "cpu"
+
+    def same(name, got, want):
+        for which, a, b in zip("q k v".split(), got, want):
+            assert a.dtype == b.dtype and a.stride() == b.stride(), f"{name}: d{which} layout"
+            if exact or which != "q":
+                assert torch.equal(a, b), f"{name}: d{which} differs from the full path's"
+            else:
+                torch.testing.assert_close(a, b, atol=2e-3, rtol=0)
+
+    def bwd(args, scale):
+        return FA.flash_attn_bwd(*args, scale, True, (-1, -1), deterministic=deterministic)
+
+    # One after another in one process (no plan serves another case), then each afresh.
+    _runtime.clear_plans()
+    got = []
+    for name, args, scale in cases:
+        bwd(args, scale)
+        before = len(plan_calls)
+        got.append(bwd(args, scale))
+        hits = plan_calls[before:]
+        if name == "misaligned":
+            assert not hits, "a misaligned dout reached a plan"
+        else:
+            assert len(hits) >= 2, f"{name}: the second backward did not launch from plans"
+            if dev == "cuda":
+                assert all(p.entry is not None for p in hits), f"{name}: no compiled launcher"
+    for (name, args, scale), planned in zip(cases, got):
+        _runtime.clear_plans()
+        same(name, planned, bwd(args, scale))
+
+
+@pytest.mark.parametrize("dev", [CPU, GPU])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_swiglu_plans(plan_calls, dev, dtype):
     cases = [(name, (g, torch.randn(g.shape, device=dev).to(dtype)))
