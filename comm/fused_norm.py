@@ -39,11 +39,12 @@ from ..kernels.rmsnorm import (_check_norm_inputs, add_rms_norm_bwd, add_rms_nor
                                rms_norm_bwd, rms_norm_fwd, rms_norm_ref)
 from .all_reduce import all_reduce_raw
 from .gather_scatter import all_gather_raw, reduce_scatter_raw
-from ..kernels._runtime import cdiv, compiling, next_pow2
+from ..kernels._runtime import cdiv, compiling, next_pow2, plan_cache, signature
 from ..kernels.gemm_fp8 import FP8_MIN_SCALE  # one convention for an all-zero row's scale
 from .policy import route
 from .protocol import (OP_NAMES, _finish, _peer_buf, _report_mismatch, _start, check_comm_input,
-                       group_name_of, group_of, launch_collective, pieces, resolve_group)
+                       group_name_of, group_of, launch_collective, pieces, plan_key,
+                       resolve_group)
 from .workspace import max_grid, workspace_data_bytes
 
 OP_ALL_REDUCE_ADD_RMS_NORM, OP_REDUCE_SCATTER_ADD_RMS_NORM, OP_RMS_NORM_ALL_GATHER = 4, 5, 6
@@ -259,7 +260,7 @@ def _route_fused(op, mode, x2, rows_in_buffer, group, algo, composed, x_shape, i
 
 
 def _launch_fused(mode, ws, call, x2, r2, weight, y, res_out, rstd, scale, m, eps,
-                  fp8_dtype=None):
+                  fp8_dtype=None, plan=None):
     N = x2.shape[1]
     cpu = x2.device.type == "cpu"
     block_n = next_pow2(N)
@@ -267,14 +268,44 @@ def _launch_fused(mode, ws, call, x2, r2, weight, y, res_out, rstd, scale, m, ep
     programs = max(1, min(cdiv(max(m, 1), block_m), max_grid(ws)))
     fp8_max, fp8_min_exp = _fp8_format(fp8_dtype) if fp8_dtype is not None else (0.0, 0)
     dummy = rstd  # for pointers a mode does not use
-    launch_collective(
-        _fused_norm_kernel, programs, ws, call, m * N, N * 4 + mode,
+    return launch_collective(
+        _fused_norm_kernel, programs, ws, call, m * N, N * 4 + mode, plan=plan,
         tensors=(x2, r2 if r2 is not None else dummy, weight, y,
                  res_out if res_out is not None else dummy, rstd,
                  scale if scale is not None else dummy),
         scalars=(m, N, eps), MODE=mode, FP8_MAX=fp8_max, FP8_MIN_EXP=fp8_min_exp,
         BLOCK_M=block_m, BLOCK_N=block_n,
         num_warps=1 if cpu else min(max(block_m * block_n // 512, 4), 16))
+
+
+# (op, plan_key(x, group, algo, eps, fp8 dtype), residual's and weight's signatures) -> the
+# CollectivePlan of a fused call in one launch: x and residual contiguous, no copy in view;
+# extra = (rows, the outputs' dtypes, their shapes).
+_plans = plan_cache()
+
+
+def _fused_plan(op, x, residual, weight, group, algo, eps, fp8_dtype):
+    """(key, the plan if one may serve this call now)."""
+    try:
+        key = (op, plan_key(x, group, algo, float(eps), fp8_dtype),
+               None if residual is None else signature(residual), signature(weight))
+        plan = _plans.get(key)
+    except (AttributeError, TypeError):  # not tensors: the checks name the problem
+        return None, None
+    if plan is not None and plan.usable() and not (
+            x.data_ptr() | weight.data_ptr() | (0 if residual is None else residual.data_ptr())
+    ) & 15 and x.data_ptr() != plan.ws.data_ptr:
+        return key, plan
+    return key, None
+
+
+def _keep_plan(plan, key, x, residual, x2, r2, extra):
+    """Keep a one-launch call's plan where the launch read x and residual themselves."""
+    if plan is not None and key is not None and x2.data_ptr() == x.data_ptr() \
+            and x.is_contiguous() and (residual is None or (
+                r2.data_ptr() == residual.data_ptr() and residual.is_contiguous())):
+        plan.extra = extra
+        _plans[key] = plan
 
 
 def _check_fused_inputs(op, x, weight, residual=None):
@@ -297,6 +328,15 @@ def all_reduce_add_rms_norm_fwd(x, residual, weight, eps, group, algo="auto", fp
     """(out, residual_out, rstd, scale or None). The fused kernel when it applies, else
     all_reduce then add_rms_norm (recorded). ``fp8_dtype``: quantize ``out`` per row."""
     op = "all_reduce_add_rms_norm" + ("_fp8" if fp8_dtype is not None else "")
+    key, plan = _fused_plan(op, x, residual, weight, group, algo, eps, fp8_dtype)
+    if plan is not None:
+        M, y_dtype, res_dtype = plan.extra
+        y = torch.empty(x.shape, dtype=y_dtype, device=x.device)
+        res_out = torch.empty(x.shape, dtype=res_dtype, device=x.device)
+        rstd = torch.empty(M, dtype=torch.float32, device=x.device)
+        scale = torch.empty(M, dtype=torch.float32, device=x.device) if fp8_dtype else None
+        plan(x, residual, weight, y, res_out, rstd, rstd if scale is None else scale)
+        return y, res_out, rstd, None if scale is None else scale.view(*x.shape[:-1], 1)
     _check_fused_inputs(op, x, weight, residual)
     if residual.shape != x.shape:
         raise ValueError(f"aiter_dist.{op}: residual shape {tuple(residual.shape)} differs from x "
@@ -322,10 +362,15 @@ def all_reduce_add_rms_norm_fwd(x, residual, weight, eps, group, algo="auto", fp
         scale = torch.empty(M, dtype=torch.float32, device=x.device) if fp8_dtype else None
         # Rows are independent: a message larger than the workspace goes in row pieces.
         piece = max(1, r.ws.data_bytes // (x2.shape[1] * x2.element_size()))
-        for a, b in pieces(M, piece):
-            _launch_fused(MODE_ALL_REDUCE, r.ws, r.call, x2[a:b], r2[a:b], weight, y[a:b],
-                          res_out[a:b], rstd[a:b], scale[a:b] if scale is not None else None,
-                          b - a, eps, fp8_dtype)
+        if M <= piece:
+            plan = _launch_fused(MODE_ALL_REDUCE, r.ws, r.call, x2, r2, weight, y, res_out,
+                                 rstd, scale, M, eps, fp8_dtype, plan=(op, "one_shot"))
+            _keep_plan(plan, key, x, residual, x2, r2, (M, y.dtype, res_dtype))
+        else:
+            for a, b in pieces(M, piece):
+                _launch_fused(MODE_ALL_REDUCE, r.ws, r.call, x2[a:b], r2[a:b], weight, y[a:b],
+                              res_out[a:b], rstd[a:b],
+                              scale[a:b] if scale is not None else None, b - a, eps, fp8_dtype)
     if scale is not None:
         scale = scale.view(*x.shape[:-1], 1)
     return y.view(x.shape), res_out.view(x.shape), rstd, scale
@@ -340,6 +385,14 @@ def _check_tokens_first(op, x):
 def reduce_scatter_add_rms_norm_fwd(x, residual, weight, eps, group, algo="auto"):
     """(out, residual_out, rstd) on this rank's shard of dim 0."""
     op = "reduce_scatter_add_rms_norm"
+    key, plan = _fused_plan(op, x, residual, weight, group, algo, eps, None)
+    if plan is not None:
+        m, res_dtype, shard_shape = plan.extra
+        y = torch.empty(shard_shape, dtype=res_dtype, device=x.device)
+        res_out = torch.empty(shard_shape, dtype=res_dtype, device=x.device)
+        rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+        plan(x, residual, weight, y, res_out, rstd, rstd)
+        return y, res_out, rstd
     _check_fused_inputs(op, x, weight, residual)
     _check_tokens_first(op, x)
     world = dist.get_world_size(resolve_group(group))
@@ -365,14 +418,22 @@ def reduce_scatter_add_rms_norm_fwd(x, residual, weight, eps, group, algo="auto"
         y = torch.empty_like(r2, dtype=res_dtype)
         res_out = torch.empty_like(r2, dtype=res_dtype)
         rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-        _launch_fused(MODE_REDUCE_SCATTER, r.ws, r.call, x2, r2, weight, y, res_out, rstd, None,
-                      m, eps)
+        plan = _launch_fused(MODE_REDUCE_SCATTER, r.ws, r.call, x2, r2, weight, y, res_out, rstd,
+                             None, m, eps, plan=(op, "one_shot"))
+        _keep_plan(plan, key, x, residual, x2, r2, (m, res_dtype, shard_shape))
     return y.view(shard_shape), res_out.view(shard_shape), rstd
 
 
 def rms_norm_all_gather_fwd(x, weight, eps, group, algo="auto"):
     """(out gathered along dim 0, rstd of this rank's rows)."""
     op = "rms_norm_all_gather"
+    key, plan = _fused_plan(op, x, None, weight, group, algo, eps, None)
+    if plan is not None:
+        m, out_shape = plan.extra
+        out = torch.empty(out_shape, dtype=x.dtype, device=x.device)
+        rstd = torch.empty(m, dtype=torch.float32, device=x.device)
+        plan(x, rstd, weight, out, rstd, rstd, rstd)
+        return out, rstd
     _check_fused_inputs(op, x, weight)
     _check_tokens_first(op, x)
     world = dist.get_world_size(resolve_group(group))
@@ -387,8 +448,9 @@ def rms_norm_all_gather_fwd(x, weight, eps, group, algo="auto"):
     else:
         out = torch.empty(m * world, x2.shape[1], dtype=x.dtype, device=x.device)
         rstd = torch.empty(m, dtype=torch.float32, device=x.device)
-        _launch_fused(MODE_ALL_GATHER, r.ws, r.call, x2, None, weight, out, None, rstd, None, m,
-                      eps)
+        plan = _launch_fused(MODE_ALL_GATHER, r.ws, r.call, x2, None, weight, out, None, rstd,
+                             None, m, eps, plan=(op, "one_shot"))
+        _keep_plan(plan, key, x, None, x2, None, (m, out_shape))
     return out.view(out_shape), rstd
 
 

@@ -381,7 +381,9 @@ def _collective_plans(rank, world, ops):
             if dev.type == "cuda":
                 assert all(p.launch.entry is not None for p in hits), f"{name}: no compiled launcher"
         for out in again:
-            assert torch.equal(out, fresh), f"{name}: the plan's bits differ from the full path's"
+            for a, b in zip(_bits(out), _bits(fresh)):
+                assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b), \
+                    f"{name}: the plan's output differs from the full path's"
 
     ar = aiter_dist.all_reduce
     for dtype in (torch.float32, torch.bfloat16):
@@ -400,6 +402,22 @@ def _collective_plans(rank, world, ops):
                   lambda t: aiter_dist.reduce_scatter(t, algo="one_shot"), x2)
             check(f"reduce_scatter dim 1 {dtype}",  # (a copy into rank order: no plan)
                   lambda t: aiter_dist.reduce_scatter(t, dim=1, algo="one_shot"), x2.t(), False)
+        if "fused" in ops:
+            w = torch.randn(67, generator=gen).to(dtype).to(dev)
+            res = torch.randint(-6, 7, (5, 67), generator=gen).to(dtype).to(dev)
+            check(f"all_reduce_add_rms_norm {dtype}", lambda t: aiter_dist.all_reduce_add_rms_norm(
+                t, res, w, algo="one_shot"), x)
+            check(f"all_reduce_add_rms_norm_fp8 {dtype}",
+                  lambda t: aiter_dist.all_reduce_add_rms_norm_fp8(t, res, w, algo="one_shot"), x)
+            check(f"all_reduce_add_rms_norm strided {dtype}",  # (x copied: no plan)
+                  lambda t: aiter_dist.all_reduce_add_rms_norm(t, res, w, algo="one_shot"),
+                  torch.cat([x, x], 1)[:, :67], False)
+            xs = torch.randint(-6, 7, (world * 3, 67), generator=gen).to(dtype).to(dev)
+            check(f"reduce_scatter_add_rms_norm {dtype}",
+                  lambda t: aiter_dist.reduce_scatter_add_rms_norm(t, res[:3], w, algo="one_shot"),
+                  xs)
+            check(f"rms_norm_all_gather {dtype}",
+                  lambda t: aiter_dist.rms_norm_all_gather(t, w, algo="one_shot"), res[:3])
     flat = torch.randint(-6, 7, (5 * 67 + 8,), generator=gen).float().to(dev)
     check("misaligned", lambda t: ar(t, algo="one_shot"), flat[1:1 + 5 * 67].view(5, 67), False)
     ws_x = workspace_tensor((5, 67), torch.float32, device=dev)
@@ -427,7 +445,14 @@ def _collective_plans(rank, world, ops):
     return len(served)
 
 
-OPS = ("all_reduce", "all_gather", "reduce_scatter")
+OPS = ("all_reduce", "all_gather", "reduce_scatter", "fused")
+
+
+def _bits(out):
+    """An op's outputs as tensors whose equality is bitwise (fp8 as bytes)."""
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return [t.view(torch.uint8) if t.element_size() == 1 and t.is_floating_point() else t
+            for t in outs if t is not None]
 
 
 def test_collective_plans_cpu():
