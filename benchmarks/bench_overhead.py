@@ -63,6 +63,7 @@ def cases():
     lin_w = torch.randn(1024, 1024, device=dev, dtype=bf16)
     ar = importlib.import_module("aiter_dist.comm.all_reduce")
     small = torch.randn(4096, device=dev, dtype=bf16)
+    mb = torch.randn(1 << 19, device=dev, dtype=bf16)
 
     cos, sin = torch.rand(128, 32, device=dev), torch.rand(128, 32, device=dev)
     tgt = torch.randint(0, 1024, (8,), device=dev)
@@ -119,6 +120,9 @@ def cases():
         ("all_reduce 8 KB (kernel)", lambda: ar.all_reduce_raw(small, algo="one_shot",
                                                                 one_rank_kernel=True),
          lambda: dist.all_reduce(small)),
+        ("all_reduce 1 MB (kernel)", lambda: ar.all_reduce_raw(mb, algo="one_shot",
+                                                                one_rank_kernel=True),
+         lambda: dist.all_reduce(mb)),
     ]
     try:
         import torch.distributed._symmetric_memory as symm_mem
