@@ -98,8 +98,9 @@ def _launch_flat(ws, call, x_flat, out_flat, n_per_rank, reduce, copy_in=True, p
                              COPY_IN=copy_in, BLOCK=block, num_warps=1 if cpu else 8)
 
 
-# plan_key(x, group, dim, algo) -> the CollectivePlan of a contiguous message that takes one
-# launch with a copy in (reduce-scatter: split along dim 0, so x is already in rank-block order).
+# plan_key(x, group, dim, type(dim), algo) -> the CollectivePlan of a contiguous message that
+# takes one launch with a copy in (reduce-scatter: split along dim 0, so x is already in
+# rank-block order).
 _ag_plans = plan_cache()
 _rs_plans = plan_cache()
 
@@ -186,7 +187,7 @@ def _gathered(stacked, x, dim, world):
 
 def all_gather_raw(x, dim=0, group=None, algo="auto"):
     try:
-        key = plan_key(x, group, dim, algo)
+        key = plan_key(x, group, dim, type(dim), algo)  # (True and 1.0 hash as 1)
         plan = _ag_plans.get(key)
     except (AttributeError, TypeError):  # not a tensor: the checks below name the problem
         key = plan = None
@@ -215,7 +216,7 @@ def all_gather_raw(x, dim=0, group=None, algo="auto"):
 
 def reduce_scatter_raw(x, dim=0, group=None, algo="auto"):
     try:
-        key = plan_key(x, group, dim, algo)
+        key = plan_key(x, group, dim, type(dim), algo)  # (True and 1.0 hash as 1)
         plan = _rs_plans.get(key)
     except (AttributeError, TypeError):  # not a tensor: the checks below name the problem
         key = plan = None

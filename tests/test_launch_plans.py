@@ -234,11 +234,11 @@ def test_flash_attention_plans(plan_calls, dev, causal):
 
 
 @pytest.mark.parametrize("dev", [CPU, GPU])
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "deterministic"])
-def test_flash_attention_backward_plans(plan_calls, dev, deterministic):
-    """The backward's launches (delta, dK/dV, and dQ where deterministic) from plans: dK and dV
-    bitwise the full path's, dQ too where it is deterministic (atomic adds on a GPU may land in
-    another order); a misaligned input and another scale do not reuse a plan."""
+def test_flash_attention_backward_plans(plan_calls, dev):
+    """The backward's launches (delta, dK/dV, and dQ where deterministic) from plans, one case
+    after another (no case's plan may serve the next): dK and dV bitwise the full path's, dQ
+    too where it is deterministic (atomic adds on a GPU may land in another order); a
+    misaligned input takes the full path."""
     from aiter_dist.kernels import flash_attn as FA
 
     dtype = torch.float16 if dev == "cuda" else torch.float32
@@ -246,37 +246,34 @@ def test_flash_attention_backward_plans(plan_calls, dev, deterministic):
     def problem(b, sq, sk, h, hk, d, q=None):
         q = torch.randn(b, sq, h, d, device=dev).to(dtype) if q is None else q
         k, v = (torch.randn(b, sk, hk, d, device=dev).to(dtype) for _ in range(2))
-        out, lse = FA.flash_attn_fwd(q, k, v, 0.125, True, (-1, -1))
+        out, lse = FA.flash_attn_fwd(q, k, v, 0.125, False, (-1, -1))
         return (torch.randn_like(out), q, k, v, out, lse)
 
     wide = torch.randn(2, 13, 8, 32, device=dev).to(dtype)  # heads strided inside a wider buffer
     dense = problem(2, 13, 13, 4, 2, 32)
     flat = torch.randn(dense[0].numel() + 8, device=dev).to(dtype)
-    cases = [("dense", dense, 0.125), ("gqa", problem(1, 9, 17, 4, 1, 64), 0.125),
-             ("strided heads", problem(2, 13, 13, 4, 2, 32, wide[:, :, :4]), 0.125),
-             ("misaligned", (flat[1:1 + dense[0].numel()].view(dense[0].shape), *dense[1:]),
-              0.125),
-             ("another scale", dense, 0.3)]
-    exact = deterministic or dev == "cpu"
+    misaligned = (flat[1:1 + dense[0].numel()].view(dense[0].shape), *dense[1:])
+    # (name, inputs, scale, causal, window, deterministic); neighbours differ in one item
+    cases = [("dense", dense, 0.125, True, (-1, -1), False),
+             ("deterministic", dense, 0.125, True, (-1, -1), True),
+             ("full", dense, 0.125, False, (-1, -1), True),
+             ("window", dense, 0.125, False, (4, 2), True),
+             ("another scale", dense, 0.3, False, (4, 2), True),
+             ("atomic, full", dense, 0.3, False, (-1, -1), False),
+             ("gqa", problem(1, 9, 17, 4, 1, 64), 0.125, True, (-1, -1), False),
+             ("strided heads", problem(2, 13, 13, 4, 2, 32, wide[:, :, :4]), 0.125, True,
+              (-1, -1), False),
+             ("misaligned", misaligned, 0.125, True, (-1, -1), False)]
 
-    def same(name, got, want):
-        for which, a, b in zip("q k v".split(), got, want):
-            assert a.dtype == b.dtype and a.stride() == b.stride(), f"{name}: d{which} layout"
-            if exact or which != "q":
-                assert torch.equal(a, b), f"{name}: d{which} differs from the full path's"
-            else:
-                torch.testing.assert_close(a, b, atol=2e-3, rtol=0)
+    def bwd(args, scale, causal, window, det):
+        return FA.flash_attn_bwd(*args, scale, causal, window, deterministic=det)
 
-    def bwd(args, scale):
-        return FA.flash_attn_bwd(*args, scale, True, (-1, -1), deterministic=deterministic)
-
-    # One after another in one process (no plan serves another case), then each afresh.
     _runtime.clear_plans()
     got = []
-    for name, args, scale in cases:
-        bwd(args, scale)
+    for name, args, *how in cases:
+        first = bwd(args, *how)
         before = len(plan_calls)
-        got.append(bwd(args, scale))
+        again = bwd(args, *how)
         hits = plan_calls[before:]
         if name == "misaligned":
             assert not hits, "a misaligned dout reached a plan"
@@ -284,9 +281,19 @@ def test_flash_attention_backward_plans(plan_calls, dev, deterministic):
             assert len(hits) >= 2, f"{name}: the second backward did not launch from plans"
             if dev == "cuda":
                 assert all(p.entry is not None for p in hits), f"{name}: no compiled launcher"
-    for (name, args, scale), planned in zip(cases, got):
+        got.append((first, again, aiter_dist.last_path("flash_attn_bwd")))
+    for (name, args, *how), (*planned, path) in zip(cases, got):
         _runtime.clear_plans()
-        same(name, planned, bwd(args, scale))
+        want = bwd(args, *how)
+        assert path == aiter_dist.last_path("flash_attn_bwd"), f"{name}: another kernel path"
+        exact = how[-1] or dev == "cpu"
+        for out in planned:
+            for which, a, b in zip("q k v".split(), out, want):
+                assert a.dtype == b.dtype and a.stride() == b.stride(), f"{name}: d{which} layout"
+                if exact or which != "q":
+                    assert torch.equal(a, b), f"{name}: d{which} differs from the full path's"
+                else:
+                    torch.testing.assert_close(a, b, atol=2e-3, rtol=0)
 
 
 @pytest.mark.parametrize("dev", [CPU, GPU])
@@ -352,10 +359,13 @@ def test_plans_keep_no_tensor_alive(plan_calls, dev):
 # ----------------------------------------------------------------------------- collectives
 
 def _collective_plans(rank, world, ops):
-    """Each op twice more after its first call: the plan serves both (its compiled launcher on a
-    GPU), with the full path's bits. Misaligned inputs and the workspace tensor itself take the
-    full path; plans end with release_workspaces(); a rank whose planned call meets a peer's
-    different message raises like the full path."""
+    """Each case three times: the first call may meet the previous case's plan (which must not
+    serve it), the plan made then serves the next two (its compiled launcher on a GPU); all
+    three give the bits of a call with no plans at all, and the path is recorded. Misaligned
+    inputs and the workspace tensor itself take the full path; a planned call meets a peer's
+    full-path call of the same message (after a composed call); plans end with
+    release_workspaces(); a rank whose planned call meets a peer's different message raises
+    like the full path."""
     from aiter_dist.comm import protocol, release_workspaces, workspace_tensor
 
     served = []
@@ -370,7 +380,9 @@ def _collective_plans(rank, world, ops):
     gen = torch.Generator().manual_seed(rank)
 
     def check(name, fn, x, planned=True):
-        fresh = fn(x)
+        op = name.split()[0]
+        first = fn(x)
+        _runtime.record_path(op, "stale")
         before = len(served)
         again = [fn(x.clone() if x.data_ptr() & 15 == 0 and planned else x) for _ in range(2)]
         hits = served[before:]
@@ -380,10 +392,13 @@ def _collective_plans(rank, world, ops):
             assert len(hits) == 2, f"{name}: the second and third calls did not launch from a plan"
             if dev.type == "cuda":
                 assert all(p.launch.entry is not None for p in hits), f"{name}: no compiled launcher"
-        for out in again:
-            for a, b in zip(_bits(out), _bits(fresh)):
+            assert aiter_dist.last_path(op) == hits[0].path != "stale", f"{name}: path record"
+        _runtime.clear_plans()
+        want = fn(x)
+        for out in (first, *again):
+            for a, b in zip(_bits(out), _bits(want)):
                 assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b), \
-                    f"{name}: the plan's output differs from the full path's"
+                    f"{name}: a planned output differs from the full path's"
 
     ar = aiter_dist.all_reduce
     for dtype in (torch.float32, torch.bfloat16):
@@ -396,6 +411,8 @@ def _collective_plans(rank, world, ops):
             for dim in (0, 1):
                 check(f"all_gather dim {dim} {dtype}",
                       lambda t: aiter_dist.all_gather(t, dim=dim, algo="one_shot"), x)
+            with pytest.raises(TypeError, match="dim must be an int"):  # (True == 1: no plan)
+                aiter_dist.all_gather(x, dim=True, algo="one_shot")
         if "reduce_scatter" in ops:
             x2 = torch.randint(-6, 7, (world * 3, 37), generator=gen).to(dtype).to(dev)
             check(f"reduce_scatter {dtype}",
@@ -419,12 +436,21 @@ def _collective_plans(rank, world, ops):
             check(f"rms_norm_all_gather {dtype}",
                   lambda t: aiter_dist.rms_norm_all_gather(t, w, algo="one_shot"), res[:3])
     flat = torch.randint(-6, 7, (5 * 67 + 8,), generator=gen).float().to(dev)
-    check("misaligned", lambda t: ar(t, algo="one_shot"), flat[1:1 + 5 * 67].view(5, 67), False)
+    check("all_reduce misaligned", lambda t: ar(t, algo="one_shot"),
+          flat[1:1 + 5 * 67].view(5, 67), False)
     ws_x = workspace_tensor((5, 67), torch.float32, device=dev)
     ws_x.copy_(flat[:5 * 67].view(5, 67))
     x = ws_x.clone()
-    check("plain", lambda t: ar(t, algo="one_shot"), x)  # (a plan for ws_x's signature)
+    check("all_reduce plain", lambda t: ar(t, algo="one_shot"), x)  # (a plan for ws_x's shape)
     want = ar(x, algo="one_shot")
+    # Rank 0's call takes its plan, rank 1's the full path (a misaligned copy), after a call
+    # composed from torch.distributed: the ranks' counts and headers must still agree.
+    assert torch.equal(ar(x, algo="fallback"), want)
+    mis = flat.clone()[1:1 + x.numel()].view(x.shape)
+    mis.copy_(x)
+    before = len(served)
+    assert torch.equal(ar(x if rank == 0 else mis, algo="one_shot"), want)
+    assert len(served) - before == (1 if rank == 0 else 0)
     before = len(served)
     ws_x.copy_(x)
     assert torch.equal(ar(ws_x, algo="one_shot"), want)
