@@ -141,7 +141,12 @@ def _run_op(ranks, seq, op, rng, max_sleep):
 @pytest.mark.gpu
 @pytest.mark.parametrize("world,iters,max_sleep", [(2, 600, 40_000), (3, 300, 200_000),
                                                    (4, 300, 0), (8, 50, 20_000)])
-def test_every_op_with_random_device_delays(world, iters, max_sleep):
+def test_every_op_with_random_device_delays(world, iters, max_sleep, monkeypatch):
+    # A wait that outlives 10 s (the delays are < 1 ms) fails the op and names it, instead of
+    # spinning out the default 60 s on every op.
+    from aiter_dist.comm import protocol
+
+    monkeypatch.setattr(protocol, "_TIMEOUT_S", 10.0)
     ranks = local_group(world)
     rng = random.Random(world)
     dev = ranks[0].device
