@@ -391,7 +391,8 @@ def _collective_plans(rank, world, ops):
         else:
             assert len(hits) == 2, f"{name}: the second and third calls did not launch from a plan"
             if dev.type == "cuda":
-                assert all(p.launch.entry is not None for p in hits), f"{name}: no compiled launcher"
+                assert all(p.launch.entry is not None for p in hits), \
+                    f"{name}: no compiled launcher"
             assert aiter_dist.last_path(op) == hits[0].path != "stale", f"{name}: path record"
         _runtime.clear_plans()
         want = fn(x)
