@@ -647,6 +647,8 @@ def get_workspace(group=None, device: torch.device | str | None = None,
     ws = st.workspaces.get(device)
     want = nbytes or (ws.nbytes if ws is not None else _default_bytes(device))
     if ws is None or ws.nbytes != want:
+        if ws is not None:
+            clear_plans()  # (the collectives' plans hold the workspace being replaced)
         ws = SymmetricWorkspace(group, device, want)
         st.workspaces[device] = ws
     return ws

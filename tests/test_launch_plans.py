@@ -366,7 +366,11 @@ def _collective_plans(rank, world, ops):
     full-path call of the same message (after a composed call); plans end with
     release_workspaces(); a rank whose planned call meets a peer's different message raises
     like the full path."""
-    from aiter_dist.comm import protocol, release_workspaces, workspace_tensor
+    import gc
+    import weakref
+
+    from aiter_dist.comm import (create_workspace, get_workspace, protocol, release_workspaces,
+                                 workspace_tensor)
 
     served = []
     real = protocol.CollectivePlan.__call__
@@ -456,6 +460,14 @@ def _collective_plans(rank, world, ops):
     ws_x.copy_(x)
     assert torch.equal(ar(ws_x, algo="one_shot"), want)
     assert len(served) == before, "the workspace tensor itself reached a plan"
+    # A workspace re-created at another size: no plan keeps the old one alive.
+    old = weakref.ref(get_workspace(device=dev))
+    create_workspace(device=dev, nbytes=old().nbytes + 4096)
+    del ws_x
+    served.clear()  # (the plans this test counted)
+    gc.collect()
+    assert old() is None, "the replaced workspace is still referenced"
+    assert torch.equal(ar(x, algo="one_shot"), want)
     release_workspaces()
     before = len(served)
     assert torch.equal(ar(x, algo="one_shot"), want)
