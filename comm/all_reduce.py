@@ -27,8 +27,8 @@ import triton.language as tl
 from ..kernels._runtime import cdiv, compiling, plan_cache
 from .policy import route
 from .protocol import (OP_NAMES, _finish, _meet, _peer_buf, _report_mismatch, _start,
-                       check_comm_input, group_name_of, group_of, launch_collective, pieces,
-                       plan_key)
+                       check_comm_input, find_plan, group_name_of, group_of, launch_collective,
+                       pieces)
 from .workspace import max_grid
 
 OP_ALL_REDUCE = 1
@@ -180,13 +180,8 @@ def all_reduce_raw(x: torch.Tensor, group=None, algo: str = "auto", *,
                    one_rank_kernel: bool = False) -> torch.Tensor:
     """Sum of ``x`` over ``group`` into a new tensor, no autograd. ``one_rank_kernel``: a group
     of one still runs the kernel (tests)."""
-    try:
-        key = plan_key(x, group, algo, one_rank_kernel)
-        plan = _plans.get(key)
-    except (AttributeError, TypeError):  # not a tensor: the checks below name the problem
-        key = plan = None
-    if plan is not None and plan.usable() and not x.data_ptr() & 15 \
-            and x.data_ptr() != plan.ws.data_ptr:
+    key, plan = find_plan(_plans, x, group, algo, one_rank_kernel)
+    if plan is not None:
         out = torch.empty_like(x)
         plan(x, out)
         return out

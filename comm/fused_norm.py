@@ -43,7 +43,7 @@ from ..kernels._runtime import cdiv, compiling, next_pow2, plan_cache, signature
 from ..kernels.gemm_fp8 import FP8_MIN_SCALE  # one convention for an all-zero row's scale
 from .policy import route
 from .protocol import (OP_NAMES, _finish, _peer_buf, _report_mismatch, _start, check_comm_input,
-                       group_name_of, group_of, launch_collective, pieces, plan_key,
+                       find_plan, group_name_of, group_of, launch_collective, pieces,
                        resolve_group)
 from .workspace import max_grid, workspace_data_bytes
 
@@ -278,25 +278,20 @@ def _launch_fused(mode, ws, call, x2, r2, weight, y, res_out, rstd, scale, m, ep
         num_warps=1 if cpu else min(max(block_m * block_n // 512, 4), 16))
 
 
-# (op, plan_key(x, group, algo, eps, fp8 dtype), residual's and weight's signatures) -> the
+# plan_key(x, group, op, algo, eps, fp8 dtype, residual's and weight's signatures) -> the
 # CollectivePlan of a fused call in one launch: x and residual contiguous, no copy in view;
-# extra = (rows, the outputs' dtypes, their shapes).
+# extra = (rows, the outputs' dtypes or shapes).
 _plans = plan_cache()
 
 
 def _fused_plan(op, x, residual, weight, group, algo, eps, fp8_dtype):
     """(key, the plan if one may serve this call now)."""
     try:
-        key = (op, plan_key(x, group, algo, float(eps), fp8_dtype),
-               None if residual is None else signature(residual), signature(weight))
-        plan = _plans.get(key)
-    except (AttributeError, TypeError):  # not tensors: the checks name the problem
+        rest = (op, algo, float(eps), fp8_dtype,
+                None if residual is None else signature(residual), signature(weight))
+    except (AttributeError, TypeError, ValueError):  # not tensors: the checks name the problem
         return None, None
-    if plan is not None and plan.usable() and not (
-            x.data_ptr() | weight.data_ptr() | (0 if residual is None else residual.data_ptr())
-    ) & 15 and x.data_ptr() != plan.ws.data_ptr:
-        return key, plan
-    return key, None
+    return find_plan(_plans, x, group, *rest, aligned=(residual, weight))
 
 
 def _keep_plan(plan, key, x, residual, x2, r2, extra):

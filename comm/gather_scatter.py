@@ -21,7 +21,7 @@ import triton.language as tl
 from ..kernels._runtime import cdiv, compiling, plan_cache
 from .policy import route
 from .protocol import (OP_NAMES, _finish, _peer_buf, _report_mismatch, _start, check_comm_input,
-                       group_name_of, group_of, launch_collective, pieces, plan_key,
+                       find_plan, group_name_of, group_of, launch_collective, pieces,
                        resolve_group)
 from .workspace import max_grid
 
@@ -186,13 +186,8 @@ def _gathered(stacked, x, dim, world):
 
 
 def all_gather_raw(x, dim=0, group=None, algo="auto"):
-    try:
-        key = plan_key(x, group, dim, type(dim), algo)  # (True and 1.0 hash as 1)
-        plan = _ag_plans.get(key)
-    except (AttributeError, TypeError):  # not a tensor: the checks below name the problem
-        key = plan = None
-    if plan is not None and plan.usable() and not x.data_ptr() & 15 \
-            and x.data_ptr() != plan.ws.data_ptr:
+    key, plan = find_plan(_ag_plans, x, group, dim, type(dim), algo)  # (True, 1.0 hash as 1)
+    if plan is not None:
         world = plan.st.world_size
         out = torch.empty(world, x.numel(), dtype=x.dtype, device=x.device)
         plan(x, out)
@@ -215,13 +210,8 @@ def all_gather_raw(x, dim=0, group=None, algo="auto"):
 
 
 def reduce_scatter_raw(x, dim=0, group=None, algo="auto"):
-    try:
-        key = plan_key(x, group, dim, type(dim), algo)  # (True and 1.0 hash as 1)
-        plan = _rs_plans.get(key)
-    except (AttributeError, TypeError):  # not a tensor: the checks below name the problem
-        key = plan = None
-    if plan is not None and plan.usable() and not x.data_ptr() & 15 \
-            and x.data_ptr() != plan.ws.data_ptr:
+    key, plan = find_plan(_rs_plans, x, group, dim, type(dim), algo)
+    if plan is not None:
         out = torch.empty(plan.extra, dtype=x.dtype, device=x.device)
         plan(x, out)
         return out

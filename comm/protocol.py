@@ -433,6 +433,24 @@ class CollectivePlan:
         check_comm_errors(ws)
 
 
+def find_plan(plans: dict, x, group, *rest, aligned=()):
+    """``(key, plan)``: the plan key of a call on ``x`` (see :func:`plan_key`; None when ``x`` is
+    not a tensor) and the plan in ``plans`` that may serve it now, or None: one must exist, be
+    usable, and ``x`` and the ``aligned`` tensors (None allowed) be 16-byte aligned, ``x`` not
+    the workspace tensor itself (that call skips the copy in)."""
+    try:
+        key = plan_key(x, group, *rest)
+        plan = plans.get(key)
+    except (AttributeError, TypeError):  # not a tensor: the op's checks name the problem
+        return None, None
+    if plan is None or not plan.usable() or x.data_ptr() & 15 or x.data_ptr() == plan.ws.data_ptr:
+        return key, None
+    for t in aligned:
+        if t is not None and t.data_ptr() & 15:
+            return key, None
+    return key, plan
+
+
 def plan_key(x: torch.Tensor, group, *rest):
     """The key of a collective call's plan: ``x``'s signature, the group (None: the world's
     current group object), the capture state and current device of a CUDA call, and ``rest``
