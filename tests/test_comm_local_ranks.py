@@ -57,7 +57,11 @@ def local_group(world, nbytes=4 << 20):
 
 
 def _ops(world, i, dev):
-    """(name, op id, make(rank) -> inputs, launch(ws, call, inputs) -> output, expected(rank))."""
+    """(name, op id, make(rank) -> inputs, prepare(inputs) -> launch(ws, call) -> output,
+    expected(rank)). prepare allocates the outputs, so that the ranks' launches follow each other
+    with no allocation between them: a device allocation (or memset) issued between commands of
+    two streams keeps them from running concurrently (CUDA's implicit synchronization), and a
+    rank spinning for a peer queued behind it would never see it arrive."""
     n = 1 + (i * 37) % 300 if i % 5 else 1 + (i * 7919) % 200_000
     m = 1 + i % 7 if i % 3 else 1 + (i * 131) % 9000
     k = 3 if i % 2 else 1 + (i * 17) % 5000
@@ -65,61 +69,74 @@ def _ops(world, i, dev):
     want = float(sum(r + i % 5 for r in range(world)))
 
     def ar(two):
-        def launch(ws, call, x):
+        def prepare(x):
             out = torch.empty_like(x)
-            AR._launch_all_reduce(ws, call, x, out, two, True)
-            return out
+
+            def launch(ws, call):
+                AR._launch_all_reduce(ws, call, x, out, two, True)
+                return out
+            return launch
         return (f"all_reduce two_shot={two}", AR.OP_ALL_REDUCE,
-                lambda r: torch.full((n,), float(r + i % 5), device=dev), launch,
+                lambda r: torch.full((n,), float(r + i % 5), device=dev), prepare,
                 lambda r: torch.full((n,), want))
 
-    def ag_launch(ws, call, x):
+    def ag_prepare(x):
         out = torch.empty(world, m, device=dev)
-        GS._launch_flat(ws, call, x, out.view(-1), m, False)
-        return out
 
-    def rs_launch(ws, call, x):
+        def launch(ws, call):
+            GS._launch_flat(ws, call, x, out.view(-1), m, False)
+            return out
+        return launch
+
+    def rs_prepare(x):
         out = torch.empty(k, device=dev)
-        GS._launch_flat(ws, call, x, out, k, True)
-        return out
+
+        def launch(ws, call):
+            GS._launch_flat(ws, call, x, out, k, True)
+            return out
+        return launch
 
     def fused(mode):
-        def launch(ws, call, x2):
+        def prepare(x2):
             m_ = x2.shape[0] // world if mode == FN.MODE_REDUCE_SCATTER else x2.shape[0]
             w = torch.ones(cols, device=dev)
             res = torch.empty(m_, cols, device=dev)
             y = torch.empty(m_ * (world if mode == FN.MODE_ALL_GATHER else 1), cols, device=dev)
             rstd = torch.empty(m_, device=dev)
             r2 = torch.zeros(m_, cols, device=dev) if mode != FN.MODE_ALL_GATHER else None
-            FN._launch_fused(mode, ws, call, x2, r2, w, y, res if r2 is not None else None,
-                             rstd, None, m_, 1e-6)
-            return res if mode != FN.MODE_ALL_GATHER else y
+
+            def launch(ws, call):
+                FN._launch_fused(mode, ws, call, x2, r2, w, y, res if r2 is not None else None,
+                                 rstd, None, m_, 1e-6)
+                return res if mode != FN.MODE_ALL_GATHER else y
+            return launch
         shard = rows // world
         if mode == FN.MODE_ALL_REDUCE:
             return ("all_reduce_add_rms_norm", FN.OP_ALL_REDUCE_ADD_RMS_NORM,
-                    lambda r: torch.ones(rows, cols, device=dev), launch,
+                    lambda r: torch.ones(rows, cols, device=dev), prepare,
                     lambda r: torch.full((rows, cols), float(world)))
         if mode == FN.MODE_REDUCE_SCATTER:
             return ("reduce_scatter_add_rms_norm", FN.OP_REDUCE_SCATTER_ADD_RMS_NORM,
-                    lambda r: torch.ones(rows, cols, device=dev), launch,
+                    lambda r: torch.ones(rows, cols, device=dev), prepare,
                     lambda r: torch.full((shard, cols), float(world)))
         return ("rms_norm_all_gather", FN.OP_RMS_NORM_ALL_GATHER,
-                lambda r: torch.ones(shard, cols, device=dev), launch,
+                lambda r: torch.ones(shard, cols, device=dev), prepare,
                 lambda r: torch.ones(world * shard, cols))
 
     return [ar(False), ar(True),
             ("all_gather", GS.OP_ALL_GATHER,
-             lambda r: torch.full((m,), float(r), device=dev), ag_launch,
+             lambda r: torch.full((m,), float(r), device=dev), ag_prepare,
              lambda r: torch.arange(world, dtype=torch.float32)[:, None].expand(world, m)),
             ("reduce_scatter", GS.OP_REDUCE_SCATTER,
-             lambda r: torch.ones(world * k, device=dev) * (i + 1), rs_launch,
+             lambda r: torch.ones(world * k, device=dev) * (i + 1), rs_prepare,
              lambda r: torch.full((k,), float(world * (i + 1)))),
             fused(FN.MODE_ALL_REDUCE), fused(FN.MODE_REDUCE_SCATTER), fused(FN.MODE_ALL_GATHER)]
 
 
 def _run_op(ranks, seq, op, rng, max_sleep):
-    name, op_id, make, launch, expected = op
+    name, op_id, make, prepare, expected = op
     inputs = [make(r.rank) for r in ranks]
+    launches = [prepare(x) for x in inputs]
     torch.cuda.synchronize()
     outs = [None] * len(ranks)
     order = list(range(len(ranks)))
@@ -131,7 +148,7 @@ def _run_op(ranks, seq, op, rng, max_sleep):
         with torch.cuda.stream(ws.stream):
             if max_sleep:
                 torch.cuda._sleep(rng.randrange(max_sleep))
-            outs[r] = launch(ws, call, inputs[r])
+            outs[r] = launches[r](ws, call)
     torch.cuda.synchronize()
     for ws in ranks:
         check_comm_errors(ws)
@@ -170,8 +187,9 @@ def test_late_rank_each_op_both_orders():
     for late in range(2):
         for op in _ops(2, 3, dev):
             seq += 1
-            name, op_id, make, launch, expected = op
+            name, op_id, make, prepare, expected = op
             inputs = [make(r) for r in range(2)]
+            launches = [prepare(x) for x in inputs]
             torch.cuda.synchronize()
             outs = []
             for ws in ranks:
@@ -180,7 +198,7 @@ def test_late_rank_each_op_both_orders():
                 with torch.cuda.stream(ws.stream):
                     if ws.rank == late:
                         torch.cuda._sleep(20_000_000)
-                    outs.append(launch(ws, call, inputs[ws.rank]))
+                    outs.append(launches[ws.rank](ws, call))
             torch.cuda.synchronize()
             for ws, out in zip(ranks, outs):
                 check_comm_errors(ws)
@@ -195,15 +213,14 @@ def test_mismatched_grids_fail_fast_on_every_rank():
     ranks = local_group(2)
     dev = ranks[0].device
     sizes = [1 << 20, 1 << 10]
-    outs = []
+    xs = [torch.ones(n, device=dev) for n in sizes]  # (all allocated before any launch: _ops)
+    outs = [torch.empty_like(x) for x in xs]
+    torch.cuda.synchronize()
     t0 = time.monotonic()
-    for ws in ranks:
-        x = torch.ones(sizes[ws.rank], device=dev)
+    for ws, x, out in zip(ranks, xs, outs):
         call = Call(1, AR.OP_ALL_REDUCE, DTYPE_CODE[torch.float32], x.numel(), shape_key(x.shape))
         with torch.cuda.stream(ws.stream):
-            out = torch.empty_like(x)
             AR._launch_all_reduce(ws, call, x, out, False, True)
-            outs.append(out)
     torch.cuda.synchronize()
     assert time.monotonic() - t0 < 5
     for ws in ranks:
