@@ -353,6 +353,10 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
     else:
         cfg_kv, cfg_q = (Blocks(*c) for c in config)
         deterministic = True
+    if cfg_kv.tma or cfg_kv.tma_dq or cfg_q.tma or cfg_kv.split_group > 1:
+        # Descriptor and split-group launches are not planned (their GPU time hides the host's):
+        # no plan to make, so no second launch key per launch either.
+        plan_key = None
     cu_q = cu_seqlens_q if varlen else lse
     cu_k = cu_seqlens_k if varlen else lse
     plan_delta = plan_kv = plan_q = None
@@ -414,12 +418,11 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
     if not deterministic:
         path = (engine + "-atomic-dq" + ("-tma" if use_tma else "") + ("-bulk" if dq_tma else "")
                 + (f"-split{split}" if split > 1 else ""))
-        if plan_delta and plan_kv and not (use_tma or dq_tma or split > 1):
+        if plan_delta and plan_kv:
             _bwd_plans[plan_key] = (False, plan_delta, plan_kv, None, path)
         record_path("flash_attn_bwd", path)
         return dq.to(q.dtype), dk, dv
     if batch * h > 0 and sq > 0:
-        tma_kv = use_tma
         use_tma, (kk, vv) = _tiles(cfg_q.tma, cfg_q.block_n, varlen, k, v)
         ints = (*_strides(q, varlen), *_strides(k, varlen), *_strides(v, varlen),
                 *_strides(do, varlen), *_strides(dq, varlen), *lse_strides,
@@ -429,7 +432,7 @@ def flash_attn_bwd(do, q, k, v, out, lse, softmax_scale, causal, window_size, cu
                     **common, **blocks(cfg_q))
         if plan_q is not None:
             plan_q.extra = ints
-        if plan_delta and plan_kv and plan_q and not (tma_kv or use_tma or split > 1):
+        if plan_delta and plan_kv and plan_q:
             _bwd_plans[plan_key] = (True, plan_delta, plan_kv, plan_q,
                                     engine + "-deterministic")
     record_path("flash_attn_bwd", engine + "-deterministic" + ("-tma" if use_tma else "")
