@@ -295,8 +295,9 @@ def clear_plans() -> None:
 
 def plan_device(device: torch.device):
     """The current CUDA device, part of the key of a plan for a call on ``device``: Triton
-    launches there. None for CPU tensors (which must not initialize CUDA) and the interpreter."""
-    if INTERPRETED or device.type != "cuda":
+    launches there. None for CPU tensors (which must not initialize CUDA), the interpreter and
+    code being traced by torch.compile (which cannot put the device's index in its graph)."""
+    if INTERPRETED or device.type != "cuda" or compiling():
         return None
     return _current_device()
 

@@ -738,20 +738,21 @@ def conv2d(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):
     path, recorded with the reason.
     """
     op = "conv2d"
-    try:  # inputs and parameters seen before passed the checks (the config tables and the
-        # module's switches are part of the key; a table changed in place needs clear_plans())
-        key = (*signature(input), *signature(weight),
-               None if bias is None else signature(bias), stride, padding, dilation, groups,
-               default_backend, id(TUNED), id(TUNED_CONFIGS), id(_configs), PRECISION, GEMM_1X1,
-               GPU_NHWC_COPY, plan_device(input.device))
-        known = _conv_plans.get(key)
-    except (AttributeError, TypeError):  # not tensors, or parameters given as lists
-        key = known = None
     if compiling():  # (traced code keeps no host caches: the custom op, below)
         key = known = None
+    else:
+        try:  # inputs and parameters seen before passed the checks (the config tables and the
+            # module's switches are part of the key; a table changed in place needs clear_plans())
+            key = (*signature(input), *signature(weight),
+                   None if bias is None else signature(bias), stride, padding, dilation, groups,
+                   default_backend, id(TUNED), id(TUNED_CONFIGS), id(_configs), PRECISION,
+                   GEMM_1X1, GPU_NHWC_COPY, plan_device(input.device))
+            known = _conv_plans.get(key)
+        except (AttributeError, TypeError):  # not tensors, or parameters given as lists
+            key = known = None
     if known is not None:
         (stride, padding, dilation), backends, plan = known
-        if plan is not None and not compiling() and not (
+        if plan is not None and not (
                 (input.requires_grad or weight.requires_grad
                  or (bias is not None and bias.requires_grad)) and torch.is_grad_enabled()) and (
                 not (input.data_ptr() | weight.data_ptr()

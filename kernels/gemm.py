@@ -716,15 +716,17 @@ def linear(x, weight, bias=None, *, backend="auto"):
     implementation that served.
     """
     op = "linear"
-    try:
-        key = (*signature(x), *signature(weight), None if bias is None else signature(bias),
-               backend, DEVICE_TMA,
-               _precision(x.dtype) if x.dtype == torch.float32 else None, plan_device(x.device))
-        known = _linear_plans.get(key)
-    except (AttributeError, TypeError):  # not tensors (or an unhashable backend): the checks
-        key = known = None
     if compiling():  # (traced code keeps no host caches: the custom op, below)
         key = known = None
+    else:
+        try:
+            key = (*signature(x), *signature(weight), None if bias is None else signature(bias),
+                   backend, DEVICE_TMA,
+                   _precision(x.dtype) if x.dtype == torch.float32 else None,
+                   plan_device(x.device))
+            known = _linear_plans.get(key)
+        except (AttributeError, TypeError):  # not tensors (or an unhashable backend): the checks
+            key = known = None
     if known is not None and _autocast_dtype(x) is None:
         backends, plan, out_shape = known
         if plan is not None and not (

@@ -161,8 +161,35 @@ def test_collectives_compile_cpu():
     run_distributed(_collectives_compile, 2, timeout=600)
 
 
+def _training_ops_compile():
+    """conv2d, SwiGLU, cross-entropy and RoPE on the local device (each op's own test file
+    compiles it on CPU tensors; a CUDA tensor's call reads host state that tracing must skip)."""
+    dev = _device()
+    cl = torch.channels_last
+    x = torch.randn(2, 5, 9, 7, device=dev).contiguous(memory_format=cl)
+    w, b = torch.randn(6, 5, 3, 3, device=dev), torch.randn(6, device=dev)
+    _compare(lambda x, w, b: aiter_dist.conv2d(x * 2, w, b, 2, 1).relu(), (x, w, b), atol=1e-3)
+    gu = torch.randn(3, 5, 26, device=dev)
+    _compare(lambda gu: aiter_dist.swiglu(*(gu * 2).chunk(2, -1)).sin(), (gu,))
+    logits = torch.randn(7, 37, device=dev)
+    t = torch.tensor([0, 5, 36, -100, 2, 2, 9], device=dev)
+    _compare(lambda x: aiter_dist.cross_entropy(x * 2, t, label_smoothing=0.1), (logits,))
+    q, k = torch.randn(2, 5, 3, 16, device=dev), torch.randn(2, 5, 1, 16, device=dev)
+    pos = torch.arange(9, device=dev, dtype=torch.float32)[:, None]
+    freqs = pos * torch.rand(8, device=dev)
+    cos, sin = freqs.cos(), freqs.sin()
+    _compare(lambda q, k: sum(t.sum((-1, -2)) for t in aiter_dist.apply_rotary_emb_qk(
+        q * 2, k, cos, sin, seqlen_offsets=3)), (q, k))
+
+
 @pytest.mark.gpu
 def test_single_gpu_ops_compile_with_inductor():
     test_norms_compile()
     test_attention_compiles()
     test_gemms_compile()
+    _training_ops_compile()
+
+
+def test_training_ops_compile():
+    """The GPU test's training-op cases on this machine's device (aot_eager on CPU)."""
+    _training_ops_compile()
