@@ -469,7 +469,8 @@ class AllReduceAddRMSNormFunc(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dres_out):
         res_out, weight, rstd = ctx.saved_tensors
-        dx, dw = add_rms_norm_bwd(dy, dres_out, res_out, weight, rstd)
+        dx, dw = add_rms_norm_bwd(dy, dres_out, res_out, weight, rstd,
+                                  need_dw=ctx.needs_input_grad[2])
         # The all-reduce passes the gradient through unchanged (identity backward).
         return dx.to(ctx.x_dtype), dx.to(ctx.r_dtype), dw, None, None, None
 

@@ -172,9 +172,10 @@ def _rms_norm_bwd_kernel(
     X, W, DY, DRES, DX, DW_PARTIAL, RSTD,
     M, N, stride_x, stride_dy, stride_dres, stride_dx, rows_per_program,
     HAS_DRES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    NUM_CHUNKS: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr, NEED_DW: tl.constexpr,
 ):
-    # dx = rstd * (dy*w - xhat * mean(dy*w*xhat)),  dw = sum_rows dy * xhat
+    # dx = rstd * (dy*w - xhat * mean(dy*w*xhat)),  dw = sum_rows dy * xhat (NEED_DW: else
+    # DW_PARTIAL is never touched)
     pid = tl.program_id(0)
     row_start = pid * rows_per_program
     row_end = tl.minimum(row_start + rows_per_program, M)
@@ -199,14 +200,17 @@ def _rms_norm_bwd_kernel(
             if HAS_DRES:
                 dx += tl.load(DRES + rows64 * stride_dres + cols, mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + rows64 * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=mask)
-            dw += tl.sum(dy * xhat, axis=0)[None, :]
-        tl.store(dw_row + cols, dw, mask=col_mask)
+            if NEED_DW:
+                dw += tl.sum(dy * xhat, axis=0)[None, :]
+        if NEED_DW:
+            tl.store(dw_row + cols, dw, mask=col_mask)
     else:
         # Wide rows: per row block, pass 1 reduces mean(dy*w*xhat) over column chunks, pass 2
         # writes dx and accumulates dw into this program's own partial row (no atomics).
-        for c in range(NUM_CHUNKS):
-            ccols = c * BLOCK_N + cols
-            tl.store(dw_row + ccols, tl.zeros([1, BLOCK_N], dtype=tl.float32), mask=ccols < N)
+        if NEED_DW:
+            for c in range(NUM_CHUNKS):
+                ccols = c * BLOCK_N + cols
+                tl.store(dw_row + ccols, tl.zeros([1, BLOCK_N], dtype=tl.float32), mask=ccols < N)
         for m0 in range(row_start, row_end, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             row_mask = rows < row_end
@@ -233,9 +237,24 @@ def _rms_norm_bwd_kernel(
                     dx += tl.load(DRES + rows64 * stride_dres + ccols, mask=mask,
                                   other=0.0).to(tl.float32)
                 tl.store(DX + rows64 * stride_dx + ccols, dx.to(DX.dtype.element_ty), mask=mask)
-                dw_prev = tl.load(dw_row + ccols, mask=ccols < N, other=0.0)
-                tl.store(dw_row + ccols, dw_prev + tl.sum(dy * xhat, axis=0)[None, :],
-                         mask=ccols < N)
+                if NEED_DW:
+                    dw_prev = tl.load(dw_row + ccols, mask=ccols < N, other=0.0)
+                    tl.store(dw_row + ccols, dw_prev + tl.sum(dy * xhat, axis=0)[None, :],
+                             mask=ccols < N)
+
+
+@triton.jit
+def _dw_reduce_kernel(DW_PARTIAL, DW, programs, N, BLOCK_P: tl.constexpr,
+                      BLOCK_N: tl.constexpr):
+    # dweight: the backward programs' fp32 partial rows summed in a fixed order (deterministic),
+    # rounded once to DW's dtype; one launch where sum + cast took two.
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)[None, :]
+    acc = tl.zeros([BLOCK_P, BLOCK_N], dtype=tl.float32)
+    for p0 in range(0, programs, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)[:, None]
+        acc += tl.load(DW_PARTIAL + rows.to(tl.int64) * N + cols,
+                       mask=(rows < programs) & (cols < N), other=0.0)
+    tl.store(DW + cols, tl.sum(acc, axis=0)[None, :].to(DW.dtype.element_ty), mask=cols < N)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -434,15 +453,16 @@ def _bwd_config(M: int, N: int, device: torch.device, max_n: int):
 
 
 def rms_norm_bwd(dy, x_normed, weight, rstd, dresidual=None, *, max_n=ONE_PASS_MAX_N, config=None,
-                 dw_fp32=False):
+                 dw_fp32=False, need_dw=True):
     """Backward launcher: (dx, dweight). ``x_normed`` is the tensor that was normalized
     (``residual_out`` for the fused op); ``dresidual`` is the incoming grad of residual_out.
-    ``dw_fp32``: return dweight unrounded, for a caller that still sums it over ranks."""
+    ``dw_fp32``: return dweight unrounded, for a caller that still sums it over ranks.
+    ``need_dw=False``: dweight is None, and neither computed nor summed."""
     key = None
     if config is None and max_n == ONE_PASS_MAX_N:
         try:
             key = (*signature(dy), *signature(x_normed), *signature(weight), rstd.dtype,
-                   None if dresidual is None else signature(dresidual), dw_fp32,
+                   None if dresidual is None else signature(dresidual), dw_fp32, need_dw,
                    plan_device(x_normed.device))
         except (AttributeError, TypeError):
             pass
@@ -450,7 +470,7 @@ def rms_norm_bwd(dy, x_normed, weight, rstd, dresidual=None, *, max_n=ONE_PASS_M
         if plan is not None and not (dy.data_ptr() | x_normed.data_ptr() | weight.data_ptr()
                                      | rstd.data_ptr() | (0 if dresidual is None
                                                           else dresidual.data_ptr())) & 15:
-            return _planned_bwd(plan, dy, x_normed, weight, rstd, dresidual, dw_fp32)
+            return _planned_bwd(plan, dy, x_normed, weight, rstd, dresidual)
     x2 = _rows(x_normed)
     M, N = x2.shape
     dy2 = _rows(dy.contiguous())
@@ -458,11 +478,14 @@ def rms_norm_bwd(dy, x_normed, weight, rstd, dresidual=None, *, max_n=ONE_PASS_M
     if takes_torch_path("rms_norm_bwd", (x2,), (weight,)):
         dx, dw = _rms_norm_bwd_torch(dy2, x2, weight, rstd,
                                      dres2 if dresidual is not None else None)
-        return dx.view(x_normed.shape), (dw.float() if dw_fp32 else dw)
+        return dx.view(x_normed.shape), (None if not need_dw else dw.float() if dw_fp32
+                                         else dw)
     dx = torch.empty_like(x2, memory_format=torch.contiguous_format)
     programs, block_m, block_n, chunks, num_warps = config or _bwd_config(M, N, x2.device, max_n)
     programs = max(1, min(programs, M))
-    dw_partial = torch.empty(programs, N, dtype=torch.float32, device=x2.device)
+    # (without dweight the kernel never touches its partials' pointer: dx stands in)
+    dw_partial = (torch.empty(programs, N, dtype=torch.float32, device=x2.device) if need_dw
+                  else dx)
     ints = (M, N, x2.stride(0), dy2.stride(0), dres2.stride(0), dx.stride(0), cdiv(M, programs))
     # A plan launches the inputs as given: only where their 2-D views are their own memory.
     planned = key is not None and x2.data_ptr() == x_normed.data_ptr() and (
@@ -472,41 +495,62 @@ def rms_norm_bwd(dy, x_normed, weight, rstd, dresidual=None, *, max_n=ONE_PASS_M
         _rms_norm_bwd_kernel, (programs,), x2.device,
         x2, weight, dy2, dres2, dx, dw_partial, rstd, *ints,
         HAS_DRES=dresidual is not None, BLOCK_M=block_m, BLOCK_N=block_n, NUM_CHUNKS=chunks,
-        num_warps=num_warps)
-    if planned and plan is not None:
-        plan.extra = (programs, N, ints)
+        NEED_DW=need_dw, num_warps=num_warps)
+    dw, dw_plan = (_dw_sum(dw_partial, torch.float32 if dw_fp32 else weight.dtype, planned)
+                   if need_dw else (None, None))
+    if planned and plan is not None and (dw_plan is not None or not need_dw):
+        plan.extra = (programs, N, ints, dw_plan)
         _bwd_plans[key] = plan
-    return dx.view(x_normed.shape), _dw_sum(dw_partial, weight, dw_fp32)
+    return dx.view(x_normed.shape), dw
 
 
-# (dy, x_normed, weight signatures, rstd dtype, dresidual's, dw_fp32, current device) ->
-# LaunchPlan of the backward kernel; extra = (programs, N, ints).
+# (dy, x_normed, weight signatures, rstd dtype, dresidual's, dw_fp32, need_dw, current device)
+# -> LaunchPlan of the backward kernel; extra = (programs, N, ints, the dweight sum's plan or
+# None without dweight).
 _bwd_plans = plan_cache()
 
 
-def _dw_sum(dw_partial, weight, dw_fp32):
-    """The programs' fp32 partial dweights summed in a fixed order, then rounded once to the
-    weight's dtype. (``sum(dtype=...)`` would round the partials first.)"""
-    dw = dw_partial.sum(0)
-    return dw if dw_fp32 else dw.to(weight.dtype)
+def _dw_sum(dw_partial, dtype, planned):
+    """(dweight, its launch's plan or None): the programs' fp32 partial rows summed in a fixed
+    order and rounded once to ``dtype``, in one launch."""
+    programs, n = dw_partial.shape
+    dw = torch.empty(n, dtype=dtype, device=dw_partial.device)
+    if dw_partial.device.type == "cpu":  # the interpreter: few, wide programs
+        block_p, block_n = next_pow2(programs), min(next_pow2(n), 1024)
+    else:  # 8-32 partial rows by 64-256 columns a program, 4 warps
+        block_p = min(32, next_pow2(programs))
+        block_n = 256 if programs <= 8 else 64
+    plan = (plan_launch if planned else launch)(
+        _dw_reduce_kernel, (cdiv(n, block_n),), dw.device, dw_partial, dw, programs, n,
+        BLOCK_P=block_p, BLOCK_N=block_n, num_warps=4)
+    if not planned or plan is None:
+        return dw, None
+    plan.extra = dtype
+    return dw, plan
 
 
-def _planned_bwd(plan, dy, x_normed, weight, rstd, dresidual, dw_fp32):
-    """rms_norm_bwd's launch from a plan: dx (contiguous), the partials, one launch, the sum."""
-    programs, n, ints = plan.extra
+def _planned_bwd(plan, dy, x_normed, weight, rstd, dresidual):
+    """rms_norm_bwd's launches from plans: dx (contiguous), the partials, the backward, the
+    dweight sum."""
+    programs, n, ints, dw_plan = plan.extra
     dx = torch.empty(x_normed.shape, dtype=x_normed.dtype, device=x_normed.device)
+    if dw_plan is None:
+        plan(x_normed, weight, dy, dy if dresidual is None else dresidual, dx, dx, rstd, *ints)
+        return dx, None
     dw_partial = torch.empty(programs, n, dtype=torch.float32, device=x_normed.device)
     plan(x_normed, weight, dy, dy if dresidual is None else dresidual, dx, dw_partial, rstd,
          *ints)
-    return dx, _dw_sum(dw_partial, weight, dw_fp32)
+    dw = torch.empty(n, dtype=dw_plan.extra, device=x_normed.device)
+    dw_plan(dw_partial, dw, programs, n)
+    return dx, dw
 
 
-def add_rms_norm_bwd(dy, dresidual_out, residual_out, weight, rstd):
+def add_rms_norm_bwd(dy, dresidual_out, residual_out, weight, rstd, need_dw=True):
     """Gradients of (out, residual_out) = add_rms_norm(x, residual): (dx, dweight); x and
     residual receive the same dx. Either incoming gradient may be None."""
     if dy is None:
         dy = torch.zeros_like(residual_out)
-    return rms_norm_bwd(dy, residual_out, weight, rstd, dresidual=dresidual_out)
+    return rms_norm_bwd(dy, residual_out, weight, rstd, dresidual=dresidual_out, need_dw=need_dw)
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -521,7 +565,7 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
-        dx, dw = rms_norm_bwd(dy, x, weight, rstd)
+        dx, dw = rms_norm_bwd(dy, x, weight, rstd, need_dw=ctx.needs_input_grad[1])
         return dx, dw, None
 
 
@@ -535,7 +579,8 @@ class AddRMSNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dresidual_out):
         residual_out, weight, rstd = ctx.saved_tensors
-        dx, dw = add_rms_norm_bwd(dy, dresidual_out, residual_out, weight, rstd)
+        dx, dw = add_rms_norm_bwd(dy, dresidual_out, residual_out, weight, rstd,
+                                  need_dw=ctx.needs_input_grad[2])
         # d(x + residual)/dx = d/dresidual = 1: both inputs receive the same gradient.
         return dx, dx, dw, None
 

@@ -121,6 +121,43 @@ def test_norm_plans_with_autograd(plan_calls, dev):
 
 
 @pytest.mark.parametrize("dev", [CPU, GPU])
+@pytest.mark.parametrize("fused", [False, True], ids=["rms_norm", "add_rms_norm"])
+def test_norm_backward_skips_an_unwanted_dweight(plan_calls, dev, fused):
+    """A weight that needs no gradient: the backward computes no dweight (one launch, no sum:
+    three plans per forward+backward against four), the same dx bits; calls with and without
+    dweight alternate through their own plans."""
+    n = 40
+    x, r = torch.randn(5, n, device=dev), torch.randn(5, n, device=dev)
+    w = torch.randn(n, device=dev)
+
+    def fwd_bwd(weight):
+        xg = x.clone().requires_grad_()
+        out = aiter_dist.add_rms_norm(xg, r, weight)[0] if fused else aiter_dist.rms_norm(xg, weight)
+        wants = (xg, weight) if weight.requires_grad else (xg,)
+        return torch.autograd.grad(out, wants, torch.ones_like(out))
+
+    want_dx, want_dw = fwd_bwd(w.clone().requires_grad_())  # (the full paths: no plans yet)
+    _runtime.clear_plans()
+    want_dx_alone, = fwd_bwd(w)
+    assert torch.equal(want_dx, want_dx_alone)
+    fwd_bwd(w.clone().requires_grad_())  # (both backwards have plans from here on)
+    for _ in range(2):
+        for with_dw in (False, True, False):
+            before = len(plan_calls)
+            got = fwd_bwd(w.clone().requires_grad_() if with_dw else w)
+            assert len(plan_calls) - before == (3 if with_dw else 2), \
+                "the backward launched a dweight sum that nobody wants" if not with_dw else \
+                "the forward, backward and dweight sum did not all launch from plans"
+            assert torch.equal(got[0], want_dx)
+            if with_dw:
+                assert torch.equal(got[1], want_dw)
+    from aiter_dist.kernels import rmsnorm as RN
+    y, _, rstd = RN.rms_norm_fwd(x, w)
+    dx, dw = RN.rms_norm_bwd(torch.ones_like(y), x, w, rstd, need_dw=False)
+    assert dw is None and torch.equal(dx, RN.rms_norm_bwd(torch.ones_like(y), x, w, rstd)[0])
+
+
+@pytest.mark.parametrize("dev", [CPU, GPU])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 def test_linear_plans(plan_calls, dev, dtype):
     k, n = 32, 24
