@@ -1,6 +1,6 @@
 """Host time per eager call: aiter_dist's ops against their PyTorch counterparts, one GPU.
 
-    python benchmarks/bench_overhead.py [--profile] [--floor]
+    python benchmarks/bench_overhead.py [--profile] [--floor] [--autograd] [--trace ROW ...]
 
 Each op runs on small inputs (its GPU time is a few microseconds) in a loop of N calls; the
 wall time of the loop before the closing synchronize, divided by N, is the host's cost of one
@@ -10,6 +10,12 @@ same Python path and launch as in a larger group; NCCL and ``torch.ops.symm_mem`
 group of one. ``--profile`` prints a cProfile of 300 calls of each of our ops. ``--floor`` times
 the pieces every call is made of (an allocation, a tensor attribute, a Triton launch through the
 JIT, through ``fast_launch`` and through the compiled launcher alone), the floor of a call.
+``--autograd`` splits a forward+backward's host time (the engine, a Python backward, the thread
+the backward runs on) and stops.
+``--trace`` runs torch.profiler (CPU activities, every thread) over 50 calls of the rows whose
+name starts with one of its words, ours and PyTorch's: the host time per operator and per
+thread (the autograd engine runs CUDA backwards on a thread of its own), and a Chrome trace per
+row under $OUT.
 """
 from __future__ import annotations
 
@@ -57,6 +63,7 @@ def cases():
     r = torch.randn_like(x)
     w = torch.ones(1024, device=dev, dtype=bf16)
     xg = x.clone().requires_grad_()
+    wg = w.clone().requires_grad_()
     g = torch.randn_like(x)
     q = torch.randn(1, 128, 8, 64, device=dev, dtype=bf16)
     qg, kg, vg = (q.clone().requires_grad_() for _ in range(3))
@@ -104,6 +111,8 @@ def cases():
         ("rms_norm fwd+bwd", lambda: aiter_dist.rms_norm(xg, w).backward(g),
          lambda: F.rms_norm(xg, (1024,), w).backward(g)),
         ("rms_norm fwd+bwd launchers", norm_launchers, None),
+        ("rms_norm fwd+bwd, weight grad", lambda: aiter_dist.rms_norm(xg, wg).backward(g),
+         lambda: F.rms_norm(xg, (1024,), wg).backward(g)),
         ("add_rms_norm", lambda: aiter_dist.add_rms_norm(x, r, w),
          lambda: F.rms_norm(x + r, (1024,), w)),
         ("flash_attn_func fwd", lambda: aiter_dist.flash_attn_func(q, q, q, causal=True),
@@ -199,19 +208,99 @@ def floor_rows():
     ]
 
 
+def trace(name, ours, base):
+    """torch.profiler's host view of 50 calls of ``ours`` and of ``base``: per operator, per
+    thread, and a Chrome trace each under $OUT."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for who, fn in (("ours", ours), ("PyTorch", base)):
+        if fn is None:
+            continue
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU], with_stack=False) as prof:
+            for _ in range(50):
+                fn()
+            torch.cuda.synchronize()
+        print(f"===== {name}, {who}: 50 calls")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
+        threads: dict = {}
+        for ev in prof.events():
+            if ev.cpu_parent is None:  # top-level events: the thread's own busy time
+                threads[ev.thread] = threads.get(ev.thread, 0.0) + ev.cpu_time_total
+        print("top-level host us per call, by thread:",
+              {t: round(us / 50, 1) for t, us in threads.items()})
+        out = os.environ.get("OUT")
+        if out:
+            slug = "".join(c if c.isalnum() else "_" for c in f"{name}_{who}")
+            prof.export_chrome_trace(os.path.join(out, f"trace_{slug}.json"))
+
+
+def autograd_rows():
+    """Where a forward+backward's host time goes: autograd's engine with a native and a Python
+    backward, our forward alone under autograd, and the backward run on the calling thread
+    (``set_multithreading_enabled(False)``; by default a CUDA backward runs on the engine's
+    thread for the device, so a Python backward crosses threads and takes the GIL there)."""
+    dev = torch.device("cuda")
+    x = torch.randn(8, 1024, device=dev, dtype=torch.bfloat16)
+    xg = x.clone().requires_grad_()
+    g = torch.randn_like(x)
+    w = torch.ones(1024, device=dev, dtype=torch.bfloat16)
+    wg = w.clone().requires_grad_()
+    one_thread = torch.autograd.set_multithreading_enabled
+
+    def on_caller(fn):
+        def run():
+            with one_thread(False):
+                fn()
+        return run
+
+    native = lambda: xg.mul(2).backward(g)  # noqa: E731
+    python = lambda: _Double.apply(xg).backward(g)  # noqa: E731
+    ours = lambda: aiter_dist.rms_norm(xg, w).backward(g)  # noqa: E731
+    ours_w = lambda: aiter_dist.rms_norm(xg, wg).backward(g)  # noqa: E731
+    torch_w = lambda: F.rms_norm(xg, (1024,), wg).backward(g)  # noqa: E731
+    return [
+        ("(2 * x).backward(g), native", native),
+        ("the same, backward on the calling thread", on_caller(native)),
+        ("the same through a Python Function", python),
+        ("Python Function, backward on the calling thread", on_caller(python)),
+        ("rms_norm forward under autograd, no backward", lambda: aiter_dist.rms_norm(xg, w)),
+        ("rms_norm fwd+bwd", ours),
+        ("rms_norm fwd+bwd, backward on the calling thread", on_caller(ours)),
+        ("rms_norm fwd+bwd via autograd.grad", lambda: torch.autograd.grad(
+            aiter_dist.rms_norm(xg, w), xg, g)),
+        ("rms_norm fwd+bwd, weight grad too", ours_w),
+        ("F.rms_norm fwd+bwd, weight grad too", torch_w),
+        ("F.rms_norm fwd+bwd, weight grad, calling thread", on_caller(torch_w)),
+    ]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--floor", action="store_true")
+    ap.add_argument("--trace", nargs="+", default=())
+    ap.add_argument("--autograd", action="store_true")
     args = ap.parse_args()
     if args.floor:
         rows = [(name, host_us(fn)) for name, fn in floor_rows()]
         emit("Host us of the pieces of a call", ["piece", "us"], rows,
              {r[0]: round(r[1], 2) for r in rows}, "bench_overhead_floor.md")
+    if args.autograd:
+        rows = [(name, host_us(fn)) for name, fn in autograd_rows()]
+        emit("Host us of forward+backward through autograd", ["call", "us"], rows,
+             {r[0]: round(r[1], 2) for r in rows}, "bench_overhead_autograd.md")
+        return
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     aiter_dist.init_distributed()
     table, summary = [], {}
     for name, ours, base in cases():
+        if args.trace:
+            if name.startswith(tuple(args.trace)):
+                trace(name, ours, base)
+            continue
         us = host_us(ours)
         base_us = host_us(base) if base else None
         table.append((name, us, base_us if base_us else "-",
@@ -227,6 +316,8 @@ def main():
             torch.cuda.synchronize()
             print(f"===== {name}")
             pstats.Stats(prof).sort_stats("tottime").print_stats(24)
+    if args.trace:
+        return
     emit("Host time per eager call (us): ours vs PyTorch", ["op", "ours", "PyTorch", "ratio",
                                                             "our path"], table, summary,
          "bench_overhead.md")
