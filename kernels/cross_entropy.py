@@ -12,7 +12,9 @@ Per row of logits ``x`` (C classes) with target ``t`` and label smoothing ``e``:
 
 The forward reads each row once (an online max / sum of exponentials over blocks of classes, in
 fp32) and writes the row's loss and lse; the backward reads the logits and lse and writes dlogits:
-two reads and one write of the logits in all, the memory floor. Rows are strided, classes
+two reads and one write of the logits in all, the memory floor. A small sum or mean without
+autograd (an evaluation loss) takes one launch instead: one program computes the rows' losses
+and reduces them. Rows are strided, classes
 contiguous; logits whose class dimension is not last, (N, C, d1, ...), are moved to (rows, C)
 first (a copy, recorded in the path).
 
@@ -36,9 +38,10 @@ import torch
 import torch.nn.functional as F
 
 from ._runtime import (INTERPRETED, cdiv, check_same_device, check_tensor, compiling, last_path,
-                       launch, next_pow2, record_path, runs_triton, takes_torch_path)
+                       launch, next_pow2, plan_cache, plan_device, plan_launch, record_path,
+                       runs_triton, signature, takes_torch_path)
 from .cross_entropy_kernels import (_cross_entropy_bwd_kernel, _cross_entropy_fwd_kernel,
-                                    _loss_reduce_kernel)
+                                    _cross_entropy_reduced_kernel, _loss_reduce_kernel)
 from .gemm import DTYPE_NAMES, linear_backends, run_gemm
 
 REDUCTIONS = ("none", "mean", "sum")
@@ -185,6 +188,58 @@ def cross_entropy_fwd(logits2, target1, ignore_index=-100, label_smoothing=0.0, 
            WRITE_GRAD=grad is not None, num_warps=num_warps)
     record_path(op, _PATH)
     return loss, lse
+
+
+# Up to this many logits, a call without autograd that reduces (sum / mean) takes one launch:
+# one program computes every row's loss and reduces them. Such a call is host-bound (a launch
+# costs ~10 us of host time on the H200 hosts), and one program reads 64K bf16 logits in a few
+# microseconds.
+ONE_LAUNCH_MAX_LOGITS = 1 << 16
+
+
+def _one_launch_config(M: int, C: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_C, num_warps) of the one-program kernel: blocks of up to 4096 logits."""
+    if device.type == "cpu":
+        return ce_config(C, device)
+    block_c = min(next_pow2(C), 4096)
+    return max(1, min(next_pow2(M), 4096 // block_c)), block_c, 4
+
+
+def cross_entropy_reduced(logits2, target1, ignore_index, label_smoothing, reduction, dtype,
+                          planned=False):
+    """One launch: the ``reduction`` (``"sum"`` or ``"mean"``) of the rows' losses of (M, C)
+    logits as a 0-d tensor of ``dtype``. Returns ``(loss, plan)``; the plan (``planned``: None
+    otherwise, or for misaligned pointers) repeats the launch for a call of the same
+    signature: see :func:`_planned_reduced`."""
+    M, C = logits2.shape
+    out = torch.empty((), dtype=dtype, device=logits2.device)
+    block_m, block_c, num_warps = _one_launch_config(M, C, logits2.device)
+    ints = (M, C, logits2.stride(0), ignore_index)
+    plan = (plan_launch if planned else launch)(
+        _cross_entropy_reduced_kernel, (1,), logits2.device, logits2, target1, out, *ints,
+        float(label_smoothing), BLOCK_M=block_m, BLOCK_C=block_c,
+        HAS_SMOOTHING=label_smoothing != 0, MEAN=reduction == "mean", num_warps=num_warps)
+    record_path("cross_entropy", _PATH)
+    if not planned or plan is None:
+        return out, None
+    plan.extra = (ints, float(label_smoothing), dtype)
+    return out, plan
+
+
+# (logits, target signatures, ignore_index and its type, label_smoothing, reduction, the loss
+# dtype, current device) -> the one-launch kernel's LaunchPlan, for calls without autograd.
+_reduced_plans = plan_cache()
+
+
+def _planned_reduced(plan, logits, target):
+    """cross_entropy_reduced from its plan: the output, one launch, the path record."""
+    ints, label_smoothing, dtype = plan.extra
+    if logits.device.type == "cpu":  # (CPU targets are value-checked on every call)
+        _check_target_values("cross_entropy", target, ints[1], ints[3])
+    out = torch.empty((), dtype=dtype, device=logits.device)
+    plan(logits, target, out, *ints, label_smoothing)
+    record_path("cross_entropy", _PATH)
+    return out
 
 
 def cross_entropy_bwd(dloss, logits2, target1, lse, ignore_index=-100, label_smoothing=0.0,
@@ -748,25 +803,54 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
     ``last_path("cross_entropy")`` (``"triton"``, ``"triton-interpreter"``, or ``"torch"`` for
     float64, empty inputs, and CPU tensors on a GPU machine).
     """
+    # A reduced loss without autograd, of a signature seen before: one launch from its plan.
+    key = None
+    one_launch = reduction in ("mean", "sum") and not compiling()
+    if one_launch:
+        try:
+            one_launch = not (logits.requires_grad and torch.is_grad_enabled())
+            key = (*signature(logits), *signature(target), type(ignore_index), ignore_index,
+                   label_smoothing, reduction, loss_dtype(logits.dtype, logits.device),
+                   plan_device(logits.device))
+            plan = _reduced_plans.get(key) if one_launch else None
+        except (AttributeError, TypeError):  # not tensors, unhashable: the checks below
+            key = plan = None
+        if plan is not None and not (logits.data_ptr() | target.data_ptr()) & 15:
+            return _planned_reduced(plan, logits, target)
     if _plain_ce(logits, target) and reduction in REDUCTIONS and type(ignore_index) is int \
             and type(label_smoothing) in (int, float) and 0.0 <= label_smoothing <= 1.0:
         x2, t1 = logits, target
     else:
         x2, t1 = _ce_layout(logits, target, ignore_index, reduction, label_smoothing)
     label_smoothing = float(label_smoothing)
+    dtype = loss_dtype(logits.dtype, logits.device)
     if compiling():
         loss = torch.ops.aiter_dist.cross_entropy_fwd(x2, t1, ignore_index, label_smoothing)[0]
+    elif one_launch and x2.numel() <= ONE_LAUNCH_MAX_LOGITS \
+            and not takes_torch_path("cross_entropy", (x2,)):
+        # (a plan only where the kernel reads the caller's own tensors)
+        planned = key is not None and x2 is logits and t1 is target
+        loss, plan = cross_entropy_reduced(x2, t1, ignore_index, label_smoothing, reduction,
+                                           dtype, planned)
+        if plan is not None:
+            _reduced_plans[key] = plan
+        _record_copy(logits)
+        return loss
     else:
         if logits.requires_grad and torch.is_grad_enabled():
             loss = CrossEntropyFunction.apply(x2, t1, ignore_index, label_smoothing)
         else:
             loss = cross_entropy_fwd(x2, t1, ignore_index, label_smoothing)[0]
-        if logits.dim() > 2 and not logits.movedim(1, -1).is_contiguous():
-            record_path("cross_entropy", last_path("cross_entropy") + "+copy",
-                        "the class dimension is not the last contiguous one: logits copied to "
-                        "(rows, C) for the kernels")
-    return _reduce(loss, t1, ignore_index, reduction, target.shape,
-                   loss_dtype(logits.dtype, logits.device))
+        _record_copy(logits)
+    return _reduce(loss, t1, ignore_index, reduction, target.shape, dtype)
+
+
+def _record_copy(logits):
+    """Adds ``+copy`` to the path where the logits were copied to (rows, C) first."""
+    if logits.dim() > 2 and not logits.movedim(1, -1).is_contiguous():
+        record_path("cross_entropy", last_path("cross_entropy") + "+copy",
+                    "the class dimension is not the last contiguous one: logits copied to "
+                    "(rows, C) for the kernels")
 
 
 def _lce_checks(op, x, weight, target, bias, ignore_index, reduction):

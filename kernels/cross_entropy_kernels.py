@@ -72,19 +72,10 @@ def _write_grad(X, DX, row_off_x, row_off_dx, row_mask, C, lse, dl, local, valid
 
 
 @triton.jit
-def _cross_entropy_fwd_kernel(
-    X,            # (M, C) logits: rows stride_x apart, classes contiguous. WRITE_GRAD: overwritten
-                  # with dlogits (this program's rows only, after it has read them)
-    TGT,          # (M,) int32 / int64 class ids
-    LOSS, LSE,    # (M,) fp32: the row's loss (0 ignored, NaN out-of-range target) and logsumexp
-    G,            # WRITE_GRAD: the loss gradient of row i at G[i * stride_g] (stride 0: a scalar)
-    M, C, stride_x, stride_g, ignore_index, label_smoothing,
-    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
-    WRITE_GRAD: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_mask = rows < M
+def _row_losses(X, TGT, rows, row_mask, C, stride_x, ignore_index, label_smoothing,
+                BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SMOOTHING: tl.constexpr):
+    """BLOCK_M rows' (loss, lse, row offsets, valid, bad, the target's column): the loss is 0
+    for ignored rows and NaN for out-of-range targets."""
     row_base = rows.to(tl.int64) * stride_x  # 64-bit: M * C passes 2**31 at LLM sizes
     row_off = row_base[:, None]
     valid, bad, local = _targets(TGT, rows, row_mask, ignore_index, 0, C, C)
@@ -98,6 +89,26 @@ def _cross_entropy_fwd_kernel(
         loss = loss - label_smoothing / C * xs
     loss = tl.where(valid, loss, 0.0)
     loss = tl.where(bad, float("nan"), loss)
+    return loss, lse, row_off, valid, bad, local
+
+
+@triton.jit
+def _cross_entropy_fwd_kernel(
+    X,            # (M, C) logits: rows stride_x apart, classes contiguous. WRITE_GRAD: overwritten
+                  # with dlogits (this program's rows only, after it has read them)
+    TGT,          # (M,) int32 / int64 class ids
+    LOSS, LSE,    # (M,) fp32: the row's loss (0 ignored, NaN out-of-range target) and logsumexp
+    G,            # WRITE_GRAD: the loss gradient of row i at G[i * stride_g] (stride 0: a scalar)
+    M, C, stride_x, stride_g, ignore_index, label_smoothing,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < M
+    loss, lse, row_off, valid, bad, local = _row_losses(
+        X, TGT, rows, row_mask, C, stride_x, ignore_index, label_smoothing, BLOCK_M, BLOCK_C,
+        HAS_SMOOTHING)
     tl.store(LOSS + rows, loss, mask=row_mask)
     tl.store(LSE + rows, lse, mask=row_mask)
     if WRITE_GRAD:
@@ -127,6 +138,32 @@ def _cross_entropy_bwd_kernel(
     _write_grad(X, DX, rows64[:, None] * stride_x, rows64[:, None] * stride_dx, row_mask, C,
                 lse, dl, local, valid, 1.0 - label_smoothing, label_smoothing / n_classes,
                 BLOCK_C, HAS_SMOOTHING)
+
+
+@triton.jit
+def _cross_entropy_reduced_kernel(
+    X, TGT,       # (M, C) logits (rows stride_x apart, classes contiguous), (M,) class ids
+    OUT,          # () the sum or mean of the rows' losses, rounded once to its dtype
+    M, C, stride_x, ignore_index, label_smoothing,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
+    MEAN: tl.constexpr,
+):
+    # Small problems without autograd, in one launch: one program walks the row blocks in order
+    # and reduces in a fixed tree (deterministic); mean over the non-ignored rows (0/0: NaN).
+    acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+    count = tl.zeros([BLOCK_M], dtype=tl.int32)
+    for m0 in range(0, M, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_mask = rows < M
+        loss, lse, row_off, valid, bad, local = _row_losses(
+            X, TGT, rows, row_mask, C, stride_x, ignore_index, label_smoothing, BLOCK_M,
+            BLOCK_C, HAS_SMOOTHING)
+        acc += tl.where(row_mask, loss, 0.0)
+        count += (valid & row_mask).to(tl.int32)
+    total = tl.sum(acc, axis=0)
+    if MEAN:
+        total = total / tl.sum(count, axis=0).to(tl.float32)
+    tl.store(OUT, total.to(OUT.dtype.element_ty))
 
 
 @triton.jit

@@ -437,6 +437,7 @@ def test_reduction_kernel_without_autograd(reduction, dtype, monkeypatch):
         return real(kernel, *args, **kwargs)
 
     monkeypatch.setattr(K, "launch", spy)
+    monkeypatch.setattr(K, "ONE_LAUNCH_MAX_LOGITS", 0)  # (the one-launch path: the next test)
     g = torch.Generator().manual_seed(3)
     x = torch.randn(1500, 11, generator=g).to(dtype)
     t = torch.randint(0, 11, (1500,), generator=g)
@@ -453,3 +454,94 @@ def test_reduction_kernel_without_autograd(reduction, dtype, monkeypatch):
     torch.testing.assert_close(beyond.double(), want, rtol=tol, atol=tol)
     none = aiter_dist.cross_entropy(x[:5], torch.full((5,), -100), reduction=reduction)
     assert none.isnan() if reduction == "mean" else none == 0
+
+
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_small_reduced_loss_in_one_launch(dev, dtype, monkeypatch):
+    """Without autograd, sum and mean of at most ONE_LAUNCH_MAX_LOGITS logits take one kernel
+    (every row's loss and the reduction); a second call of the same signature launches it from
+    a plan. Against float64 over every layout, smoothing, ignored rows, all rows ignored, and
+    against the two-kernel path; misaligned logits take the full path."""
+    from aiter_dist.kernels import _runtime
+
+    launched, planned = [], []  # full-path launches (any kernel); launches from plans
+    real_launch, real_plan = K.launch, _runtime.LaunchPlan.__call__
+    real_reduced = K.cross_entropy_reduced
+
+    def spy(kernel, *args, **kwargs):
+        if kernel.__name__ != "_cross_entropy_reduced_kernel":  # (counted by reduced_spy)
+            launched.append(kernel.__name__)
+        return real_launch(kernel, *args, **kwargs)
+
+    def reduced_spy(*args, **kwargs):
+        launched.append("_cross_entropy_reduced_kernel")
+        return real_reduced(*args, **kwargs)
+
+    def plan_spy(self, *args):
+        planned.append(self.kernel.__name__)
+        return real_plan(self, *args)
+
+    monkeypatch.setattr(K, "launch", spy)
+    monkeypatch.setattr(K, "cross_entropy_reduced", reduced_spy)
+    monkeypatch.setattr(_runtime.LaunchPlan, "__call__", plan_spy)
+    _runtime.clear_plans()
+    g = _gen("one launch", dtype)
+    C = 37 if dev == "cpu" else 1000
+    flat = torch.randn(9 * C + 8, generator=g).to(dtype).to(dev)
+    wide = torch.randn(9, 2 * C, generator=g).to(dtype).to(dev)
+    nd = torch.randn(3, C, 4, generator=g).to(dtype).to(dev)
+    cases = [  # (name, logits, target, planned)
+        ("2d", torch.randn(9, C, generator=g).to(dtype).to(dev), None, True),
+        ("strided rows", wide[:, :C], None, True),
+        ("one row", torch.randn(C, generator=g).to(dtype).to(dev), None, False),
+        ("(N, C, d)", nd, _targets((3, 4), C, g, ignore=(5,)).to(dev), False),
+        ("misaligned", flat[1:1 + 9 * C].view(9, C), None, False),
+    ]
+    for name, x, t, plan_expected in cases:
+        if t is None:
+            t = _targets(x.shape[:1] if x.dim() > 1 else (), C, g,
+                         ignore=(2,) if x.dim() > 1 else ()).to(dev)
+        for reduction in ("mean", "sum"):
+            for smoothing in (0.0, 0.2):
+                want = F.cross_entropy(x.double(), t, reduction=reduction,
+                                       label_smoothing=smoothing)
+                launched.clear()
+                planned.clear()
+                outs = [aiter_dist.cross_entropy(x, t, reduction=reduction,
+                                                 label_smoothing=smoothing) for _ in range(3)]
+                assert launched == ["_cross_entropy_reduced_kernel"] * (1 if plan_expected
+                                                                        else 3), (name, launched)
+                assert planned == (["_cross_entropy_reduced_kernel"] * 2 if plan_expected
+                                   else []), (name, planned)
+                tol = 1e-5 if dtype == torch.float32 else 1e-2
+                for out in outs:
+                    assert out.dtype == dtype and out.shape == () and torch.equal(out, outs[0])
+                    torch.testing.assert_close(out.double(), want, rtol=tol, atol=tol)
+                monkeypatch.setattr(K, "ONE_LAUNCH_MAX_LOGITS", 0)
+                two = aiter_dist.cross_entropy(x, t, reduction=reduction,
+                                               label_smoothing=smoothing)
+                monkeypatch.setattr(K, "ONE_LAUNCH_MAX_LOGITS", 1 << 16)
+                torch.testing.assert_close(two, outs[0], rtol=tol, atol=tol)
+    x = cases[0][1]
+    for reduction, empty in (("mean", float("nan")), ("sum", 0.0)):
+        for _ in range(2):  # (the second from the plan)
+            got = aiter_dist.cross_entropy(x, torch.full((9,), -100, device=dev),
+                                           reduction=reduction)
+            torch.testing.assert_close(got.double().cpu(), torch.tensor(empty).double(),
+                                       equal_nan=True)
+    if dev == "cpu":  # a planned call still checks CPU targets' values
+        bad = torch.full((9,), -100)
+        bad[4] = C
+        planned.clear()
+        with pytest.raises(ValueError, match=r"target\[4\] \(flattened\) is 37, outside"):
+            aiter_dist.cross_entropy(x, bad, reduction="sum")
+        assert planned == []
+    # Autograd, and reduction "none", never take it.
+    launched.clear()
+    planned.clear()
+    t = torch.zeros(9, dtype=torch.long, device=dev)
+    aiter_dist.cross_entropy(x.clone().requires_grad_(), t).backward()
+    aiter_dist.cross_entropy(x, t, reduction="none")
+    assert "_cross_entropy_reduced_kernel" not in launched and planned == [] and launched
+    _runtime.clear_plans()
