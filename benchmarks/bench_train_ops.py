@@ -13,7 +13,7 @@ Forward+backward of the memory-bound ops is timed under CUDA-graph replay (GPU t
 ``linear_cross_entropy`` is compute-bound (3 GEMMs of 2*M*H*V FLOPs each) and memory-hungry:
 time and peak memory above the inputs against ``F.cross_entropy(F.linear(x, w), t)``.
 
-    python benchmarks/bench_train_ops.py [--quick]
+    python benchmarks/bench_train_ops.py [--quick] [--small-ce]
 """
 from __future__ import annotations
 
@@ -104,10 +104,42 @@ def peak_mem_and_ms(fn, inputs):
     return peak, do_bench(step)
 
 
+def small_ce():
+    """GPU time per call of a small reduced loss without autograd (an evaluation loss), under
+    CUDA-graph replay of 20 calls: the one-launch kernel, the two-kernel path (row losses, then
+    the reduction) and F.cross_entropy."""
+    from aiter_dist.kernels import cross_entropy as K
+    from aiter_dist.kernels._runtime import clear_plans
+
+    rows = []
+    for t, v in ((8, 1024), (64, 1024), (16, 4096), (4, 16384)):
+        x = torch.randn(t, v, device="cuda", dtype=torch.bfloat16)
+        tgt = torch.randint(0, v, (t,), device="cuda")
+        us = []
+        for limit in (K.ONE_LAUNCH_MAX_LOGITS, 0, None):
+            fn = (lambda: F.cross_entropy(x, tgt)) if limit is None else \
+                (lambda: aiter_dist.cross_entropy(x, tgt))
+            saved, K.ONE_LAUNCH_MAX_LOGITS = K.ONE_LAUNCH_MAX_LOGITS, (limit or 0)
+            clear_plans()  # (a plan made under the other limit would serve the call)
+            try:
+                graph = capture_graph(fn, 20)
+            finally:
+                K.ONE_LAUNCH_MAX_LOGITS = saved
+            us.append(do_bench(graph.replay) * 1e3 / 20)
+        rows.append([f"({t}, {v})", *us])
+    emit("Small reduced cross-entropy without autograd, GPU µs per call (graph replay)",
+         ["logits", "one launch", "two kernels", "F.cross_entropy"], rows,
+         {r[0]: r[1:] for r in rows}, "bench_small_ce.md")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller shapes (a smoke run)")
+    p.add_argument("--small-ce", action="store_true",
+                   help="only the small reduced cross-entropy (one launch vs two kernels)")
     args = p.parse_args()
+    if args.small_ce:
+        return small_ce()
     dev, dt = torch.device("cuda"), torch.bfloat16
     torch.manual_seed(0)
     bw = copy_bandwidth_tbps()

@@ -12,7 +12,7 @@
 #                                         3..n-1 of an n-GPU machine)
 # Results (tables, logs) go to $OUT (default ./out). NVLink multicast stays off throughout.
 # Environment: NORM_ARGS, ATTN_ARGS, GEMM_ARGS, COLL_ARGS, OVERHEAD_ARGS (benchmark flags), WORLDS,
-# TRAIN_CONFIG, TRAIN_NPROC, TRAIN_STEPS, GPU_TEST_JOBS.
+# TRAIN_CONFIG, TRAIN_NPROC, TRAIN_STEPS, GPU_TEST_JOBS, GPU_TEST_FILES (default tests/test_*.py).
 set -uo pipefail
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
@@ -31,7 +31,7 @@ for s in $stages; do
     # The GPU tier in GPU_TEST_JOBS pytest processes (default 3) over interleaved test files:
     # on a fresh machine Triton's compiles dominate and one process outlives a 10-minute call.
     # A test still running after 5 minutes prints every thread's stack, and goes on.
-    tests) files=(tests/test_*.py); jobs=${GPU_TEST_JOBS:-3}; pids=()
+    tests) files=(${GPU_TEST_FILES:-tests/test_*.py}); jobs=${GPU_TEST_JOBS:-3}; pids=()
            for ((j = 0; j < jobs; j++)); do
              group=(); for ((i = j; i < ${#files[@]}; i += jobs)); do group+=("${files[i]}"); done
              python3 -m pytest -q -m gpu -p no:cacheprovider -o faulthandler_timeout=300 \
