@@ -109,6 +109,11 @@ def parse_args(argv=None):
                         "CUDA graphs (static shapes; the collectives are capturable)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                    help="bf16: autocast with fp32 master weights (default on CUDA); fp32 on CPU")
+    p.add_argument("--backward-thread", choices=("engine", "caller"), default="engine",
+                   help="where autograd runs a CUDA backward: the engine's thread for the device "
+                        "(PyTorch's default), or this process's own thread "
+                        "(torch.autograd.set_multithreading_enabled(False)): no thread hand-off "
+                        "per backward, for processes that drive one GPU")
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--peak-flops", type=float, default=PEAK_BF16_FLOPS,
                    help="per-GPU peak used for MFU")
@@ -401,7 +406,8 @@ def main(argv=None):
             # whole logits (one rank) or gathers them (tensor parallel: vocab-parallel loss).
             loss = forward(x, y)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with torch.autograd.set_multithreading_enabled(args.backward_thread == "engine"):
+            loss.backward()
         gnorm = clip_grad_norm(named, copies, args.grad_clip, world)
         for g in opt.param_groups:  # warmup, then constant: a function of the step alone
             g["lr"] = args.lr * min(1.0, (step + 1) / max(1, args.warmup))
@@ -465,7 +471,7 @@ def main(argv=None):
                "dtype": args.dtype, "gemm": args.gemm, "params": n_params,
                "compile": (("cuda-graphs" if args.cuda_graphs else args.compile_backend)
                            if args.compile else None),
-               "batch_size": args.batch_size,
+               "batch_size": args.batch_size, "backward_thread": args.backward_thread,
                "seq_len": args.seq_len, "loss_rank_spread": spread,
                "tp_replica_spread": replica_spread, "peak_mem_gb_per_rank": mems,
                "mfu": (flops_tok * tps / (args.peak_flops * world)
