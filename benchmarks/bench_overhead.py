@@ -277,6 +277,43 @@ def autograd_rows():
     ]
 
 
+def backward_body_rows():
+    """The Python time inside RMSNormFunction.backward itself, on the engine's thread and on
+    the calling thread: whether a backward on the engine's thread is slower in our own code
+    (allocator, launcher) or around it (the hand-off)."""
+    from aiter_dist.kernels import rmsnorm as RN
+
+    x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    w = torch.ones(1024, device="cuda", dtype=torch.bfloat16)
+    g = torch.randn_like(x)
+    real = RN.RMSNormFunction.backward
+    spent = []
+
+    def timed(ctx, dy):
+        t0 = time.perf_counter()
+        out = real(ctx, dy)
+        spent.append(time.perf_counter() - t0)
+        return out
+
+    rows = []
+    RN.RMSNormFunction.backward = staticmethod(timed)
+    try:
+        for where, threads in (("engine's thread", True), ("calling thread", False)):
+            with torch.autograd.set_multithreading_enabled(threads):
+                for _ in range(50):
+                    aiter_dist.rms_norm(x, w).backward(g)
+                torch.cuda.synchronize()
+                spent.clear()
+                for _ in range(N):
+                    aiter_dist.rms_norm(x, w).backward(g)
+                torch.cuda.synchronize()
+            rows.append((f"RMSNormFunction.backward's body, {where}",
+                         statistics.median(spent) * 1e6))
+    finally:
+        RN.RMSNormFunction.backward = real
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--profile", action="store_true")
@@ -289,7 +326,7 @@ def main():
         emit("Host us of the pieces of a call", ["piece", "us"], rows,
              {r[0]: round(r[1], 2) for r in rows}, "bench_overhead_floor.md")
     if args.autograd:
-        rows = [(name, host_us(fn)) for name, fn in autograd_rows()]
+        rows = [(name, host_us(fn)) for name, fn in autograd_rows()] + backward_body_rows()
         emit("Host us of forward+backward through autograd", ["call", "us"], rows,
              {r[0]: round(r[1], 2) for r in rows}, "bench_overhead_autograd.md")
         return

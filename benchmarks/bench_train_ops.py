@@ -104,32 +104,41 @@ def peak_mem_and_ms(fn, inputs):
     return peak, do_bench(step)
 
 
+SMALL_CE_BLOCKS = ((4096, 4), (16384, 8), (32768, 16))  # the one launch's (logits, warps)
+
+
 def small_ce():
     """GPU time per call of a small reduced loss without autograd (an evaluation loss), under
-    CUDA-graph replay of 20 calls: the one-launch kernel, the two-kernel path (row losses, then
-    the reduction) and F.cross_entropy."""
+    CUDA-graph replay of 20 calls: the one-launch kernel at each block size of SMALL_CE_BLOCKS,
+    the two-kernel path (row losses, then the reduction) and F.cross_entropy."""
     from aiter_dist.kernels import cross_entropy as K
     from aiter_dist.kernels._runtime import clear_plans
 
+    def graph_us(fn, **settings):
+        saved = {k: getattr(K, k) for k in settings}
+        for k, v in settings.items():
+            setattr(K, k, v)
+        clear_plans()  # (a plan made under other settings would serve the call)
+        try:
+            graph = capture_graph(fn, 20)
+        finally:
+            for k, v in saved.items():
+                setattr(K, k, v)
+            clear_plans()
+        return do_bench(graph.replay) * 1e3 / 20
+
     rows = []
-    for t, v in ((8, 1024), (64, 1024), (16, 4096), (4, 16384)):
+    for t, v in ((8, 1024), (64, 1024), (16, 4096), (4, 16384), (128, 512)):
         x = torch.randn(t, v, device="cuda", dtype=torch.bfloat16)
         tgt = torch.randint(0, v, (t,), device="cuda")
-        us = []
-        for limit in (K.ONE_LAUNCH_MAX_LOGITS, 0, None):
-            fn = (lambda: F.cross_entropy(x, tgt)) if limit is None else \
-                (lambda: aiter_dist.cross_entropy(x, tgt))
-            saved, K.ONE_LAUNCH_MAX_LOGITS = K.ONE_LAUNCH_MAX_LOGITS, (limit or 0)
-            clear_plans()  # (a plan made under the other limit would serve the call)
-            try:
-                graph = capture_graph(fn, 20)
-            finally:
-                K.ONE_LAUNCH_MAX_LOGITS = saved
-            us.append(do_bench(graph.replay) * 1e3 / 20)
-        rows.append([f"({t}, {v})", *us])
+        ours = lambda: aiter_dist.cross_entropy(x, tgt)  # noqa: E731
+        one = [graph_us(ours, ONE_LAUNCH_BLOCK=b, ONE_LAUNCH_WARPS=w) for b, w in SMALL_CE_BLOCKS]
+        rows.append([f"({t}, {v})", *one, graph_us(ours, ONE_LAUNCH_MAX_LOGITS=0),
+                     graph_us(lambda: F.cross_entropy(x, tgt))])
     emit("Small reduced cross-entropy without autograd, GPU µs per call (graph replay)",
-         ["logits", "one launch", "two kernels", "F.cross_entropy"], rows,
-         {r[0]: r[1:] for r in rows}, "bench_small_ce.md")
+         ["logits", *(f"one launch, {b} logits x {w} warps" for b, w in SMALL_CE_BLOCKS),
+          "two kernels", "F.cross_entropy"], rows, {r[0]: r[1:] for r in rows},
+         "bench_small_ce.md")
 
 
 def main():

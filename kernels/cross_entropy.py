@@ -197,12 +197,18 @@ def cross_entropy_fwd(logits2, target1, ignore_index=-100, label_smoothing=0.0, 
 ONE_LAUNCH_MAX_LOGITS = 1 << 16
 
 
+# The one program's block of logits and warps: its loop is latency-bound (a dependent gather of
+# the target's logit per block of rows), so it takes as many rows a step as registers allow.
+ONE_LAUNCH_BLOCK, ONE_LAUNCH_WARPS = 16384, 8
+
+
 def _one_launch_config(M: int, C: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_C, num_warps) of the one-program kernel: blocks of up to 4096 logits."""
+    """(BLOCK_M, BLOCK_C, num_warps) of the one-program kernel."""
     if device.type == "cpu":
         return ce_config(C, device)
-    block_c = min(next_pow2(C), 4096)
-    return max(1, min(next_pow2(M), 4096 // block_c)), block_c, 4
+    block_c = min(next_pow2(C), ONE_LAUNCH_BLOCK)
+    return (max(1, min(next_pow2(M), ONE_LAUNCH_BLOCK // block_c)), block_c,
+            ONE_LAUNCH_WARPS)
 
 
 def cross_entropy_reduced(logits2, target1, ignore_index, label_smoothing, reduction, dtype,
