@@ -109,11 +109,12 @@ def parse_args(argv=None):
                         "CUDA graphs (static shapes; the collectives are capturable)")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default=None,
                    help="bf16: autocast with fp32 master weights (default on CUDA); fp32 on CPU")
-    p.add_argument("--backward-thread", choices=("engine", "caller"), default="engine",
-                   help="where autograd runs a CUDA backward: the engine's thread for the device "
-                        "(PyTorch's default), or this process's own thread "
-                        "(torch.autograd.set_multithreading_enabled(False)): no thread hand-off "
-                        "per backward, for processes that drive one GPU")
+    p.add_argument("--backward-thread", choices=("engine", "caller"), default="caller",
+                   help="where autograd runs a CUDA backward: this process's own thread "
+                        "(default: torch.autograd.set_multithreading_enabled(False); each "
+                        "process drives one GPU, so the engine's per-device threads add only "
+                        "a hand-off per node, which a Python backward pays dearly), or the "
+                        "engine's thread for the device (PyTorch's default)")
     p.add_argument("--log-every", type=int, default=5)
     p.add_argument("--peak-flops", type=float, default=PEAK_BF16_FLOPS,
                    help="per-GPU peak used for MFU")
