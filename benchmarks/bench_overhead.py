@@ -43,6 +43,15 @@ N = 300
 _RECORDED_AS = {"flash_attn_func": "flash_attn", "flash_attn": "flash_attn_bwd"}
 
 
+def on_caller(fn):
+    """``fn`` with autograd's backward run on the calling thread, not the device's engine
+    thread (``torch.autograd.set_multithreading_enabled(False)``)."""
+    def run():
+        with torch.autograd.set_multithreading_enabled(False):
+            fn()
+    return run
+
+
 def host_us(fn, n=N, loops=7):
     for _ in range(20):
         fn()
@@ -113,11 +122,17 @@ def cases():
         ("rms_norm fwd+bwd launchers", norm_launchers, None),
         ("rms_norm fwd+bwd, weight grad", lambda: aiter_dist.rms_norm(xg, wg).backward(g),
          lambda: F.rms_norm(xg, (1024,), wg).backward(g)),
+        ("rms_norm fwd+bwd, weight grad, calling thread",
+         on_caller(lambda: aiter_dist.rms_norm(xg, wg).backward(g)),
+         on_caller(lambda: F.rms_norm(xg, (1024,), wg).backward(g))),
         ("add_rms_norm", lambda: aiter_dist.add_rms_norm(x, r, w),
          lambda: F.rms_norm(x + r, (1024,), w)),
         ("flash_attn_func fwd", lambda: aiter_dist.flash_attn_func(q, q, q, causal=True),
          lambda: F.scaled_dot_product_attention(qt, qt, qt, is_causal=True)),
         ("flash_attn_func fwd+bwd", fa_fwd_bwd, sdpa_fwd_bwd),
+        # The same with the backward on the calling thread (train_llama's default), both sides.
+        ("flash_attn_func fwd+bwd, calling thread", on_caller(fa_fwd_bwd),
+         on_caller(sdpa_fwd_bwd)),
         # The launchers alone, no autograd: what the engine and the Function add is the rest.
         ("flash_attn fwd+bwd launchers", fa_launchers, None),
         ("linear", lambda: aiter_dist.linear(x, lin_w), lambda: F.linear(x, lin_w)),
@@ -248,14 +263,6 @@ def autograd_rows():
     g = torch.randn_like(x)
     w = torch.ones(1024, device=dev, dtype=torch.bfloat16)
     wg = w.clone().requires_grad_()
-    one_thread = torch.autograd.set_multithreading_enabled
-
-    def on_caller(fn):
-        def run():
-            with one_thread(False):
-                fn()
-        return run
-
     native = lambda: xg.mul(2).backward(g)  # noqa: E731
     python = lambda: _Double.apply(xg).backward(g)  # noqa: E731
     ours = lambda: aiter_dist.rms_norm(xg, w).backward(g)  # noqa: E731
