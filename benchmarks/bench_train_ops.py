@@ -109,8 +109,9 @@ SMALL_CE_BLOCKS = ((4096, 4), (16384, 8), (32768, 16))  # the one launch's (logi
 
 def small_ce():
     """GPU time per call of a small reduced loss without autograd (an evaluation loss), under
-    CUDA-graph replay of 20 calls: the one-launch kernel at each block size of SMALL_CE_BLOCKS,
-    the two-kernel path (row losses, then the reduction) and F.cross_entropy."""
+    CUDA-graph replay of 20 calls: the one-launch kernel at each block size of SMALL_CE_BLOCKS
+    (past ONE_LAUNCH_MAX_LOGITS too: where it stops paying is what this measures), the
+    two-kernel path (row losses, then the reduction) and F.cross_entropy."""
     from aiter_dist.kernels import cross_entropy as K
     from aiter_dist.kernels._runtime import clear_plans
 
@@ -132,7 +133,8 @@ def small_ce():
         x = torch.randn(t, v, device="cuda", dtype=torch.bfloat16)
         tgt = torch.randint(0, v, (t,), device="cuda")
         ours = lambda: aiter_dist.cross_entropy(x, tgt)  # noqa: E731
-        one = [graph_us(ours, ONE_LAUNCH_BLOCK=b, ONE_LAUNCH_WARPS=w) for b, w in SMALL_CE_BLOCKS]
+        one = [graph_us(ours, ONE_LAUNCH_BLOCK=b, ONE_LAUNCH_WARPS=w,
+                        ONE_LAUNCH_MAX_LOGITS=1 << 20) for b, w in SMALL_CE_BLOCKS]
         rows.append([f"({t}, {v})", *one, graph_us(ours, ONE_LAUNCH_MAX_LOGITS=0),
                      graph_us(lambda: F.cross_entropy(x, tgt))])
     emit("Small reduced cross-entropy without autograd, GPU µs per call (graph replay)",

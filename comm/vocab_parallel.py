@@ -31,7 +31,7 @@ from ..kernels._runtime import (INTERPRETED, cdiv, compiling, launch, record_pat
                                 runs_triton)
 from ..kernels.cross_entropy import (REDUCTIONS, _check_common, _check_target_values, _config,
                                      _reduce, _target_dtype_error, cross_entropy_bwd,
-                                     cross_entropy_ref, loss_dtype)
+                                     cross_entropy_ref, loss_dtype, target_rows)
 from ..kernels.cross_entropy_kernels import _online_lse, _targets
 from .gather_scatter import all_gather_raw
 from .protocol import check_comm_input, group_name_of, group_of, resolve_group
@@ -329,7 +329,7 @@ def vocab_parallel_cross_entropy(logits, target, group=None, ignore_index=-100, 
     x2 = logits.reshape(math.prod(logits.shape[:-1]), C)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    t1 = target.reshape(-1)
+    t1 = target_rows(target)
     if compiling():
         loss = torch.ops.aiter_dist.vocab_parallel_cross_entropy(x2, t1, group_name_of(group),
                                                                  ignore_index)[0]

@@ -330,12 +330,20 @@ def _ce_layout(logits, target, ignore_index, reduction, label_smoothing):
     if not compiling():
         _check_target_values(op, target, C, ignore_index)
     if d == 1:
-        return logits.reshape(1, C), target.reshape(1)
+        return logits.reshape(1, C), target.reshape(1)  # (one element: no stride to follow)
     if d == 2 and logits.stride(1) == 1:
-        return logits, target
+        return logits, target_rows(target)
     moved = logits.movedim(1, -1)
     x2 = moved.reshape(-1, C)
-    return (x2 if x2.stride(-1) == 1 else x2.contiguous()), target.reshape(-1)
+    return (x2 if x2.stride(-1) == 1 else x2.contiguous()), target_rows(target)
+
+
+def target_rows(target):
+    """(rows,) class ids at consecutive addresses, as the kernels read them: the target
+    flattened, copied where its elements are not (a strided or expanded target). A 1-D target
+    that serves is returned itself (a launch plan is kept only for the caller's own tensor)."""
+    t = target if target.dim() == 1 else target.reshape(-1)
+    return t if t.stride(0) == 1 or t.numel() <= 1 else t.contiguous()
 
 
 def _plain_ce(logits, target) -> bool:
@@ -343,7 +351,7 @@ def _plain_ce(logits, target) -> bool:
     contiguous, (N,) targets on the same device (not on CPU: CPU targets are value-checked)."""
     return (type(logits) is torch.Tensor and type(target) is torch.Tensor
             and logits.dtype in _KERNEL_DTYPES and logits.dim() == 2
-            and target.dtype in TARGET_DTYPES and target.dim() == 1
+            and target.dtype in TARGET_DTYPES and target.dim() == 1 and target.stride(0) == 1
             and target.shape[0] == logits.shape[0] and logits.device == target.device
             and logits.device.type != "cpu" and logits.stride(1) == 1 and logits.shape[1] != 0)
 
@@ -615,7 +623,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, target, bias, ignore_index, reduction, compute_dtype):
         x2 = x.reshape(-1, x.shape[-1])
-        t1 = target.reshape(-1)
+        t1 = target_rows(target)
         need = ctx.needs_input_grad
         ctx.need = (need[0], need[1], bias is not None and need[3])
         loss, lse, dx, dw, db = linear_cross_entropy_fwd(
@@ -700,7 +708,7 @@ def _linear_cross_entropy_op(
     """(loss, lse, dx, dw, db): mean/sum carry the gradients of the unscaled loss (empty
     tensors where not asked for, and for reduction none)."""
     loss, lse, dx, dw, db = linear_cross_entropy_fwd(
-        x.reshape(-1, x.shape[-1]), weight, target.reshape(-1), bias, ignore_index, reduction,
+        x.reshape(-1, x.shape[-1]), weight, target_rows(target), bias, ignore_index, reduction,
         need_dx, need_dw, need_db, compute_dtype)
     empty = x.new_empty(0)
     return (loss.view(target.shape) if reduction == "none" else loss, lse,
@@ -729,7 +737,7 @@ def _linear_cross_entropy_bwd_op(
     """Gradients of reduction none (recomputed chunk by chunk): (dx in x's shape and the compute
     dtype, dw in the weight's dtype, db fp32); empty where not asked for."""
     dx, dw, db = linear_cross_entropy_bwd(dloss.reshape(-1), x.reshape(-1, x.shape[-1]), weight,
-                                          target.reshape(-1), bias, lse, ignore_index, need_dx,
+                                          target_rows(target), bias, lse, ignore_index, need_dx,
                                           need_dw, need_db, compute_dtype)
     empty = x.new_empty(0)
     return (dx.view(x.shape) if dx is not None else empty.clone(),
@@ -816,7 +824,8 @@ def cross_entropy(logits, target, ignore_index=-100, reduction="mean", label_smo
         try:
             one_launch = not (logits.requires_grad and torch.is_grad_enabled())
             key = (*signature(logits), *signature(target), type(ignore_index), ignore_index,
-                   label_smoothing, reduction, loss_dtype(logits.dtype, logits.device),
+                   type(label_smoothing), label_smoothing, reduction,
+                   loss_dtype(logits.dtype, logits.device),
                    plan_device(logits.device))
             plan = _reduced_plans.get(key) if one_launch else None
         except (AttributeError, TypeError):  # not tensors, unhashable: the checks below
@@ -921,7 +930,7 @@ def linear_cross_entropy(x, weight, target, bias=None, ignore_index=-100, reduct
     if _needs_grad(x, weight, bias):
         return LinearCrossEntropyFunction.apply(x, weight, target, bias, ignore_index, reduction,
                                                 cd).to(out_dtype)
-    loss = linear_cross_entropy_fwd(x.reshape(-1, x.shape[-1]), weight, target.reshape(-1), bias,
+    loss = linear_cross_entropy_fwd(x.reshape(-1, x.shape[-1]), weight, target_rows(target), bias,
                                     ignore_index, reduction, compute_dtype=cd)[0]
     return (loss.view(target.shape) if reduction == "none" else loss).to(out_dtype)
 

@@ -7,6 +7,7 @@ opcheck. GPU tier (-m gpu): Llama-3 sizes, and the fused op's memory against the
 """
 import zlib
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -423,6 +424,41 @@ def test_linear_cross_entropy_gpu_memory():
     torch.testing.assert_close(ours[0].float(), ref[0].float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("kind", ["strided", "expanded", "transposed (N, d)"])
+def test_targets_of_any_strides(kind):
+    """Targets whose elements are not adjacent (a slice, an expanded scalar, a transposed
+    (N, d) target) give PyTorch's losses and gradients, with and without autograd (each call
+    twice: the second may come from a plan), and through linear_cross_entropy."""
+    g = _gen("target strides", kind)
+    if kind == "transposed (N, d)":
+        x = torch.randn(3, 37, 5, generator=g)
+        t = _targets((5, 3), 37, g, ignore=(4,)).t()
+    else:
+        x = torch.randn(9, 37, generator=g)
+        t = (_targets((18,), 37, g, ignore=(6,))[::2] if kind == "strided"
+             else torch.tensor(3).expand(9))
+    for reduction in REDUCTIONS:
+        want = F.cross_entropy(x.double(), t, reduction=reduction)
+        for _ in range(2):
+            got = aiter_dist.cross_entropy(x, t, reduction=reduction)
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+        xg, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+        aiter_dist.cross_entropy(xg, t, reduction=reduction).sum().backward()
+        F.cross_entropy(xr, t, reduction=reduction).sum().backward()
+        torch.testing.assert_close(xg.grad.double(), xr.grad, rtol=1e-5, atol=1e-6)
+    if x.dim() == 2:
+        h, w = torch.randn(9, 16, generator=g), torch.randn(37, 16, generator=g)
+        for reduction in REDUCTIONS:
+            hg = h.clone().requires_grad_()
+            got = aiter_dist.linear_cross_entropy(hg, w, t, reduction=reduction)
+            hr = h.double().requires_grad_()
+            want = F.cross_entropy(hr @ w.double().T, t, reduction=reduction)
+            torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+            got.sum().backward()
+            want.sum().backward()
+            torch.testing.assert_close(hg.grad.double(), hr.grad, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_reduction_kernel_without_autograd(reduction, dtype, monkeypatch):
@@ -499,10 +535,12 @@ def test_small_reduced_loss_in_one_launch(dev, dtype, monkeypatch):
         ("(N, C, d)", nd, _targets((3, 4), C, g, ignore=(5,)).to(dev), False),
         ("misaligned", flat[1:1 + 9 * C].view(9, C), None, False),
     ]
-    for name, x, t, plan_expected in cases:
+    first = {}  # (case, reduction, smoothing) -> the first call's loss
+    for i, (name, x, t, plan_expected) in enumerate(cases):
         if t is None:
             t = _targets(x.shape[:1] if x.dim() > 1 else (), C, g,
                          ignore=(2,) if x.dim() > 1 else ()).to(dev)
+            cases[i] = (name, x, t, plan_expected)
         for reduction in ("mean", "sum"):
             for smoothing in (0.0, 0.2):
                 want = F.cross_entropy(x.double(), t, reduction=reduction,
@@ -527,6 +565,19 @@ def test_small_reduced_loss_in_one_launch(dev, dtype, monkeypatch):
                 assert launched[0] == "_cross_entropy_fwd_kernel", launched
                 monkeypatch.setattr(K, "ONE_LAUNCH_MAX_LOGITS", limit)
                 torch.testing.assert_close(two, outs[0], rtol=tol, atol=tol)
+                first[name, reduction, smoothing] = outs[0]
+    # Every case's plans side by side, one call after another: none serves another's call.
+    _runtime.clear_plans()
+    for _ in range(2):
+        for (name, reduction, smoothing), want in first.items():
+            x, t = next((c[1], c[2]) for c in cases if c[0] == name)
+            got = aiter_dist.cross_entropy(x, t, reduction=reduction, label_smoothing=smoothing)
+            assert torch.equal(got, want), (name, reduction, smoothing)
+    # A smoothing of another type (refused by the full path) is not served by a plan.
+    x, t = cases[0][1], cases[0][2]
+    aiter_dist.cross_entropy(x, t, label_smoothing=0.5)
+    with pytest.raises(ValueError, match="label_smoothing must be a float"):
+        aiter_dist.cross_entropy(x, t, label_smoothing=np.float32(0.5))
     x = cases[0][1]
     for reduction, empty in (("mean", float("nan")), ("sum", 0.0)):
         for _ in range(2):  # (the second from the plan)

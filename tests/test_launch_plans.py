@@ -124,7 +124,7 @@ def test_norm_plans_with_autograd(plan_calls, dev):
 @pytest.mark.parametrize("fused", [False, True], ids=["rms_norm", "add_rms_norm"])
 def test_norm_backward_skips_an_unwanted_dweight(plan_calls, dev, fused):
     """A weight that needs no gradient: the backward computes no dweight (one launch, no sum:
-    three plans per forward+backward against four), the same dx bits; calls with and without
+    two plans per forward+backward against three), the same dx bits; calls with and without
     dweight alternate through their own plans."""
     n = 40
     x, r = torch.randn(5, n, device=dev), torch.randn(5, n, device=dev)
@@ -155,6 +155,26 @@ def test_norm_backward_skips_an_unwanted_dweight(plan_calls, dev, fused):
     y, _, rstd = RN.rms_norm_fwd(x, w)
     dx, dw = RN.rms_norm_bwd(torch.ones_like(y), x, w, rstd, need_dw=False)
     assert dw is None and torch.equal(dx, RN.rms_norm_bwd(torch.ones_like(y), x, w, rstd)[0])
+
+
+@pytest.mark.parametrize("dev", [CPU, GPU])
+def test_wide_row_backward_without_dweight(dev):
+    """Rows wider than one block take the chunked backward (column chunks, partial dweight
+    rows): without dweight it writes the same dx, and with it dweight matches float64."""
+    from aiter_dist.kernels import rmsnorm as RN
+
+    n = 4100  # (past one 4096-column chunk)
+    x, dy = torch.randn(3, n, device=dev), torch.randn(3, n, device=dev)
+    w = torch.randn(n, device=dev)
+    _, _, rstd = RN.rms_norm_fwd(x, w)
+    dx, dw = RN.rms_norm_bwd(dy, x, w, rstd, max_n=64)
+    dx_alone, none = RN.rms_norm_bwd(dy, x, w, rstd, max_n=64, need_dw=False)
+    assert none is None and torch.equal(dx, dx_alone)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    ref = x64 * torch.rsqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-6) * w64
+    want_dx, want_dw = torch.autograd.grad(ref, (x64, w64), dy.double())
+    torch.testing.assert_close(dx.double(), want_dx, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(dw.double(), want_dw, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dev", [CPU, GPU])
