@@ -57,11 +57,35 @@ def bench(fn, grad_outputs=None, inputs=()):
                                    return_mode="median")
 
 
+def dw_sum(shapes):
+    """GPU time of the backward's last step, the programs' fp32 partial dweights summed and
+    rounded to bf16: ``_dw_reduce_kernel`` (one launch) against ``sum(0)`` + ``.to`` (two)."""
+    rows = []
+    for shape in shapes.split(","):
+        M, N = map(int, shape.split("x"))
+        programs = min(K._bwd_config(M, N, torch.device("cuda"), K.ONE_PASS_MAX_N)[0], M)
+        part = torch.randn(programs, N, device="cuda")
+        ours = triton.testing.do_bench(lambda: K._dw_sum(part, torch.bfloat16, False),
+                                       warmup=25, rep=100, return_mode="median")
+        base = triton.testing.do_bench(lambda: part.sum(0).to(torch.bfloat16), warmup=25,
+                                       rep=100, return_mode="median")
+        torch.testing.assert_close(K._dw_sum(part, torch.bfloat16, False)[0].float(),
+                                   part.sum(0).to(torch.bfloat16).float(), rtol=1e-2, atol=1e-2)
+        rows.append((f"{M}x{N}", f"{programs}x{N}", ours * 1e3, base * 1e3, base / ours))
+    emit("RMSNorm backward's dweight sum (fp32 partials to bf16)",
+         ["x", "partials", "one kernel us", "sum + cast us", "speedup"], rows,
+         {r[0]: r[2:] for r in rows}, "bench_norm_dw_sum.md")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="16384x4096,32768x8192")
     ap.add_argument("--sweep", action="store_true", help="also time forward block configs")
+    ap.add_argument("--dw-sum", action="store_true",
+                    help="only the backward's dweight sum: our one kernel against sum + cast")
     args = ap.parse_args()
+    if args.dw_sum:
+        return dw_sum(args.shapes)
     ceiling = copy_bandwidth_tbps()
     dtype = torch.bfloat16
     comp_rms = torch.compile(ref_rms, dynamic=False)
