@@ -14,9 +14,9 @@ The forward reads each row once (an online max / sum of exponentials over blocks
 fp32) and writes the row's loss and lse; the backward reads the logits and lse and writes dlogits:
 two reads and one write of the logits in all, the memory floor. A small sum or mean without
 autograd (an evaluation loss) takes one launch instead: one program computes the rows' losses
-and reduces them. Rows are strided, classes
-contiguous; logits whose class dimension is not last, (N, C, d1, ...), are moved to (rows, C)
-first (a copy, recorded in the path).
+and reduces them. Rows are strided, classes contiguous; logits whose class dimension is not
+last, (N, C, d1, ...), are moved to (rows, C) first (a copy, recorded in the path). Targets are
+read as consecutive ids (a strided target is copied first).
 
 ``linear_cross_entropy`` runs over chunks of tokens: the chunk's logits come from one GEMM, one
 kernel computes the chunk's loss and overwrites the logits with their gradient, and two more GEMMs
@@ -232,8 +232,8 @@ def cross_entropy_reduced(logits2, target1, ignore_index, label_smoothing, reduc
     return out, plan
 
 
-# (logits, target signatures, ignore_index and its type, label_smoothing, reduction, the loss
-# dtype, current device) -> the one-launch kernel's LaunchPlan, for calls without autograd.
+# (logits, target signatures, ignore_index and label_smoothing with their types, reduction, the
+# loss dtype, current device) -> the one-launch kernel's LaunchPlan, for calls without autograd.
 _reduced_plans = plan_cache()
 
 
@@ -348,7 +348,8 @@ def target_rows(target):
 
 def _plain_ce(logits, target) -> bool:
     """The common case in a few attribute reads: (N, C) logits of a kernel dtype, classes
-    contiguous, (N,) targets on the same device (not on CPU: CPU targets are value-checked)."""
+    contiguous, (N,) consecutive targets on the same device (not on CPU: CPU targets are
+    value-checked)."""
     return (type(logits) is torch.Tensor and type(target) is torch.Tensor
             and logits.dtype in _KERNEL_DTYPES and logits.dim() == 2
             and target.dtype in TARGET_DTYPES and target.dim() == 1 and target.stride(0) == 1
