@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine: install, GPU test tiers, benchmarks, and the 2-GPU training run.
 #   benchmarks/run_gpu.sh [stage ...]     stages: info tests multigpu norm attention gemm collectives
-#                                         overhead train (default: all); train-ops (RoPE, SwiGLU,
+#                                         overhead train (default: all); multigpu-shared (the
+#                                         multigpu tier as two ranks on one GPU); train-ops (RoPE, SwiGLU,
 #                                         cross-entropy benchmarks); train-ops-e2e (1 GPU, with and
 #                                         without those ops, and --no-aiter); conv (conv2d vs cuDNN);
 #                                         dist-gemm (2 GPUs: overlapped GEMMs vs NCCL + cuBLAS and
@@ -44,6 +45,10 @@ for s in $stages; do
            done ;;
     multigpu) [ "$ngpu" -ge 2 ] && run pytest_multigpu.log python3 -m pytest -q -m multigpu \
                 -o faulthandler_timeout=300 tests ;;
+    # The multigpu tier on one GPU: two ranks share it through the IPC workspace.
+    multigpu-shared) run pytest_multigpu_shared.log env AITER_DIST_TEST_GPU_RANKS=2 \
+                       python3 -m pytest -q -m multigpu -p no:cacheprovider \
+                       -o faulthandler_timeout=300 tests ;;
     norm) run bench_norm.log python3 benchmarks/bench_norm.py ${NORM_ARGS:-} ;;
     attention) run bench_attention.log python3 benchmarks/bench_attention.py ${ATTN_ARGS:-} ;;
     gemm) run bench_gemm.log python3 benchmarks/bench_gemm.py ${GEMM_ARGS:-} ;;
