@@ -34,7 +34,7 @@ import triton
 import triton.language as tl
 
 import aiter_dist
-from common import emit
+from common import call_us, emit
 
 N = 300
 
@@ -53,17 +53,7 @@ def on_caller(fn):
 
 
 def host_us(fn, n=N, loops=7):
-    for _ in range(20):
-        fn()
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(loops):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        samples.append((time.perf_counter() - t0) / n * 1e6)
-        torch.cuda.synchronize()
-    return statistics.median(samples)
+    return call_us(fn, n, loops, warmup=20, sync=torch.cuda.synchronize)
 
 
 def cases():

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import statistics
-import time
 
 import torch
 import torch.distributed as dist
@@ -22,7 +20,7 @@ import aiter_dist  # (first: picks the interpreter before anything imports Trito
 from aiter_dist.comm import protocol, release_workspaces
 from aiter_dist.kernels import _runtime
 from aiter_dist.kernels import flash_attn as FA
-from common import emit
+from common import call_us, emit
 
 
 class _NoPlans(dict):
@@ -35,16 +33,8 @@ class _NoPlans(dict):
         pass
 
 
-def _us(fn, n=5000, loops=5):
-    for _ in range(200):
-        fn()
-    samples = []
-    for _ in range(loops):
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        samples.append((time.perf_counter() - t0) / n * 1e6)
-    return statistics.median(samples)
+def _us(fn):
+    return call_us(fn, n=5000, loops=5, warmup=200)
 
 
 def _full_and_planned(module, attr, fn):

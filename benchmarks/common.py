@@ -24,6 +24,28 @@ def copy_bandwidth_tbps(nbytes: int = 2 << 30) -> float:
     return 2 * src.numel() * 2 / (ms * 1e-3) / 1e12
 
 
+def call_us(fn, n: int, loops: int, warmup: int, sync=None) -> float:
+    """Median over ``loops`` of the wall time of ``n`` calls of ``fn``, per call in us, after
+    ``warmup`` calls. ``sync`` (e.g. ``torch.cuda.synchronize``) runs before each loop's clock
+    starts and after it stops, so a loop times the host's issue of its calls alone."""
+    import statistics
+    import time
+
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(loops):
+        if sync is not None:
+            sync()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        samples.append((time.perf_counter() - t0) / n * 1e6)
+    if sync is not None:
+        sync()
+    return statistics.median(samples)
+
+
 def capture_graph(fn, calls: int = 1):
     """``calls`` calls of ``fn`` captured into a CUDA graph (warmed up first)."""
     from aiter_dist.testing import capture_graph as capture
