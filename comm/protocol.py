@@ -364,21 +364,29 @@ def launch_collective(kernel, programs: int, ws, call: Call, numel: int, variant
         key = (ws.max_programs, tuple(map(spec_tensor, tensors)), spec_int(numel),
                tuple(spec_int(v) if type(v) is int else type(v) for v in scalars),
                tuple(meta.items()))
-        launch(kernel, (programs,), device, *args, launch_key=key, **common, **meta)
-        if SYNC_CHECK:
-            torch.cuda.current_stream(device).synchronize()
-            check_comm_errors(ws)
-    else:
-        ws.set_deadline(time.monotonic() + _TIMEOUT_S)  # the watchdog enforces the CPU timeout
-        try:
-            launch(kernel, (programs,), device, *args, **common, **meta)
-        finally:
-            ws.set_deadline(0.0)
-        check_comm_errors(ws)
+    _guarded(ws, launch, kernel, (programs,), device, *args, launch_key=key, **common, **meta)
     if plan is None:
         return None
     lp = plan_of(kernel, (programs,), device, args, {**common, **meta}, key)
     return None if lp is None else CollectivePlan(ws, *plan, lp, args, len(tensors))
+
+
+def _guarded(ws, launch_fn, *args, **kwargs) -> None:
+    """``launch_fn(*args, **kwargs)`` under the protocol's checks: on GPU, with SYNC_CHECK, a
+    synchronize and the error check; on CPU, the watchdog's deadline around it (it enforces the
+    CPU timeout) and the error check after, which raises at once if the call failed."""
+    if ws.device.type != "cpu":
+        launch_fn(*args, **kwargs)
+        if SYNC_CHECK:
+            torch.cuda.current_stream(ws.device).synchronize()
+            check_comm_errors(ws)
+        return
+    ws.set_deadline(time.monotonic() + _TIMEOUT_S)
+    try:
+        launch_fn(*args, **kwargs)
+    finally:
+        ws.set_deadline(0.0)
+    check_comm_errors(ws)
 
 
 # ----------------------------------------------------------------------------- launch plans
@@ -392,7 +400,7 @@ def launch_collective(kernel, programs: int, ws, call: Call, numel: int, variant
 class CollectivePlan:
     """One call signature's routed, single-launch kernel path (see above). ``extra``: what the
     op keeps beside it (output shapes)."""
-    __slots__ = ("st", "ws", "op", "path", "launch", "ints", "ctl_row", "cpu", "extra")
+    __slots__ = ("st", "ws", "op", "path", "launch", "ints", "ctl_row", "gpu", "extra")
 
     def __init__(self, ws, op: str, path: str, launch_plan, args, n_tensors: int):
         st = ws.state
@@ -401,7 +409,7 @@ class CollectivePlan:
         head = args[n_tensors:n_tensors + 3]
         self.ints = (head, args[n_tensors + 4:n_tensors + 12], args[n_tensors + 13:])
         self.ctl_row = st.ctl[st.rank]
-        self.cpu = ws.device.type == "cpu"
+        self.gpu = ws.device.type != "cpu"
         self.extra = None
 
     def usable(self) -> bool:
@@ -419,18 +427,10 @@ class CollectivePlan:
         record_path(self.op, self.path)
         head, header, scalars = self.ints
         args = (*tensors, *head, seq, *header, max_spins(ws.device), *scalars)
-        if not self.cpu:
+        if self.gpu and not SYNC_CHECK:  # (all _guarded would do: the hot path, inline)
             self.launch(*args)
-            if SYNC_CHECK:
-                torch.cuda.current_stream(ws.device).synchronize()
-                check_comm_errors(ws)
             return
-        ws.set_deadline(time.monotonic() + _TIMEOUT_S)
-        try:
-            self.launch(*args)
-        finally:
-            ws.set_deadline(0.0)
-        check_comm_errors(ws)
+        _guarded(ws, self.launch, *args)
 
 
 def find_plan(plans: dict, x, group, *rest, aligned=()):
