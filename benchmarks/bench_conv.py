@@ -126,11 +126,14 @@ def candidates(ps, g):
     if ps == "wgrad":
         base = C.wgrad_config(g, torch.bfloat16, torch.device("cuda")).split
         n = g.ci if g.ci >= 16 else g.KH * g.KW * g.ci
+        # The TMA kernel (channels a multiple of 8) and the pointer kernel, each over the tiles.
+        kernels = (None, False) if g.ci % 8 == 0 and g.co % 8 == 0 and g.groups == 1 else (False,)
         for bm, bn, bk, warps, stages in WGRAD_TILES:
             if bm > cap(g.co) or bn > cap(n):
                 continue
             for split in sorted({base, base * 2}):
-                out.append(C.ConvConfig(bm, bn, bk, warps, stages, 8, split))
+                for tma in kernels:
+                    out.append(C.ConvConfig(bm, bn, bk, warps, stages, 8, split, tma))
         return out
     if g.KH == g.KW == 1 and g.stride == (1, 1) and g.padding == (0,) * 4:
         out += [GemmConfig(*t) for t in POINTWISE_TILES]

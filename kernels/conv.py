@@ -17,7 +17,13 @@ strides, so contiguous NCHW is correct too) and accumulate in fp32:
 * wgrad: M = C_out/groups, N = KH*KW*C_in/groups, the reduction over the N*OH*OW pixels split
   across programs (split-K); each split writes an fp32 partial into a workspace, the partials are
   summed afterwards in a fixed order: deterministic. dbias comes from the same pass (the row
-  sums of the dy tiles), also by split partials.
+  sums of the dy tiles), also by split partials. On Hopper (16-bit, one group, channels a
+  multiple of 8) the wgrad runs on ``_conv2d_wgrad_tma_kernel`` instead: the pixels are reduced
+  in boxes of BOX_H x BOX_W output pixels of one image, both operands loaded by TMA from 4-D
+  descriptors; for tap (kh, kw) the input under a box is a box of the input's stride phase
+  (a view with strides multiplied by the stride), and the copy engine's zero fill is the
+  padding. A pointwise conv over dense NHWC is one row of N*H*W pixels. Recorded as
+  ``triton-tma``.
 * depthwise (one input channel per group: ``groups == C_in``): direct kernels, no GEMM (a
   1-deep reduction would waste the tensor cores): elementwise taps for the forward and wgrad,
   a masked gather for dgrad (stride phases are not split there).
@@ -52,13 +58,16 @@ import torch
 import torch.nn.functional as F
 
 from ._runtime import (FLOAT_DTYPES, INTERPRETED, cdiv, check_same_device, check_tensor, compiling,
+                       ensure_scratch_allocator,
                        last_path, launch, next_pow2, plan_cache, plan_device, plan_launch,
                        record_path, signature)
 from .conv_tuned import TUNED as _MEASURED
 from .conv_kernels import (  # noqa: F401  (conv2d_ref: part of this module's API)
     _conv2d_dgrad_kernel, _conv2d_fwd_kernel, _conv2d_wgrad_kernel, _dw_conv2d_dgrad_kernel,
-    _dw_conv2d_fwd_kernel, _dw_conv2d_wgrad_kernel, _sum_partials_kernel, conv2d_ref)
-from .gemm import DTYPE_NAMES, GemmConfig, run_gemm
+    _conv2d_wgrad_tma_kernel, _dw_conv2d_fwd_kernel, _dw_conv2d_wgrad_kernel, _sum_partials_kernel,
+    conv2d_ref)
+from . import gemm as _gemm
+from .gemm import DTYPE_NAMES, GemmConfig, _device_facts, run_gemm
 
 BACKENDS = ("auto", "triton", "vendor")
 default_backend = os.environ.get("AITER_DIST_CONV_BACKEND", "auto")
@@ -81,6 +90,12 @@ GEMM_1X1 = True
 # kernels read any strides, but a channel stride other than 1 makes every load a gather.
 GPU_NHWC_COPY = True
 
+# wgrad on the TMA kernel (``_conv2d_wgrad_tma_kernel``) where it applies: Hopper (and the
+# interpreter), 16-bit, one group, dy and x NHWC with 16-byte aligned pixels (channels a multiple
+# of 8), device-side descriptors allowed (``gemm.DEVICE_TMA``). Env
+# ``AITER_DIST_CONV_WGRAD_TMA=0``: the pointer kernel always.
+WGRAD_TMA = os.environ.get("AITER_DIST_CONV_WGRAD_TMA", "1") == "1"
+
 _PATH = "triton-interpreter" if INTERPRETED else "triton"
 CONV_DTYPES = FLOAT_DTYPES + (torch.float64,)
 
@@ -93,6 +108,7 @@ class ConvConfig(NamedTuple):
     stages: int = 3
     group_m: int = 8
     split: int = 1   # wgrad: programs sharing the pixel reduction
+    tma: bool | None = None  # wgrad on TMA: None where it applies, True insists, False never
 
 
 # ----------------------------------------------------------------------------- geometry and checks
@@ -545,6 +561,65 @@ def conv2d_dgrad(dy, x, weight, stride, padding, dilation, groups, backend="trit
     return dx
 
 
+@functools.lru_cache(maxsize=1024)
+def wgrad_box(oh: int, ow: int, block_k: int) -> tuple:
+    """(BOX_H, BOX_W) of the TMA wgrad's reduction boxes, BOX_H * BOX_W = block_k output pixels
+    of one image: the shape that wastes the fewest zero-filled pixels on an oh x ow output
+    (the wider of equals: longer contiguous rows)."""
+    best, box = -1.0, (1, block_k)
+    bw = block_k
+    while bw >= 1:
+        bh = block_k // bw
+        used = oh * ow / (cdiv(oh, bh) * bh * cdiv(ow, bw) * bw)
+        if used > best + 1e-9:
+            best, box = used, (bh, bw)
+        bw //= 2
+    return box
+
+
+def _nhwc_strides(t: torch.Tensor) -> tuple:
+    """(image, row, pixel) strides of an NHWC tensor for a descriptor: a size-1 dimension's
+    stride is never stepped, so it takes the dense one (PyTorch may give it any value)."""
+    n, c, h, w = t.shape
+    dense = (h * w * c, w * c, c)
+    return tuple(st if size > 1 else d
+                 for st, size, d in zip((t.stride(0), t.stride(2), t.stride(3)), (n, h, w), dense))
+
+
+def _nhwc_rows(t: torch.Tensor) -> bool:
+    """t is NHWC (unit channel stride) with 16-byte aligned base and pixel, row and image
+    strides: what a 4-D tensor descriptor reads."""
+    return ((t.stride(1) == 1 or t.shape[1] == 1) and t.data_ptr() % 16 == 0
+            and all(st > 0 and st * t.element_size() % 16 == 0 for st in _nhwc_strides(t)))
+
+
+def _wgrad_tma_reason(g: ConvGeom, x: torch.Tensor, dy: torch.Tensor) -> str | None:
+    """Why the TMA wgrad kernel cannot serve this call, or None when it can."""
+    if not (WGRAD_TMA and _gemm.DEVICE_TMA):
+        return "turned off (AITER_DIST_CONV_WGRAD_TMA=0 or AITER_DIST_DEVICE_TMA=0)"
+    if not (INTERPRETED or _device_facts(x.device)[0]):
+        return "not a Hopper GPU"
+    if g.groups != 1 or x.dtype not in (torch.bfloat16, torch.float16):
+        return "grouped or not 16-bit"
+    if not (_nhwc_rows(x) and _nhwc_rows(dy)):
+        return "x or dy not NHWC with channels a multiple of 8 and 16-byte aligned"
+    return None
+
+
+def _wgrad_tma_geometry(g: ConvGeom, x, dy, block_k: int):
+    """What the TMA wgrad kernel sees: ((N, H, W, OH, OW), x's (image, row, pixel) strides,
+    dy's, (BOX_H, BOX_W)). A pointwise conv over dense NHWC tensors is seen as one image of one
+    row of N*H*W pixels, so its boxes waste nothing."""
+    if (g.KH == g.KW == 1 and g.stride == (1, 1) and g.padding == (0, 0, 0, 0)
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and dy.is_contiguous(memory_format=torch.channels_last)):
+        P = g.N * g.H * g.W
+        return ((1, 1, P, 1, P), (P * g.C_in, P * g.C_in, g.C_in),
+                (P * g.C_out, P * g.C_out, g.C_out), (1, block_k))
+    return ((g.N, g.H, g.W, g.OH, g.OW), _nhwc_strides(x), _nhwc_strides(dy),
+            wgrad_box(g.OH, g.OW, block_k))
+
+
 def conv2d_wgrad(dy, x, weight, stride, padding, dilation, groups, need_db=False,
                  backend="triton", *, config=None):
     """(dweight, dbias or None) of ``conv2d``: dweight in weight's dtype and memory format
@@ -562,8 +637,19 @@ def conv2d_wgrad(dy, x, weight, stride, padding, dilation, groups, need_db=False
     cfg = config or _config("wgrad", wgrad_config, g, x.dtype, x.device)
     dy, x = _nhwc(dy), _nhwc(x)
     P = g.N * g.OH * g.OW
-    per_split = cdiv(cdiv(P, cfg.split), cfg.block_k if not g.depthwise else cfg.block_m)
-    per_split *= cfg.block_k if not g.depthwise else cfg.block_m
+    tma_reason = "depthwise" if g.depthwise else _wgrad_tma_reason(g, x, dy)
+    if cfg.tma and tma_reason is not None:
+        raise ValueError(f"aiter_dist.{op}: ConvConfig(tma=True), but the TMA kernel cannot "
+                         f"serve this call: {tma_reason}; pass tma=None or False")
+    if tma_reason is None and cfg.tma is not False:
+        # The split unit is a box of output pixels.
+        tma_geo, x_str, dy_str, box = _wgrad_tma_geometry(g, x, dy, cfg.block_k)
+        P = tma_geo[0] * cdiv(tma_geo[3], box[0]) * cdiv(tma_geo[4], box[1])
+        per_split = cdiv(P, cfg.split)
+    else:
+        tma_geo = None
+        per_split = cdiv(cdiv(P, cfg.split), cfg.block_k if not g.depthwise else cfg.block_m)
+        per_split *= cfg.block_k if not g.depthwise else cfg.block_m
     split = cdiv(P, per_split)
     dw = _like_weight(weight)
     # One split: the kernel stores the weight gradient itself when dweight's memory is the
@@ -574,7 +660,16 @@ def conv2d_wgrad(dy, x, weight, stride, padding, dilation, groups, need_db=False
     db_part = (torch.empty((split, g.C_out), dtype=torch.float32, device=x.device)
                if need_db else part)
     geo = (g.stride[0], g.stride[1], g.padding[0], g.padding[2], g.dilation[0], g.dilation[1])
-    if g.depthwise:
+    if tma_geo is not None:
+        ensure_scratch_allocator()   # the kernel makes its descriptors in a global scratch
+        grid = (cdiv(g.co, cfg.block_m) * g.KH * g.KW * cdiv(g.ci, cfg.block_n), split)
+        launch(_conv2d_wgrad_tma_kernel, grid, x.device, x, dy, part, db_part, *tma_geo, g.ci,
+               g.co, g.KH, g.KW, *x_str, *dy_str, *geo, per_split, HAS_DB=need_db,
+               PRECISION=PRECISION, UPCAST=INTERPRETED, BLOCK_M=cfg.block_m,
+               BLOCK_N=cfg.block_n, BOX_H=box[0], BOX_W=box[1], GROUP_M=cfg.group_m,
+               num_warps=cfg.warps, num_stages=cfg.stages)
+        path = _PATH + "-tma"
+    elif g.depthwise:
         launch(_dw_conv2d_wgrad_kernel, (cdiv(g.C_out, cfg.block_n), g.KH * g.KW, split),
                x.device, x, dy, part, db_part, P, per_split, g.H, g.W, g.OH, g.OW, g.C_out,
                g.co, g.KH, g.KW, *x.stride(), *dy.stride(), *geo, HAS_DB=need_db,
@@ -595,8 +690,9 @@ def conv2d_wgrad(dy, x, weight, stride, padding, dilation, groups, need_db=False
         path = _PATH
     if not direct:
         total = part.numel() // split
-        launch(_sum_partials_kernel, (cdiv(total, 1024),), x.device, part, dw, total, split,
-               g.KH, g.KW, g.ci, *dw.stride(), BLOCK=1024)
+        block = 1024 if INTERPRETED else max(16, min(256, next_pow2(cdiv(total, 256))))
+        launch(_sum_partials_kernel, (cdiv(total, block),), x.device, part, dw, total, split,
+               g.KH, g.KW, g.ci, *dw.stride(), BLOCK_S=min(64, next_pow2(split)), BLOCK=block)
     db = None
     if need_db:
         db = (db_part[0] if split == 1 else db_part.sum(0)).to(weight.dtype)

@@ -1,6 +1,7 @@
-"""conv2d's Triton kernels (forward, dgrad, wgrad, the wgrad partial sum, and the depthwise
-direct kernels) and the fp32 reference. The algorithms are described in ``conv.py``, which holds
-the configs, launchers, autograd Function, torch.library ops and the public function.
+"""conv2d's Triton kernels (forward, dgrad, wgrad on pointers and on TMA, the wgrad partial
+sum, and the depthwise direct kernels) and the fp32 reference. The algorithms are described in
+``conv.py``, which holds the configs, launchers, autograd Function, torch.library ops and the
+public function.
 """
 from __future__ import annotations
 
@@ -300,26 +301,113 @@ def _conv2d_wgrad_kernel(
 
 
 @triton.jit
+def _conv2d_wgrad_tma_kernel(
+    X,                   # NHWC input (N, H, W, C_in), dense channels: rows read by the copy engine
+    DY,                  # NHWC dy (N, OH, OW, C_out), dense channels
+    DW_PART,             # (SPLIT, C_out, KH, KW, C_in) fp32 partials, or dweight itself (one split)
+    DB_PART,             # fp32 (SPLIT, C_out) partial bias gradients, written when HAS_DB
+    N, H, Wd, OH, OW,
+    CI, CO, KH, KW,
+    sxn, sxh, sxw, sdn, sdh, sdw,
+    stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+    boxes_per_split,     # reduction boxes (BOX_H x BOX_W output pixels of one image) per split
+    HAS_DB: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BOX_H: tl.constexpr, BOX_W: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # The wgrad GEMM with both operands loaded by TMA, a tap per program. The pixels reduced are
+    # boxes of output pixels; for tap (kh, kw) the input pixels under a box are a box too, of the
+    # input's stride phase (ph, pw) seen with strides (s_h * sxh, s_w * sxw): no gather, and the
+    # copy engine's zero fill is the padding (and zero dy past the output's edge).
+    BLOCK_K: tl.constexpr = BOX_H * BOX_W
+    ncb = tl.cdiv(CI, BLOCK_N)
+    pid_m, pid_n = _tile_coords(tl.program_id(0), tl.cdiv(CO, BLOCK_M), KH * KW * ncb, GROUP_M)
+    split = tl.program_id(1)
+    tap = pid_n // ncb
+    kh = tap // KW
+    kw = tap % KW
+    c0 = (pid_n % ncb) * BLOCK_N
+    co0 = pid_m * BLOCK_M
+    # input row of output row oh at this tap: s*oh + r = s*(oh + q) + ph, 0 <= ph < s
+    r_h = kh * dil_h - pad_h
+    r_w = kw * dil_w - pad_w
+    ph = ((r_h % stride_h) + stride_h) % stride_h
+    pw = ((r_w % stride_w) + stride_w) % stride_w
+    q_h = (r_h - ph) // stride_h
+    q_w = (r_w - pw) // stride_w
+    h_phase = tl.cdiv(H - ph, stride_h)
+    w_phase = tl.cdiv(Wd - pw, stride_w)
+    x_desc = tl.make_tensor_descriptor(
+        X + ph * sxh + pw * sxw, [N, tl.maximum(h_phase, 1), tl.maximum(w_phase, 1), CI],
+        [sxn, stride_h * sxh, stride_w * sxw, 1], [1, BOX_H, BOX_W, BLOCK_N])
+    dy_desc = tl.make_tensor_descriptor(DY, [N, OH, OW, CO], [sdn, sdh, sdw, 1],
+                                        [1, BOX_H, BOX_W, BLOCK_M])
+    boxes_w = tl.cdiv(OW, BOX_W)
+    per_image = tl.cdiv(OH, BOX_H) * boxes_w
+    start = split * boxes_per_split
+    end = tl.minimum(start + boxes_per_split, N * per_image)
+    no_input = h_phase <= 0 or w_phase <= 0   # every product of this tap is padding
+    products_end = end
+    if no_input:
+        products_end = start
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    db = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for box in range(start, products_end):
+        nb = box // per_image
+        oh0 = (box % per_image) // boxes_w * BOX_H
+        ow0 = (box % boxes_w) * BOX_W
+        a = tl.reshape(dy_desc.load([nb, oh0, ow0, co0]), (BLOCK_K, BLOCK_M))
+        b = tl.reshape(x_desc.load([nb, oh0 + q_h, ow0 + q_w, c0]), (BLOCK_K, BLOCK_N))
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION, out_dtype=tl.float32)
+        if HAS_DB:
+            db += tl.sum(a.to(tl.float32), axis=0)
+    if HAS_DB:
+        if no_input and pid_n == 0:   # dbias still sums every dy pixel
+            for box in range(start, end):
+                nb = box // per_image
+                oh0 = (box % per_image) // boxes_w * BOX_H
+                a = tl.reshape(dy_desc.load([nb, oh0, (box % boxes_w) * BOX_W, co0]),
+                               (BLOCK_K, BLOCK_M))
+                db += tl.sum(a.to(tl.float32), axis=0)
+    co = co0 + tl.arange(0, BLOCK_M)
+    c = c0 + tl.arange(0, BLOCK_N)
+    m_ok = co < CO
+    part = DW_PART + split.to(tl.int64) * CO * KH * KW * CI
+    dst = part + (co.to(tl.int64) * (KH * KW * CI))[:, None] + (tap * CI + c)[None, :]
+    tl.store(dst, acc, mask=m_ok[:, None] & (c < CI)[None, :])
+    if HAS_DB:
+        if pid_n == 0:
+            tl.store(DB_PART + split.to(tl.int64) * CO + co, db, mask=m_ok)
+
+
+@triton.jit
 def _sum_partials_kernel(
     PART,                # fp32 (SPLIT, C_out, KH, KW, C_in/groups) contiguous
     DW,                  # dweight (C_out, C_in/groups, KH, KW) through swo, swc, swh, sww
     TOTAL, SPLIT, KH, KW, CI,
     swo, swc, swh, sww,
-    BLOCK: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    # dweight = sum of the split partials, added in split order (deterministic), cast and
-    # stored with the weight's own strides: one pass instead of a sum, a permute and a copy.
+    # dweight = sum of the split partials in a fixed order (deterministic), cast and stored with
+    # the weight's own strides: one pass instead of a sum, a permute and a copy. BLOCK_S splits
+    # are loaded at once: a small weight with many splits is a long reduction of few columns.
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = e < TOTAL
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(SPLIT):
-        acc += tl.load(PART + s * TOTAL + e, mask=ok, other=0.0)
+    acc = tl.zeros((BLOCK_S, BLOCK), dtype=tl.float32)
+    for s0 in range(0, SPLIT, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        acc += tl.load(PART + s.to(tl.int64)[:, None] * TOTAL + e[None, :],
+                       mask=(s < SPLIT)[:, None] & ok[None, :], other=0.0)
     c = e % CI
     kw = (e // CI) % KW
     kh = (e // (CI * KW)) % KH
     co = e // (CI * KW * KH)
-    tl.store(DW + co * swo + c * swc + kh * swh + kw * sww, acc.to(DW.dtype.element_ty),
-             mask=ok)
+    tl.store(DW + co * swo + c * swc + kh * swh + kw * sww,
+             tl.sum(acc, axis=0).to(DW.dtype.element_ty), mask=ok)
 
 
 @triton.jit

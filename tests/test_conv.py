@@ -104,6 +104,74 @@ def test_small_tiles_and_splits(depthwise):
     assert torch.equal(dw, dw2) and torch.equal(db, db2)  # deterministic
 
 
+# (N, C_in, H, W, C_out, kernel, stride, padding, dilation): channels a multiple of 8, so the
+# wgrad runs on the TMA kernel: odd sizes, stride 1/2/3 (input phases), padding past the kernel,
+# a phase holding no input pixel (1x1 input, stride 2), dilation, 1x1 dense (one flat row).
+TMA_WGRAD_CASES = [
+    (2, 16, 7, 9, 8, 3, 1, 1, 1),
+    (1, 8, 9, 7, 16, 3, 2, 1, 1),
+    (2, 24, 5, 6, 16, 1, 1, 0, 1),
+    (2, 8, 7, 7, 8, 1, 2, 0, 1),
+    (1, 16, 6, 9, 24, 3, 2, 0, 2),
+    (1, 8, 5, 5, 8, 5, 3, 2, 1),
+    (1, 8, 3, 3, 8, 3, 2, 4, 1),
+    (2, 8, 1, 1, 16, 3, 2, 1, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", TMA_WGRAD_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_wgrad_tma_kernel(case, dtype):
+    """The TMA wgrad (boxes of output pixels, stride phases, zero fill as the padding) against
+    float64, with the built-in config and with forced small tiles and several splits, and
+    bitwise equal when run again; dbias from the same pass."""
+    N, ci, H, W, co, k, s, p, d = case
+    gen = torch.Generator().manual_seed(sum(case))
+    x = torch.randn(N, ci, H, W, generator=gen).to(dtype).contiguous(memory_format=CL)
+    w = (torch.randn(co, ci, k, k, generator=gen) / (ci * k * k) ** 0.5).to(dtype)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    y64 = F.conv2d(x64, w64, None, s, p, d)
+    dy = torch.randn(y64.shape, generator=gen).to(dtype).contiguous(memory_format=CL)
+    y64.backward(dy.double())
+    db_ref = dy.double().sum((0, 2, 3))
+    # the same products in dtype, by PyTorch: the rounding the tolerance allows
+    xl, wl = x.float().requires_grad_(), w.float().requires_grad_()
+    F.conv2d(xl, wl, None, s, p, d).backward(dy.float())
+    args = ((s, s), (p,) * 4, (d, d), 1)
+    for wt in (w.contiguous(memory_format=CL), w):   # one split writes a channels_last dw itself
+        for cfg in (None, C.ConvConfig(16, 16, 16, 1, 1, 8, 3)):
+            dw, db = C.conv2d_wgrad(dy, x, wt, *args, need_db=True, config=cfg)
+            assert aiter_dist.last_path("conv2d_wgrad").endswith("-tma"), cfg
+            assert dw.stride() == wt.stride()
+            assert_close_to_ref(f"dweight {case} {cfg}", dw, w64.grad, wl.grad.to(dtype))
+            torch.testing.assert_close(db.double(), db_ref, atol=2e-2 * db_ref.abs().max(),
+                                       rtol=0)
+            dw2, db2 = C.conv2d_wgrad(dy, x, wt, *args, need_db=True, config=cfg)
+            assert torch.equal(dw, dw2) and torch.equal(db, db2)
+
+
+def test_wgrad_tma_only_where_it_applies():
+    """fp32, grouped, and channel counts that leave NHWC pixels unaligned take the pointer
+    kernel; ConvConfig(tma=False) asks for it; tma=True where TMA cannot serve is refused."""
+    args = ((1, 1), (1,) * 4, (1, 1))
+    cases = [(torch.float32, 8, 8, 1), (torch.bfloat16, 16, 16, 2), (torch.bfloat16, 12, 8, 1)]
+    for dtype, ci, co, groups in cases:
+        x = torch.randn(1, ci, 5, 4).to(dtype).contiguous(memory_format=CL)
+        w = torch.randn(co, ci // groups, 3, 3).to(dtype)
+        dy = torch.randn(1, co, 5, 4).to(dtype).contiguous(memory_format=CL)
+        C.conv2d_wgrad(dy, x, w, *args, groups)
+        assert aiter_dist.last_path("conv2d_wgrad") == "triton-interpreter", (dtype, ci, groups)
+        with pytest.raises(ValueError, match="conv2d_wgrad: ConvConfig.tma=True."):
+            C.conv2d_wgrad(dy, x, w, *args, groups, config=C.ConvConfig(16, 16, 16, tma=True))
+    x = torch.randn(1, 8, 5, 4).bfloat16().contiguous(memory_format=CL)
+    w, dy = torch.randn(8, 8, 3, 3).bfloat16(), torch.randn(1, 8, 5, 4).bfloat16()
+    C.conv2d_wgrad(dy.contiguous(memory_format=CL), x, w, *args, 1,
+                   config=C.ConvConfig(16, 16, 16, tma=False))
+    assert aiter_dist.last_path("conv2d_wgrad") == "triton-interpreter"
+    C.conv2d_wgrad(dy, x, w, *args, 1)   # NCHW dy: its channels are not contiguous
+    assert aiter_dist.last_path("conv2d_wgrad") == "triton-interpreter"
+
+
 def test_pointwise_gemm_route(monkeypatch):
     """1x1 bf16 NHWC convs run on the GEMM kernel, with a given GemmConfig too; a tuned conv
     config turns the route off; a GemmConfig for a 3x3 conv is refused."""
@@ -334,6 +402,35 @@ def test_weight_gradient_keeps_the_weights_strides():
     x = torch.randn(2, 4, 5, 5).contiguous(memory_format=torch.channels_last)
     aiter_dist.conv2d(x, w).sum().backward()
     assert w.grad.stride() == w.stride(), (w.grad.stride(), w.stride())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(8, 64, 56, 256, 1, 1, 0), (8, 256, 56, 512, 1, 2, 0),
+                                   (8, 128, 28, 128, 3, 1, 1), (8, 256, 28, 256, 3, 2, 1),
+                                   (5, 72, 13, 40, 5, 1, 2), (8, 512, 7, 512, 3, 1, 1)],
+                         ids=lambda s: "n{}c{}hw{}o{}k{}s{}p{}".format(*s))
+def test_conv2d_wgrad_tma_gpu(shape):
+    """ResNet-like wgrads on the TMA kernel in bf16 (built-in config, then one split and four),
+    against float64 and bitwise repeatable, dbias included."""
+    n, ci, hw, co, k, s, p = shape
+    dev, bf16 = "cuda", torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(7)
+    x = torch.randn(n, ci, hw, hw, device=dev, generator=gen).to(bf16).contiguous(
+        memory_format=CL)
+    w = (torch.randn(co, ci, k, k, device=dev, generator=gen) / (ci * k * k) ** 0.5).to(
+        bf16).contiguous(memory_format=CL)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    y64 = F.conv2d(x64, w64, None, s, p)
+    dy = torch.randn(y64.shape, device=dev, generator=gen).to(bf16).contiguous(
+        memory_format=CL)
+    y64.backward(dy.double())
+    args = ((s, s), (p,) * 4, (1, 1), 1)
+    for cfg in (None, C.ConvConfig(128, 64, 64, 4, 3, 8, 1), C.ConvConfig(64, 128, 64, 4, 4, 8, 4)):
+        dw, db = C.conv2d_wgrad(dy, x, w, *args, need_db=True, config=cfg)
+        assert aiter_dist.last_path("conv2d_wgrad") == "triton-tma", cfg
+        assert_close_to_ref(f"wgrad {shape} {cfg}", dw, w64.grad, w64.grad.to(bf16))
+        torch.testing.assert_close(db.double(), dy.double().sum((0, 2, 3)), atol=0.5, rtol=1e-2)
+        assert torch.equal(dw, C.conv2d_wgrad(dy, x, w, *args, need_db=True, config=cfg)[0])
 
 
 @pytest.mark.gpu
