@@ -131,7 +131,7 @@ def candidates(ps, g):
         for bm, bn, bk, warps, stages in WGRAD_TILES:
             if bm > cap(g.co) or bn > cap(n):
                 continue
-            for split in sorted({base, base * 2}):
+            for split in sorted({1, max(1, base // 2), base, base * 2}):
                 for tma in kernels:
                     out.append(C.ConvConfig(bm, bn, bk, warps, stages, 8, split, tma))
         return out
